@@ -1,0 +1,268 @@
+//! `microllm bench`: prompt processing (ppN) and generation (tgN) speed like llama-bench:
+//! a warm-up run, then `-r` timed repetitions, mean ± sample standard deviation of tokens/s.
+//! Prompts are pseudo-random token ids (fixed seed), so no tokenizer time is counted.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use microllm_engine::{Logits, LoadedModel, State, StateOptions};
+use serde::Serialize;
+
+use crate::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt lengths to time (comma-separated; 0 skips).
+    #[arg(short = 'p', long = "n-prompt", value_delimiter = ',', default_value = "512")]
+    pub n_prompt: Vec<usize>,
+    /// Generation lengths to time (comma-separated; 0 skips).
+    #[arg(short = 'n', long = "n-gen", value_delimiter = ',', default_value = "128")]
+    pub n_gen: Vec<usize>,
+    /// Context depth: tokens already in the KV cache before each test.
+    #[arg(short = 'd', long = "depth", value_delimiter = ',', default_value = "0")]
+    pub depth: Vec<usize>,
+    /// Repetitions.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    pub reps: usize,
+    /// Tokens per forward call during prompt processing.
+    #[arg(short = 'b', long = "batch", default_value_t = 512)]
+    pub batch: usize,
+    /// Print a JSON array (llama-bench field names) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Row {
+    build_commit: &'static str,
+    model_filename: String,
+    model_type: String,
+    model_size: u64,
+    model_n_params: u64,
+    n_threads: usize,
+    n_batch: usize,
+    n_prompt: usize,
+    n_gen: usize,
+    n_depth: usize,
+    test: String,
+    kernels: String,
+    cpu_info: String,
+    avg_ts: f64,
+    stddev_ts: f64,
+    samples_ts: Vec<f64>,
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    if a.reps == 0 {
+        anyhow::bail!("-r must be at least 1");
+    }
+    let path = crate::model_path(&a.model)?;
+    let lm = crate::load(&a.model)?;
+    let c = &lm.model.config;
+    let max_depth = a.depth.iter().copied().max().unwrap_or(0);
+    let max_new = a
+        .n_prompt
+        .iter()
+        .chain(&a.n_gen)
+        .copied()
+        .max()
+        .unwrap_or(0);
+    let n_ctx = max_depth + max_new + 1;
+    let mut state = lm.model.new_state(StateOptions {
+        n_ctx,
+        n_batch: a.batch,
+    })?;
+    let quant = main_quant(&lm);
+    let model_type = format!(
+        "{} {} {}",
+        c.arch.name(),
+        human_params(lm.model.n_params()),
+        quant
+    );
+    let cpu_info = cpu_name();
+    let mut rows = Vec::new();
+    let tokens = pseudo_random_tokens(max_depth + max_new, c.n_vocab);
+    for &d in &a.depth {
+        let tests = a
+            .n_prompt
+            .iter()
+            .filter(|&&n| n > 0)
+            .map(|&n| (n, 0))
+            .chain(a.n_gen.iter().filter(|&&n| n > 0).map(|&n| (0, n)));
+        for (np, ng) in tests {
+            let mut samples = Vec::with_capacity(a.reps);
+            for rep in 0..=a.reps {
+                prepare_depth(&lm, &mut state, &tokens[..d])?;
+                let t0 = Instant::now();
+                if np > 0 {
+                    lm.model
+                        .forward(&mut state, &tokens[d..d + np], Logits::Last)?;
+                } else {
+                    for i in 0..ng {
+                        lm.model
+                            .forward(&mut state, &tokens[d + i..d + i + 1], Logits::Last)?;
+                    }
+                }
+                let secs = t0.elapsed().as_secs_f64();
+                if rep > 0 {
+                    // rep 0 is the warm-up
+                    samples.push((np + ng) as f64 / secs);
+                }
+            }
+            let (avg, sd) = mean_sd(&samples);
+            let mut test = if np > 0 {
+                format!("pp{np}")
+            } else {
+                format!("tg{ng}")
+            };
+            if d > 0 {
+                test.push_str(&format!(" @ d{d}"));
+            }
+            rows.push(Row {
+                build_commit: env!("MICROLLM_COMMIT"),
+                model_filename: path.display().to_string(),
+                model_type: model_type.clone(),
+                model_size: lm.model.weight_bytes(),
+                model_n_params: lm.model.n_params(),
+                n_threads: lm.model.n_threads(),
+                n_batch: a.batch,
+                n_prompt: np,
+                n_gen: ng,
+                n_depth: d,
+                test,
+                kernels: lm.model.kernels().path().to_string(),
+                cpu_info: cpu_info.clone(),
+                avg_ts: avg,
+                stddev_ts: sd,
+                samples_ts: samples,
+            });
+            if !a.json {
+                let r = rows.last().expect("just pushed");
+                if rows.len() == 1 {
+                    println!(
+                        "| model | size | params | kernels | threads | test | t/s |\n|---|---:|---:|---|---:|---:|---:|"
+                    );
+                }
+                println!(
+                    "| {} | {:.2} MiB | {} | {} | {} | {} | {:.2} ± {:.2} |",
+                    r.model_type,
+                    r.model_size as f64 / (1024.0 * 1024.0),
+                    human_params(r.model_n_params),
+                    r.kernels,
+                    r.n_threads,
+                    r.test,
+                    r.avg_ts,
+                    r.stddev_ts
+                );
+            }
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    }
+    Ok(())
+}
+
+/// Empties the state and fills the cache with `depth` tokens (untimed).
+fn prepare_depth(lm: &LoadedModel, state: &mut State, depth: &[u32]) -> Result<()> {
+    state.reset();
+    if !depth.is_empty() {
+        lm.model.forward(state, depth, Logits::None)?;
+    }
+    Ok(())
+}
+
+fn pseudo_random_tokens(n: usize, n_vocab: usize) -> Vec<u32> {
+    let mut s = 0x9E37_79B9_7F4A_7C15u64;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % n_vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    if v.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+/// The quantization of most of the weights (by bytes), e.g. "Q4_1".
+pub fn main_quant(lm: &LoadedModel) -> String {
+    let mut by_type: std::collections::BTreeMap<&str, u64> = Default::default();
+    for t in lm.model.gguf().tensors() {
+        *by_type.entry(t.ty.name()).or_default() += t.n_bytes;
+    }
+    if let Some(ft) = lm
+        .model
+        .gguf()
+        .metadata()
+        .get_u32("general.file_type")
+        .ok()
+        .flatten()
+        .and_then(file_type_name)
+    {
+        return ft.to_string();
+    }
+    by_type
+        .into_iter()
+        .max_by_key(|(_, b)| *b)
+        .map(|(n, _)| n.to_string())
+        .unwrap_or_default()
+}
+
+/// llama.cpp's `general.file_type` names (LLAMA_FTYPE_*).
+fn file_type_name(ft: u32) -> Option<&'static str> {
+    Some(match ft {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        32 => "BF16",
+        _ => return None,
+    })
+}
+
+pub fn human_params(n: u64) -> String {
+    if n >= 1_000_000_000 {
+        format!("{:.2}B", n as f64 / 1e9)
+    } else if n >= 1_000_000 {
+        format!("{:.0}M", n as f64 / 1e6)
+    } else {
+        format!("{:.1}K", n as f64 / 1e3)
+    }
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}

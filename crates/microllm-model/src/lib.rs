@@ -1,0 +1,312 @@
+//! The model: `Config` (hyper-parameters from GGUF metadata) + `Weights` (typed views into the
+//! memory-mapped file) + `State` (activations and KV cache allocated once) + one readable
+//! forward per architecture family in `arch/`.
+//!
+//! Design decision: quantization is a property of the weights, not of the model code. Every
+//! matrix is a [`weights::QMatrix`] whose matmul dispatches on its format inside
+//! `microllm-kernels`, so there is one forward per architecture whatever the file's quant mix,
+//! and the decode loop runs on buffers owned by [`State`] without touching the heap.
+
+#![forbid(unsafe_code)]
+
+mod arch;
+pub mod config;
+mod ops;
+pub mod state;
+pub mod weights;
+
+use std::path::Path;
+
+use microllm_gguf::{GgufError, GgufFile};
+use microllm_kernels::pool::ThreadPool;
+use microllm_kernels::Kernels;
+
+pub use config::{Arch, Config, RopeScaling, RopeStyle};
+pub use state::{State, StateOptions};
+pub use weights::{QMatrix, Weights};
+
+use ops::{Ctx, QuantizedInput};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("unsupported architecture '{arch}' (supported: {supported}); this build cannot run this model")]
+    UnsupportedArch { arch: String, supported: String },
+    #[error("tensor '{tensor}' has type {ty}, which this build cannot compute with (supported: {supported}); convert the model with a supported quantization")]
+    UnsupportedType {
+        tensor: String,
+        ty: String,
+        supported: String,
+    },
+    #[error("the model file lacks metadata key '{0}'; is this a complete GGUF conversion?")]
+    MissingKey(String),
+    #[error("the model file lacks tensor '{0}'; is this a complete GGUF conversion of a supported architecture?")]
+    MissingTensor(String),
+    #[error("tensor '{name}' has shape {got:?}, expected {expected:?} from the model's hyper-parameters")]
+    TensorShape {
+        name: String,
+        expected: Vec<u64>,
+        got: Vec<u64>,
+    },
+    #[error("bad model hyper-parameters: {0}")]
+    BadConfig(String),
+    #[error("bad options: {0}")]
+    BadOptions(String),
+    #[error("token id {id} is outside the vocabulary (n_vocab = {n_vocab})")]
+    BadToken { id: u32, n_vocab: usize },
+    #[error("the context is full: {n_past} tokens cached + {n_new} new > context size {n_ctx}; use a larger --ctx or a shorter prompt")]
+    ContextFull {
+        n_past: usize,
+        n_new: usize,
+        n_ctx: usize,
+    },
+    #[error("logits buffer holds {got} values, {expected} needed")]
+    LogitsBuffer { expected: usize, got: usize },
+    #[error("kernel error: {0}")]
+    Kernel(String),
+    #[error("could not start worker threads: {0}")]
+    Threads(std::io::Error),
+}
+
+/// Which logits a forward call produces.
+#[derive(Debug)]
+pub enum Logits<'a> {
+    /// None (e.g. a prompt prefix whose predictions nobody reads).
+    None,
+    /// The last token's logits, readable with [`State::logits`].
+    Last,
+    /// Every token's logits, `(n_tokens, n_vocab)` row-major, written into the buffer
+    /// (the last row is also kept in [`State::logits`]).
+    All(&'a mut [f32]),
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelOptions {
+    /// Threads in the pool (including the caller); 0 = physical cores.
+    pub n_threads: usize,
+    /// The kernel table (SIMD path) to use.
+    pub kernels: Kernels,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        Self {
+            n_threads: 0,
+            kernels: Kernels::detect(),
+        }
+    }
+}
+
+/// A loaded model, ready to evaluate tokens into any number of [`State`]s.
+pub struct Model {
+    pub config: Config,
+    pub weights: Weights,
+    file: GgufFile,
+    kernels: Kernels,
+    pool: ThreadPool,
+    /// RoPE frequencies per rotated pair, scaling and `rope_freqs` already applied.
+    inv_freq: Vec<f32>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("config", &self.config).finish()
+    }
+}
+
+impl Model {
+    /// Maps and loads a GGUF file.
+    pub fn load(path: &Path, opts: ModelOptions) -> Result<Self, ModelError> {
+        Self::from_gguf(GgufFile::open(path)?, opts)
+    }
+
+    /// Loads from an opened GGUF file (checking every tensor's name, shape and type).
+    pub fn from_gguf(file: GgufFile, opts: ModelOptions) -> Result<Self, ModelError> {
+        let n_vocab_tensor = file
+            .tensor("token_embd.weight")
+            .and_then(|t| t.dims.get(1).map(|&d| d as usize));
+        let config = Config::from_metadata(file.metadata(), n_vocab_tensor)?;
+        let kernels = opts.kernels;
+        let weights = weights::Weights::load(
+            &weights::Loader {
+                file: &file,
+                kernels: &kernels,
+            },
+            &config,
+        )?;
+        let n_threads = if opts.n_threads == 0 {
+            ThreadPool::default_threads()
+        } else {
+            opts.n_threads
+        };
+        let pool = ThreadPool::new(n_threads).map_err(ModelError::Threads)?;
+        let inv_freq = rope_inv_freq(&config, weights.rope_freqs.as_deref());
+        let model = Model {
+            config,
+            weights,
+            file,
+            kernels,
+            pool,
+            inv_freq,
+        };
+        // Every matmul's activation format must exist on this kernel path.
+        for l in &model.weights.layers {
+            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                state::act_type(&model, m.ty)?;
+            }
+        }
+        state::act_type(&model, model.weights.output.ty)?;
+        Ok(model)
+    }
+
+    pub fn gguf(&self) -> &GgufFile {
+        &self.file
+    }
+    pub fn kernels(&self) -> &Kernels {
+        &self.kernels
+    }
+    pub fn n_threads(&self) -> usize {
+        self.pool.n_threads()
+    }
+
+    /// Parameters (elements of all tensors).
+    pub fn n_params(&self) -> u64 {
+        self.file.tensors().iter().map(|t| t.n_elements()).sum()
+    }
+
+    /// Bytes of all tensor data.
+    pub fn weight_bytes(&self) -> u64 {
+        self.file.tensors().iter().map(|t| t.n_bytes).sum()
+    }
+
+    /// A fresh sequence state (activations + KV cache).
+    pub fn new_state(&self, opts: StateOptions) -> Result<State, ModelError> {
+        State::new(self, opts)
+    }
+
+    pub(crate) fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            kernels: &self.kernels,
+            pool: &self.pool,
+            file: &self.file,
+        }
+    }
+
+    /// Evaluates `tokens` after the `state.n_past()` tokens already cached, in batches of at
+    /// most `state.n_batch()`.
+    pub fn forward(
+        &self,
+        state: &mut State,
+        tokens: &[u32],
+        mut logits: Logits<'_>,
+    ) -> Result<(), ModelError> {
+        let n_vocab = self.config.n_vocab;
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(ModelError::BadToken { id, n_vocab });
+        }
+        if state.n_past + tokens.len() > state.n_ctx {
+            return Err(ModelError::ContextFull {
+                n_past: state.n_past,
+                n_new: tokens.len(),
+                n_ctx: state.n_ctx,
+            });
+        }
+        if let Logits::All(buf) = &logits {
+            if buf.len() < tokens.len() * n_vocab {
+                return Err(ModelError::LogitsBuffer {
+                    expected: tokens.len() * n_vocab,
+                    got: buf.len(),
+                });
+            }
+        }
+        let n_batch = state.n_batch;
+        let n_chunks = tokens.len().div_ceil(n_batch);
+        for (i, chunk) in tokens.chunks(n_batch).enumerate() {
+            let last = i + 1 == n_chunks;
+            let mut chunk_logits = match &mut logits {
+                Logits::None => Logits::None,
+                Logits::Last if last => Logits::Last,
+                Logits::Last => Logits::None,
+                Logits::All(buf) => {
+                    let off = i * n_batch * n_vocab;
+                    Logits::All(&mut buf[off..off + chunk.len() * n_vocab])
+                }
+            };
+            match self.config.arch {
+                Arch::Llama | Arch::Qwen2 | Arch::Mistral => {
+                    arch::llama::forward(self, state, chunk, &mut chunk_logits)?
+                }
+            }
+            state.n_past += chunk.len();
+        }
+        Ok(())
+    }
+}
+
+/// `inv_freq[i] = scale · base^(-2i/n_rot) / rope_freqs[i]`.
+fn rope_inv_freq(c: &Config, factors: Option<&[f32]>) -> Vec<f32> {
+    let half = c.rope.n_rot / 2;
+    let scale = match c.rope.scaling {
+        RopeScaling::None => 1.0,
+        RopeScaling::Linear { factor } => 1.0 / factor as f64,
+    };
+    (0..half)
+        .map(|i| {
+            let f = (c.rope.base as f64).powf(-2.0 * i as f64 / c.rope.n_rot as f64) * scale;
+            let div = factors.map(|fs| fs[i] as f64).unwrap_or(1.0);
+            (f / div) as f32
+        })
+        .collect()
+}
+
+/// Final norm and output projection for the last token or all tokens of a batch.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn output_logits(
+    model: &Model,
+    x: &[f32],
+    xn: &mut [f32],
+    n_tok: usize,
+    input: &mut QuantizedInput<'_>,
+    scratch: &mut [f32],
+    last_logits: &mut [f32],
+    logits: &mut Logits<'_>,
+) -> Result<(), ModelError> {
+    let c = &model.config;
+    let w = &model.weights;
+    let d = c.n_embd;
+    let n_vocab = c.n_vocab;
+    let ctx = model.ctx();
+    let act_ty = state::act_type(model, w.output.ty)?;
+    match logits {
+        Logits::None => {}
+        Logits::Last => {
+            let xl = &x[(n_tok - 1) * d..n_tok * d];
+            ops::rms_norm(xl, &w.output_norm, c.rms_eps, &mut xn[..d]);
+            input.invalidate();
+            ops::matmul(ctx, &w.output, act_ty, &xn[..d], 1, input, scratch, last_logits);
+        }
+        Logits::All(buf) => {
+            ops::rms_norm(x, &w.output_norm, c.rms_eps, &mut xn[..n_tok * d]);
+            let cols = (scratch.len() / n_vocab).max(1);
+            let mut t0 = 0;
+            while t0 < n_tok {
+                let nt = cols.min(n_tok - t0);
+                input.invalidate();
+                ops::matmul(
+                    ctx,
+                    &w.output,
+                    act_ty,
+                    &xn[t0 * d..(t0 + nt) * d],
+                    nt,
+                    input,
+                    scratch,
+                    &mut buf[t0 * n_vocab..(t0 + nt) * n_vocab],
+                );
+                t0 += nt;
+            }
+            last_logits.copy_from_slice(&buf[(n_tok - 1) * n_vocab..n_tok * n_vocab]);
+        }
+    }
+    Ok(())
+}

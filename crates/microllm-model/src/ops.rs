@@ -1,0 +1,280 @@
+//! Shared blocks of the forward passes: matmul over the pool, norms, RoPE, attention.
+//! Activations are row-major `(n_tokens, width)` f32 slices.
+
+use half::f16;
+use microllm_gguf::{GgmlType, GgufFile};
+use microllm_kernels::pool::ThreadPool;
+use microllm_kernels::Kernels;
+
+use crate::config::RopeStyle;
+use crate::weights::QMatrix;
+
+/// What a forward needs besides weights and state.
+#[derive(Clone, Copy)]
+pub(crate) struct Ctx<'a> {
+    pub kernels: &'a Kernels,
+    pub pool: &'a ThreadPool,
+    pub file: &'a GgufFile,
+}
+
+/// Activations quantized for the matmuls: remembers which input and format it holds so that
+/// Q, K and V (or gate and up) quantize their shared input once.
+pub(crate) struct QuantizedInput<'s> {
+    pub buf: &'s mut [u8],
+    /// `(format, row length)` currently held, if any.
+    held: Option<(GgmlType, usize)>,
+}
+
+impl<'s> QuantizedInput<'s> {
+    pub fn new(buf: &'s mut [u8]) -> Self {
+        Self { buf, held: None }
+    }
+
+    /// Marks the content stale (the input changed).
+    pub fn invalidate(&mut self) {
+        self.held = None;
+    }
+
+    /// Makes sure the buffer holds `x` (n_tok rows of `k`) in `ty`; returns the bytes per row.
+    fn ensure(&mut self, ctx: Ctx<'_>, ty: GgmlType, x: &[f32], n_tok: usize, k: usize) -> usize {
+        let row = ty.row_size(k as u64).expect("row length checked at load") as usize;
+        if self.held != Some((ty, k)) {
+            let dst = &mut self.buf[..n_tok * row];
+            let quantize = |i: usize, out: &mut [u8]| {
+                ctx.kernels
+                    .quantize_row(ty, &x[i * k..(i + 1) * k], out)
+                    .expect("activation format checked at load");
+            };
+            if n_tok >= 4 {
+                ctx.pool.for_each_chunk_mut(dst, row, quantize);
+            } else {
+                for (i, out) in dst.chunks_mut(row).enumerate() {
+                    quantize(i, out);
+                }
+            }
+            self.held = Some((ty, k));
+        }
+        row
+    }
+}
+
+/// `out (n_tok, w.n_rows) = x (n_tok, w.n_cols) · wᵀ`, spread over the pool.
+///
+/// Decode (one token) splits the rows into chunks written straight into `out`. With several
+/// tokens every chunk of rows is multiplied with all the tokens at once (the weights are read
+/// once per call, not once per token) into `scratch`, transposed per chunk, then scattered.
+pub(crate) fn matmul(
+    ctx: Ctx<'_>,
+    w: &QMatrix,
+    act_ty: GgmlType,
+    x: &[f32],
+    n_tok: usize,
+    input: &mut QuantizedInput<'_>,
+    scratch: &mut [f32],
+    out: &mut [f32],
+) {
+    let k = w.n_cols;
+    let n_rows = w.n_rows;
+    let arow = input.ensure(ctx, act_ty, x, n_tok, k);
+    let act = &input.buf[..n_tok * arow];
+    let wdata = w.data(ctx.file);
+    let rb = w.row_bytes;
+    let n_threads = ctx.pool.n_threads();
+    let kernels = ctx.kernels;
+    if n_tok == 1 {
+        let chunk = chunk_rows(n_rows, n_threads * 8, 16);
+        ctx.pool.for_each_chunk_mut(&mut out[..n_rows], chunk, |ci, o| {
+            let r0 = ci * chunk;
+            let len = o.len();
+            kernels.gemm(w.ty, k, &wdata[r0 * rb..(r0 + len) * rb], len, act, 1, o, len);
+        });
+        return;
+    }
+    let chunk = chunk_rows(n_rows, n_threads * 4, 4);
+    let tmp = &mut scratch[..n_rows * n_tok];
+    ctx.pool.for_each_chunk_mut(tmp, chunk * n_tok, |ci, s| {
+        let r0 = ci * chunk;
+        let len = s.len() / n_tok;
+        kernels.gemm(w.ty, k, &wdata[r0 * rb..(r0 + len) * rb], len, act, n_tok, s, len);
+    });
+    let tmp = &scratch[..n_rows * n_tok];
+    ctx.pool
+        .for_each_chunk_mut(&mut out[..n_tok * n_rows], n_rows, |t, orow| {
+            let mut r0 = 0;
+            while r0 < n_rows {
+                let len = chunk.min(n_rows - r0);
+                let base = r0 * n_tok + t * len;
+                orow[r0..r0 + len].copy_from_slice(&tmp[base..base + len]);
+                r0 += len;
+            }
+        });
+}
+
+/// Rows per task: about `n_tasks` tasks, a multiple of `align`, at least `align`.
+fn chunk_rows(n_rows: usize, n_tasks: usize, align: usize) -> usize {
+    let c = n_rows.div_ceil(n_tasks.max(1));
+    c.div_ceil(align).max(1) * align
+}
+
+/// RMSNorm of each row of `x` into `out`, times `w`.
+pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let scale = 1.0 / ((ss / n as f64) as f32 + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
+            *o = v * scale * g;
+        }
+    }
+}
+
+/// `x += y` elementwise.
+pub(crate) fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Adds `bias` to every row of `x`.
+pub(crate) fn add_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        add_in_place(row, bias);
+    }
+}
+
+/// `gate = silu(gate) * up` (SwiGLU).
+pub(crate) fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let s = *g / (1.0 + (-*g).exp());
+        *g = s * u;
+    }
+}
+
+/// Fills the cos/sin tables for positions `pos0..pos0+n_tok`: `theta_i = p · scale · base^(-2i/n_rot) / factor_i`.
+pub(crate) fn rope_tables(
+    inv_freq: &[f32],
+    pos0: usize,
+    n_tok: usize,
+    cos: &mut [f32],
+    sin: &mut [f32],
+) {
+    let h = inv_freq.len();
+    for t in 0..n_tok {
+        let p = (pos0 + t) as f32;
+        for (i, &f) in inv_freq.iter().enumerate() {
+            let theta = p * f;
+            cos[t * h + i] = theta.cos();
+            sin[t * h + i] = theta.sin();
+        }
+    }
+}
+
+/// Rotates the first `n_rot` dimensions of every head of every row of `x` (rows of
+/// `n_heads * head_dim`).
+pub(crate) fn rope(
+    x: &mut [f32],
+    n_tok: usize,
+    n_heads: usize,
+    head_dim: usize,
+    style: RopeStyle,
+    cos: &[f32],
+    sin: &[f32],
+) {
+    let h = cos.len() / n_tok.max(1);
+    let h = h.min(head_dim / 2);
+    for t in 0..n_tok {
+        let (c, s) = (&cos[t * h..(t + 1) * h], &sin[t * h..(t + 1) * h]);
+        let row = &mut x[t * n_heads * head_dim..(t + 1) * n_heads * head_dim];
+        for head in row.chunks_exact_mut(head_dim) {
+            for i in 0..h {
+                let (a, b) = match style {
+                    RopeStyle::Normal => (2 * i, 2 * i + 1),
+                    RopeStyle::Neox => (i, i + h),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * c[i] - x1 * s[i];
+                head[b] = x0 * s[i] + x1 * c[i];
+            }
+        }
+    }
+}
+
+/// Geometry of one attention call.
+#[derive(Clone, Copy)]
+pub(crate) struct AttnShape {
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub head_dim_v: usize,
+    pub scale: f32,
+    /// A key at position j is visible from position p when p - j < window.
+    pub window: Option<usize>,
+}
+
+/// Causal attention of `n_tok` queries at positions `pos0..` over the cached keys/values of
+/// one layer (`k_cache`/`v_cache`: rows of `n_head_kv * head_dim`, positions 0..pos0+n_tok
+/// already written). Online softmax, so no score buffer is needed; one task per (token, head).
+pub(crate) fn attention(
+    ctx: Ctx<'_>,
+    sh: AttnShape,
+    q: &[f32],
+    k_cache: &[f16],
+    v_cache: &[f16],
+    pos0: usize,
+    n_tok: usize,
+    out: &mut [f32],
+) {
+    let q_dim = sh.n_head * sh.head_dim;
+    let k_dim = sh.n_head_kv * sh.head_dim;
+    let v_dim = sh.n_head_kv * sh.head_dim_v;
+    let n_rep = sh.n_head / sh.n_head_kv;
+    let kernels = ctx.kernels;
+    let out = &mut out[..n_tok * sh.n_head * sh.head_dim_v];
+    ctx.pool.for_each_chunk_mut(out, sh.head_dim_v, |idx, o| {
+        let t = idx / sh.n_head;
+        let h = idx % sh.n_head;
+        let g = h / n_rep;
+        let p = pos0 + t;
+        let start = match sh.window {
+            Some(w) => (p + 1).saturating_sub(w),
+            None => 0,
+        };
+        let qh = &q[t * q_dim + h * sh.head_dim..t * q_dim + (h + 1) * sh.head_dim];
+        o.fill(0.0);
+        let mut m = f32::NEG_INFINITY;
+        let mut l = 0.0f32;
+        const BLOCK: usize = 32;
+        let mut scores = [0.0f32; BLOCK];
+        let mut j0 = start;
+        while j0 <= p {
+            let j1 = (j0 + BLOCK).min(p + 1);
+            let mut bmax = f32::NEG_INFINITY;
+            for j in j0..j1 {
+                let kr = &k_cache[j * k_dim + g * sh.head_dim..j * k_dim + (g + 1) * sh.head_dim];
+                let s = kernels.dot_f16_f32(kr, qh) * sh.scale;
+                scores[j - j0] = s;
+                bmax = bmax.max(s);
+            }
+            if bmax > m {
+                let corr = (m - bmax).exp();
+                l *= corr;
+                for v in o.iter_mut() {
+                    *v *= corr;
+                }
+                m = bmax;
+            }
+            for j in j0..j1 {
+                let e = (scores[j - j0] - m).exp();
+                l += e;
+                let vr = &v_cache
+                    [j * v_dim + g * sh.head_dim_v..j * v_dim + (g + 1) * sh.head_dim_v];
+                kernels.axpy_f16(o, e, vr);
+            }
+            j0 = j1;
+        }
+        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+        for v in o.iter_mut() {
+            *v *= inv;
+        }
+    });
+}

@@ -1,0 +1,211 @@
+//! Typed weights: views into the mapped GGUF, checked once at load for name, shape and type.
+
+use microllm_gguf::{GgmlType, GgufFile, TensorInfo};
+use microllm_kernels::Kernels;
+
+use crate::config::Config;
+use crate::ModelError;
+
+/// A 2-D weight matrix of any supported format, stored row-major as GGUF does: `n_rows`
+/// rows (output features) of `n_cols` elements (input features).
+#[derive(Clone, Debug)]
+pub struct QMatrix {
+    pub ty: GgmlType,
+    pub n_rows: usize,
+    pub n_cols: usize,
+    /// Bytes per row in `ty`.
+    pub row_bytes: usize,
+    info: TensorInfo,
+}
+
+impl QMatrix {
+    /// The raw bytes (all rows) inside `file`.
+    #[inline]
+    pub fn data<'f>(&self, file: &'f GgufFile) -> &'f [u8] {
+        file.tensor_data(&self.info)
+    }
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+    pub fn n_bytes(&self) -> u64 {
+        self.info.n_bytes
+    }
+}
+
+/// One transformer block.
+#[derive(Clone, Debug)]
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>,       // (n_embd)              blk.{i}.attn_norm.weight
+    pub wq: QMatrix,               // (q_dim, n_embd)       blk.{i}.attn_q.weight
+    pub wk: QMatrix,               // (k_dim, n_embd)       blk.{i}.attn_k.weight
+    pub wv: QMatrix,               // (v_dim, n_embd)       blk.{i}.attn_v.weight
+    pub bq: Option<Vec<f32>>,      // (q_dim)               blk.{i}.attn_q.bias (qwen2)
+    pub bk: Option<Vec<f32>>,      // (k_dim)               blk.{i}.attn_k.bias
+    pub bv: Option<Vec<f32>>,      // (v_dim)               blk.{i}.attn_v.bias
+    pub wo: QMatrix,               // (n_embd, n_head*head_dim_v) blk.{i}.attn_output.weight
+    pub ffn_norm: Vec<f32>,        // (n_embd)              blk.{i}.ffn_norm.weight
+    pub w_gate: QMatrix,           // (n_ff, n_embd)        blk.{i}.ffn_gate.weight
+    pub w_up: QMatrix,             // (n_ff, n_embd)        blk.{i}.ffn_up.weight
+    pub w_down: QMatrix,           // (n_embd, n_ff)        blk.{i}.ffn_down.weight
+}
+
+#[derive(Clone, Debug)]
+pub struct Weights {
+    pub token_embd: QMatrix,        // (n_vocab, n_embd)  token_embd.weight
+    pub layers: Vec<LayerWeights>,
+    pub output_norm: Vec<f32>,      // (n_embd)           output_norm.weight
+    /// The output projection; the token embedding when the model ties them.
+    pub output: QMatrix,            // (n_vocab, n_embd)  output.weight | token_embd.weight
+    pub tied_output: bool,
+    /// Per-frequency divisors for llama3-style RoPE scaling.
+    pub rope_freqs: Option<Vec<f32>>, // (n_rot/2)        rope_freqs.weight
+}
+
+/// Loads tensors by name with shape and type checks.
+pub(crate) struct Loader<'f> {
+    pub file: &'f GgufFile,
+    pub kernels: &'f Kernels,
+}
+
+impl Loader<'_> {
+    fn info(&self, name: &str) -> Result<&TensorInfo, ModelError> {
+        self.file
+            .tensor(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.file.tensor(name).is_some()
+    }
+
+    /// A matrix with `n_rows` rows of `n_cols` (ggml dims `[n_cols, n_rows]`).
+    pub fn matrix(&self, name: &str, n_rows: usize, n_cols: usize) -> Result<QMatrix, ModelError> {
+        let info = self.info(name)?;
+        let dims_ok = info.dims.len() == 2
+            && info.dims[0] == n_cols as u64
+            && info.dims[1] == n_rows as u64;
+        if !dims_ok {
+            return Err(ModelError::TensorShape {
+                name: name.to_string(),
+                expected: vec![n_cols as u64, n_rows as u64],
+                got: info.dims.clone(),
+            });
+        }
+        if !self.kernels.supports(info.ty) {
+            return Err(ModelError::UnsupportedType {
+                tensor: name.to_string(),
+                ty: info.ty.name().to_string(),
+                supported: supported_types(self.kernels),
+            });
+        }
+        let row_bytes = info
+            .ty
+            .row_size(n_cols as u64)
+            .ok_or_else(|| ModelError::TensorShape {
+                name: name.to_string(),
+                expected: vec![n_cols as u64, n_rows as u64],
+                got: info.dims.clone(),
+            })? as usize;
+        Ok(QMatrix {
+            ty: info.ty,
+            n_rows,
+            n_cols,
+            row_bytes,
+            info: info.clone(),
+        })
+    }
+
+    /// A 1-D vector of `n` values (F32, F16 or BF16 in the file), copied to f32.
+    pub fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>, ModelError> {
+        let info = self.info(name)?;
+        if info.dims.len() != 1 || info.dims[0] != n as u64 {
+            return Err(ModelError::TensorShape {
+                name: name.to_string(),
+                expected: vec![n as u64],
+                got: info.dims.clone(),
+            });
+        }
+        let mut out = vec![0.0f32; n];
+        self.kernels
+            .dequantize_row(info.ty, self.file.tensor_data(info), &mut out)
+            .map_err(|_| ModelError::UnsupportedType {
+                tensor: name.to_string(),
+                ty: info.ty.name().to_string(),
+                supported: supported_types(self.kernels),
+            })?;
+        Ok(out)
+    }
+
+    pub fn opt_vector(&self, name: &str, n: usize) -> Result<Option<Vec<f32>>, ModelError> {
+        if self.has(name) {
+            self.vector(name, n).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// The tensor types this CPU's kernels can multiply, for error messages.
+pub fn supported_types(kernels: &Kernels) -> String {
+    ALL_TYPES
+        .iter()
+        .filter(|t| kernels.supports(**t))
+        .map(|t| t.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+const ALL_TYPES: &[GgmlType] = &[
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+impl Weights {
+    pub(crate) fn load(l: &Loader<'_>, c: &Config) -> Result<Self, ModelError> {
+        let token_embd = l.matrix("token_embd.weight", c.n_vocab, c.n_embd)?;
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for i in 0..c.n_layer {
+            let p = |s: &str| format!("blk.{i}.{s}");
+            layers.push(LayerWeights {
+                attn_norm: l.vector(&p("attn_norm.weight"), c.n_embd)?,
+                wq: l.matrix(&p("attn_q.weight"), c.q_dim(), c.n_embd)?,
+                wk: l.matrix(&p("attn_k.weight"), c.k_dim(), c.n_embd)?,
+                wv: l.matrix(&p("attn_v.weight"), c.v_dim(), c.n_embd)?,
+                bq: l.opt_vector(&p("attn_q.bias"), c.q_dim())?,
+                bk: l.opt_vector(&p("attn_k.bias"), c.k_dim())?,
+                bv: l.opt_vector(&p("attn_v.bias"), c.v_dim())?,
+                wo: l.matrix(&p("attn_output.weight"), c.n_embd, c.n_head * c.head_dim_v)?,
+                ffn_norm: l.vector(&p("ffn_norm.weight"), c.n_embd)?,
+                w_gate: l.matrix(&p("ffn_gate.weight"), c.n_ff, c.n_embd)?,
+                w_up: l.matrix(&p("ffn_up.weight"), c.n_ff, c.n_embd)?,
+                w_down: l.matrix(&p("ffn_down.weight"), c.n_embd, c.n_ff)?,
+            });
+        }
+        let output_norm = l.vector("output_norm.weight", c.n_embd)?;
+        let (output, tied_output) = if l.has("output.weight") {
+            (l.matrix("output.weight", c.n_vocab, c.n_embd)?, false)
+        } else {
+            (token_embd.clone(), true)
+        };
+        let rope_freqs = l.opt_vector("rope_freqs.weight", c.rope.n_rot / 2)?;
+        Ok(Weights {
+            token_embd,
+            layers,
+            output_norm,
+            output,
+            tied_output,
+            rope_freqs,
+        })
+    }
+}

@@ -1,0 +1,63 @@
+//! A counting allocator around the decode step: after the state is built, evaluating one
+//! token must not touch the heap (llama2.c's RunState discipline).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use microllm_gguf::GgufFile;
+use microllm_kernels::Kernels;
+use microllm_model::{Logits, Model, ModelOptions, StateOptions};
+use microllm_testkit::{tiny_model_bytes, TinySpec};
+
+struct Counting;
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts calls.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn decode_step_does_not_allocate() {
+    for spec in [TinySpec::llama(), TinySpec::qwen2(), TinySpec::mistral()] {
+        for n_threads in [1, 2] {
+            let file = GgufFile::from_bytes(tiny_model_bytes(&spec)).unwrap();
+            let model = Model::from_gguf(
+                file,
+                ModelOptions {
+                    n_threads,
+                    kernels: Kernels::detect(),
+                },
+            )
+            .unwrap();
+            let mut state = model
+                .new_state(StateOptions { n_ctx: 64, n_batch: 16 })
+                .unwrap();
+            model
+                .forward(&mut state, &[1, 2, 3, 4], Logits::Last)
+                .unwrap();
+            let before = ALLOCS.load(Ordering::SeqCst);
+            for t in 0..20u32 {
+                model.forward(&mut state, &[t + 5], Logits::Last).unwrap();
+            }
+            let n = ALLOCS.load(Ordering::SeqCst) - before;
+            assert_eq!(n, 0, "{n} allocations in 20 decode steps ({n_threads} threads)");
+        }
+    }
+}

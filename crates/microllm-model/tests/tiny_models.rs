@@ -1,0 +1,152 @@
+//! Tiny random models of each llama-family architecture, built by the test kit: batched
+//! prefill must equal token-by-token decode, results must not depend on the thread count, and
+//! the scalar and SIMD kernel paths must agree — each within a stated tolerance.
+
+use microllm_gguf::GgufFile;
+use microllm_kernels::{KernelPath, Kernels};
+use microllm_model::{Logits, Model, ModelOptions, StateOptions};
+use microllm_testkit::{tiny_model_bytes, TinySpec};
+
+/// Max |difference| allowed between two ways of computing the same logits. The paths differ
+/// only in f32 summation order (batched vs single-row matmul tiles, thread split), so the gap
+/// is a few ulps of the logit scale; 1e-3 leaves room without hiding a real bug (a wrong
+/// position or mask changes logits by ~1e-1).
+const TOL: f32 = 1e-3;
+
+fn specs() -> Vec<(&'static str, TinySpec)> {
+    let mut swa = TinySpec::mistral();
+    swa.sliding_window = Some(5);
+    vec![
+        ("llama", TinySpec::llama()),
+        ("qwen2", TinySpec::qwen2()),
+        ("mistral", swa),
+    ]
+}
+
+fn load(spec: &TinySpec, n_threads: usize, kernels: Kernels) -> Model {
+    let file = GgufFile::from_bytes(tiny_model_bytes(spec)).expect("tiny model parses");
+    Model::from_gguf(file, ModelOptions { n_threads, kernels }).expect("tiny model loads")
+}
+
+fn prompt(n: usize, n_vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 37 + 11) % n_vocab) as u32).collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// All logits of `tokens`, evaluated in one batch.
+fn batched(model: &Model, tokens: &[u32], n_batch: usize) -> Vec<f32> {
+    let n_vocab = model.config.n_vocab;
+    let mut state = model
+        .new_state(StateOptions { n_ctx: 64, n_batch })
+        .unwrap();
+    let mut out = vec![0.0; tokens.len() * n_vocab];
+    model
+        .forward(&mut state, tokens, Logits::All(&mut out))
+        .unwrap();
+    out
+}
+
+/// All logits of `tokens`, one token per forward call.
+fn stepwise(model: &Model, tokens: &[u32]) -> Vec<f32> {
+    let mut state = model
+        .new_state(StateOptions { n_ctx: 64, n_batch: 8 })
+        .unwrap();
+    let mut out = Vec::new();
+    for t in tokens {
+        model
+            .forward(&mut state, std::slice::from_ref(t), Logits::Last)
+            .unwrap();
+        out.extend_from_slice(state.logits());
+    }
+    out
+}
+
+#[test]
+fn prefill_equals_stepwise_decode() {
+    for (name, spec) in specs() {
+        let model = load(&spec, 1, Kernels::detect());
+        let toks = prompt(20, model.config.n_vocab);
+        let a = batched(&model, &toks, 64);
+        let b = stepwise(&model, &toks);
+        let d = max_diff(&a, &b);
+        assert!(d < TOL, "{name}: batched vs stepwise differ by {d}");
+        // Batches split into several forward calls agree too.
+        let c = batched(&model, &toks, 7);
+        let d = max_diff(&a, &c);
+        assert!(d < TOL, "{name}: one batch vs batches of 7 differ by {d}");
+        // Logits are not degenerate.
+        let spread = a.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+            - a.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+        assert!(spread > 1e-2, "{name}: logits look constant ({spread})");
+    }
+}
+
+#[test]
+fn thread_count_does_not_change_results() {
+    for (name, spec) in specs() {
+        let one = load(&spec, 1, Kernels::detect());
+        let toks = prompt(17, one.config.n_vocab);
+        let a = batched(&one, &toks, 64);
+        let sa = stepwise(&one, &toks);
+        for n in [2, 3] {
+            let m = load(&spec, n, Kernels::detect());
+            let d = max_diff(&a, &batched(&m, &toks, 64));
+            assert!(d < TOL, "{name}: {n} threads batched differ by {d}");
+            let d = max_diff(&sa, &stepwise(&m, &toks));
+            assert!(d < TOL, "{name}: {n} threads stepwise differ by {d}");
+        }
+    }
+}
+
+#[test]
+fn scalar_and_simd_paths_agree() {
+    let Ok(simd) = Kernels::with_path(KernelPath::Avx2) else {
+        eprintln!("skipping: this CPU has no AVX2+FMA+F16C");
+        return;
+    };
+    let scalar = Kernels::with_path(KernelPath::Scalar).unwrap();
+    for (name, spec) in specs() {
+        let a = load(&spec, 2, scalar);
+        let b = load(&spec, 2, simd);
+        let toks = prompt(12, a.config.n_vocab);
+        let d = max_diff(&batched(&a, &toks, 64), &batched(&b, &toks, 64));
+        assert!(d < TOL, "{name}: scalar vs avx2 differ by {d}");
+    }
+}
+
+#[test]
+fn sliding_window_changes_attention() {
+    // With a window of 5, logits at position 10 must differ from the full-attention model's.
+    let mut full = TinySpec::mistral();
+    full.sliding_window = None;
+    let mut swa = full.clone();
+    swa.sliding_window = Some(5);
+    let a = load(&full, 1, Kernels::detect());
+    let b = load(&swa, 1, Kernels::detect());
+    let n_vocab = a.config.n_vocab;
+    let toks = prompt(12, n_vocab);
+    let (la, lb) = (batched(&a, &toks, 64), batched(&b, &toks, 64));
+    // Positions < 5 see the same keys.
+    let early = max_diff(&la[..5 * n_vocab], &lb[..5 * n_vocab]);
+    assert!(early < TOL, "positions inside the window differ by {early}");
+    let late = max_diff(&la[10 * n_vocab..11 * n_vocab], &lb[10 * n_vocab..11 * n_vocab]);
+    assert!(late > 1e-3, "the window had no effect ({late})");
+}
+
+#[test]
+fn bad_tokens_and_full_context_are_errors() {
+    let model = load(&TinySpec::llama(), 1, Kernels::detect());
+    let mut state = model
+        .new_state(StateOptions { n_ctx: 4, n_batch: 4 })
+        .unwrap();
+    let bad = model.config.n_vocab as u32;
+    let e = model.forward(&mut state, &[bad], Logits::Last).unwrap_err();
+    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+    model.forward(&mut state, &[1, 2, 3], Logits::Last).unwrap();
+    let e = model.forward(&mut state, &[1, 2], Logits::Last).unwrap_err();
+    assert!(e.to_string().contains("context is full"), "{e}");
+}
