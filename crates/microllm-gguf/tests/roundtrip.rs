@@ -281,3 +281,11 @@ fn small_valid_file_parses() {
     assert_eq!(f.tensors().len(), 3);
     assert_eq!(f.metadata().get_u32("llama.block_count").unwrap(), Some(2));
 }
+
+#[test]
+fn file_is_send_and_sync() {
+    // Model weights are shared read-only across worker threads.
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<GgufFile>();
+    assert_send_sync::<GgufWriter<'static>>();
+}

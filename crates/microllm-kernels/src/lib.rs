@@ -20,7 +20,8 @@
 //! Q8_0/Q8_1 activations produces the same bytes as the reference.
 //!
 //! Kernels take slices and return: no allocation, no threads, no global state beyond the
-//! cached CPU-feature check.
+//! cached CPU-feature check. Parallelism belongs to the caller (the `pool` module holds the
+//! thread pool; it splits gemm work by rows or columns).
 
 pub use microllm_gguf::GgmlType;
 

@@ -199,6 +199,9 @@ pub(crate) fn rope(
     }
 }
 
+/// Widest attention head supported (Gemma uses 256).
+pub(crate) const MAX_HEAD_DIM: usize = 512;
+
 /// Geometry of one attention call.
 #[derive(Clone, Copy)]
 pub(crate) struct AttnShape {
@@ -240,38 +243,41 @@ pub(crate) fn attention(
             None => 0,
         };
         let qh = &q[t * q_dim + h * sh.head_dim..t * q_dim + (h + 1) * sh.head_dim];
-        o.fill(0.0);
+        // Q rounded to f16 like the cached keys, accumulator kept in f16: the numerics of
+        // llama.cpp's CPU flash attention, which the fidelity references were made with.
+        let mut qbuf = [f16::ZERO; MAX_HEAD_DIM];
+        let q16 = &mut qbuf[..sh.head_dim];
+        kernels.f32_to_f16(qh, q16);
+        let mut q32 = [0.0f32; MAX_HEAD_DIM];
+        let q32 = &mut q32[..sh.head_dim];
+        kernels.f16_to_f32(q16, q32);
+        let mut acc16 = [f16::ZERO; MAX_HEAD_DIM];
+        let acc16 = &mut acc16[..sh.head_dim_v];
         let mut m = f32::NEG_INFINITY;
         let mut l = 0.0f32;
-        const BLOCK: usize = 32;
-        let mut scores = [0.0f32; BLOCK];
-        let mut j0 = start;
-        while j0 <= p {
-            let j1 = (j0 + BLOCK).min(p + 1);
-            let mut bmax = f32::NEG_INFINITY;
-            for j in j0..j1 {
-                let kr = &k_cache[j * k_dim + g * sh.head_dim..j * k_dim + (g + 1) * sh.head_dim];
-                let s = kernels.dot_f16_f32(kr, qh) * sh.scale;
-                scores[j - j0] = s;
-                bmax = bmax.max(s);
-            }
-            if bmax > m {
-                let corr = (m - bmax).exp();
-                l *= corr;
+        for j in start..=p {
+            let kr = &k_cache[j * k_dim + g * sh.head_dim..j * k_dim + (g + 1) * sh.head_dim];
+            let s = kernels.dot_f16_f32(kr, q32) * sh.scale;
+            let vr = &v_cache[j * v_dim + g * sh.head_dim_v..j * v_dim + (g + 1) * sh.head_dim_v];
+            let mut ms = 1.0f32;
+            let mut vs = 1.0f32;
+            if s > m {
+                let m_old = m;
+                m = s;
+                ms = (m_old - m).exp();
+                kernels.f16_to_f32(acc16, o);
                 for v in o.iter_mut() {
-                    *v *= corr;
+                    *v *= ms;
                 }
-                m = bmax;
+            } else {
+                vs = (s - m).exp();
+                kernels.f16_to_f32(acc16, o);
             }
-            for j in j0..j1 {
-                let e = (scores[j - j0] - m).exp();
-                l += e;
-                let vr = &v_cache
-                    [j * v_dim + g * sh.head_dim_v..j * v_dim + (g + 1) * sh.head_dim_v];
-                kernels.axpy_f16(o, e, vr);
-            }
-            j0 = j1;
+            kernels.axpy_f16(o, vs, vr);
+            kernels.f32_to_f16(o, acc16);
+            l = l * ms + vs;
         }
+        kernels.f16_to_f32(acc16, o);
         let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
         for v in o.iter_mut() {
             *v *= inv;

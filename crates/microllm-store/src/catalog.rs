@@ -77,10 +77,19 @@ mod tests {
             let s = Source::parse(e.source).unwrap();
             assert!(!s.parts.is_empty());
             for p in &s.parts {
-                assert!(matches!(p, SourcePart::Pypi { member: Some(_), .. }));
+                assert!(matches!(
+                    p,
+                    SourcePart::Pypi {
+                        member: Some(_),
+                        ..
+                    }
+                ));
             }
             assert_eq!(e.sha256.len(), 64);
-            assert!(e.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            assert!(e
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
             assert!(e.size > 0);
         }
         assert_eq!(Source::parse(catalog()[1].source).unwrap().parts.len(), 4);

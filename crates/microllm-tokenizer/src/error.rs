@@ -14,7 +14,10 @@ pub enum TokenizerError {
 
     /// A key the tokenizer cannot do without is absent.
     #[error("GGUF metadata has no `{key}`: {why}; this file has no usable tokenizer, re-convert the model with a current llama.cpp convert script")]
-    MissingKey { key: &'static str, why: &'static str },
+    MissingKey {
+        key: &'static str,
+        why: &'static str,
+    },
 
     /// `tokenizer.ggml.model` names an algorithm this crate does not implement.
     #[error("tokenizer.ggml.model = \"{model}\" is not supported (supported: \"gpt2\" byte-level BPE, \"llama\" SentencePiece-style); use a model with one of those tokenizers")]
@@ -45,7 +48,9 @@ pub enum TokenizerError {
     },
 
     /// The model asks for BOS/EOS to be added but does not say which token that is.
-    #[error("`{flag}` is true but `{id_key}` is not set; the model file is inconsistent, re-convert it")]
+    #[error(
+        "`{flag}` is true but `{id_key}` is not set; the model file is inconsistent, re-convert it"
+    )]
     MissingSpecialToken {
         flag: &'static str,
         id_key: &'static str,
@@ -57,7 +62,10 @@ pub enum TokenizerError {
 
     /// The HF `tokenizers` library refused the vocabulary or failed while encoding.
     #[error("byte-level BPE {stage} failed: {message}")]
-    Bpe { stage: &'static str, message: String },
+    Bpe {
+        stage: &'static str,
+        message: String,
+    },
 
     /// The model has no `tokenizer.chat_template`.
     #[error("this model has no chat template: pass --chat-template FILE or use --raw")]

@@ -20,8 +20,8 @@
 mod bpe;
 mod chat;
 mod error;
-mod special;
 mod spec;
+mod special;
 mod spm;
 mod stream;
 mod tokenizer;

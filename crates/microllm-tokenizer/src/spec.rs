@@ -67,9 +67,11 @@ impl TokenizerSpec {
         // integer width of token types as the reader lets us.
         let scores = match m.get_f32_array(SCORES) {
             Ok(s) => s.map(<[f32]>::to_vec),
-            Err(_) => md(SCORES, m.get_u32_array_lossless(SCORES).map(|o| {
-                o.map(|v| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>())
-            }))?,
+            Err(_) => md(
+                SCORES,
+                m.get_u32_array_lossless(SCORES)
+                    .map(|o| o.map(|v| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>())),
+            )?,
         };
         let token_types = match m.get_i32_array(TYPES) {
             Ok(t) => t.map(<[i32]>::to_vec),

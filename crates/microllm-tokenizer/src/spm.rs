@@ -60,7 +60,14 @@ impl SpmVocab<'_> {
         self.scores.get(id as usize).copied().unwrap_or(0.0)
     }
 
-    fn try_add(&self, text: &str, syms: &[Symbol], l: Option<usize>, r: Option<usize>, heap: &mut BinaryHeap<Bigram>) {
+    fn try_add(
+        &self,
+        text: &str,
+        syms: &[Symbol],
+        l: Option<usize>,
+        r: Option<usize>,
+        heap: &mut BinaryHeap<Bigram>,
+    ) {
         let (Some(left), Some(right)) = (l, r) else {
             return;
         };

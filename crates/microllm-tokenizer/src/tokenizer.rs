@@ -203,10 +203,13 @@ impl Tokenizer {
         let eom_id = in_vocab(spec.eom_id, n);
 
         let (algorithm, def_add_bos) = if is_spm {
-            let scores = spec.scores.clone().map_or_else(|| vec![0.0; n], |mut s| {
-                s.truncate(n);
-                s
-            });
+            let scores = spec.scores.clone().map_or_else(
+                || vec![0.0; n],
+                |mut s| {
+                    s.truncate(n);
+                    s
+                },
+            );
             let mut byte_tokens = Box::new([None; 256]);
             for (b, slot) in byte_tokens.iter_mut().enumerate() {
                 let hex = format!("<0x{b:02X}>");
@@ -226,7 +229,10 @@ impl Tokenizer {
             )
         } else {
             let cfg = bpe::pre_config(spec.pre.as_deref())?;
-            let merges = spec.merges.as_deref().ok_or(TokenizerError::MissingMerges)?;
+            let merges = spec
+                .merges
+                .as_deref()
+                .ok_or(TokenizerError::MissingMerges)?;
             let enc = BpeEncoder::new(&token_to_id, merges, cfg)?;
             (Algorithm::Bpe(Box::new(enc)), cfg.default_add_bos)
         };
@@ -251,9 +257,8 @@ impl Tokenizer {
         for text in EOG_TEXTS.iter().chain(FIM_EOG_TEXTS) {
             if let Some(&id) = token_to_id.get(*text) {
                 eog.push(id);
-                if types[id as usize] != TokenType::Control {
-                    types[id as usize] = TokenType::Control;
-                }
+                // llama.cpp: "control-looking token ... its type will be overridden".
+                types[id as usize] = TokenType::Control;
             }
         }
         eog.sort_unstable();
@@ -388,7 +393,12 @@ impl Tokenizer {
         let mut strip = self.add_space_prefix;
         for &id in ids {
             let mut b = self.token_bytes(id);
-            if strip && matches!(self.token_type(id), Some(TokenType::Normal | TokenType::Byte)) {
+            if strip
+                && matches!(
+                    self.token_type(id),
+                    Some(TokenType::Normal | TokenType::Byte)
+                )
+            {
                 if let Some(rest) = b.strip_prefix(b" ") {
                     b = rest;
                 }

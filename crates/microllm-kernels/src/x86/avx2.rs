@@ -86,6 +86,21 @@ fn h2f(bits: u16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
+/// The two halves at `p..p+4` as `[f(p[0..2]), f(p[2..4]), 0, 0]`: a block's scale and its
+/// second field (min, sum, or the first quant bytes, then ignored).
+///
+/// One 32-bit `vmovd` load: loading a lone u16 makes LLVM emit `vpinsrw` into a stale
+/// register, a false dependency that chained every block of a tile together (2.5x slower).
+///
+/// # Safety
+/// `p..p+4` must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16x2(p: *const u8) -> __m128 {
+    // SAFETY: the caller guarantees 4 readable bytes.
+    _mm_cvtph_ps(_mm_cvtsi32_si128(unsafe { rd32(p) } as i32))
+}
+
 /// Two little-endian bytes at `p`.
 ///
 /// # Safety
@@ -114,8 +129,10 @@ unsafe fn rd32(p: *const u8) -> u32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn nibbles(p: *const u8) -> __m256i {
     // SAFETY: the caller guarantees 16 readable bytes; loadu has no alignment requirement.
-    let q = unsafe { _mm_loadu_si128(p.cast()) };
-    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(q), q);
+    let q = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(p.cast()) });
+    // Upper half shifted right by 4 (64-bit lanes: the bits that cross into a byte's low
+    // nibble are masked away), so bytes 16..32 hold the high nibbles.
+    let both = _mm256_srlv_epi64(q, _mm256_setr_epi64x(0, 0, 4, 4));
     _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
 }
 
@@ -137,45 +154,44 @@ fn bits_to_bytes(qh: u32) -> __m256i {
 }
 
 /// One weight block unpacked: 32 i8 lanes in element order (signed for Q4_0/Q5_0/Q8_0,
-/// 0..=31 for Q4_1/Q5_1), the scale, and the minimum (0 for formats without one).
+/// 0..=31 for Q4_1/Q5_1), and `[d, m, 0, 0]` (lane 1 is junk for formats without a min).
 ///
 /// # Safety
 /// `p..p + w_bytes(W)` must be readable.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load_wq<const W: u8>(p: *const u8) -> (__m256i, f32, f32) {
+unsafe fn load_wq<const W: u8>(p: *const u8) -> (__m256i, __m128) {
     // The caller guarantees the whole block, w_bytes(W) bytes, is readable; each read below
     // stays inside that block's layout (see crate::blocks).
     match W {
         W_Q4_0 => {
             // SAFETY: bytes 0..18 of an 18-byte block.
-            let (d, q) = unsafe { (rd16(p), nibbles(p.add(2))) };
-            (_mm256_sub_epi8(q, _mm256_set1_epi8(8)), h2f(d), 0.0)
+            let (dm, q) = unsafe { (f16x2(p), nibbles(p.add(2))) };
+            (_mm256_sub_epi8(q, _mm256_set1_epi8(8)), dm)
         }
         W_Q4_1 => {
             // SAFETY: bytes 0..20 of a 20-byte block.
-            let (d, m, q) = unsafe { (rd16(p), rd16(p.add(2)), nibbles(p.add(4))) };
-            (q, h2f(d), h2f(m))
+            let (dm, q) = unsafe { (f16x2(p), nibbles(p.add(4))) };
+            (q, dm)
         }
         W_Q5_0 => {
             // SAFETY: bytes 0..22 of a 22-byte block.
-            let (d, qh, q) = unsafe { (rd16(p), rd32(p.add(2)), nibbles(p.add(6))) };
+            let (dm, qh, q) = unsafe { (f16x2(p), rd32(p.add(2)), nibbles(p.add(6))) };
             // 5th bit clear: q - 16 == q | 0xF0 as i8; set: q - 16 + 16 == q.
             let hi = _mm256_andnot_si256(bits_to_bytes(qh), _mm256_set1_epi8(0xF0u8 as i8));
-            (_mm256_or_si256(q, hi), h2f(d), 0.0)
+            (_mm256_or_si256(q, hi), dm)
         }
         W_Q5_1 => {
             // SAFETY: bytes 0..24 of a 24-byte block.
-            let (d, m, qh, q) =
-                unsafe { (rd16(p), rd16(p.add(2)), rd32(p.add(4)), nibbles(p.add(8))) };
+            let (dm, qh, q) = unsafe { (f16x2(p), rd32(p.add(4)), nibbles(p.add(8))) };
             let hi = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
-            (_mm256_or_si256(q, hi), h2f(d), h2f(m))
+            (_mm256_or_si256(q, hi), dm)
         }
         _ => {
             debug_assert_eq!(W, W_Q8_0);
             // SAFETY: bytes 0..34 of a 34-byte block.
-            let (d, q) = unsafe { (rd16(p), _mm256_loadu_si256(p.add(2).cast())) };
-            (q, h2f(d), 0.0)
+            let (dm, q) = unsafe { (f16x2(p), _mm256_loadu_si256(p.add(2).cast())) };
+            (q, dm)
         }
     }
 }
@@ -244,21 +260,23 @@ fn tile_q<const W: u8, const R: usize, const C: usize>(
     assert!(a.len() >= (C - 1) * a_row + nb * ab, "tile_q: activation slice too short");
     let (wp, ap) = (w.as_ptr(), a.as_ptr());
     let ones = _mm256_set1_epi16(1);
+    let lane1 = _mm_castsi128_ps(_mm_setr_epi32(0, -1, 0, 0));
     let mut acc = [[_mm256_setzero_ps(); C]; R];
-    let mut acc_min = [[0.0f32; C]; R];
     for b in 0..nb {
         let mut aq = [_mm256_setzero_si256(); C];
-        let mut ad = [0.0f32; C];
-        let mut asum = [0.0f32; C];
+        let mut ad = [_mm256_setzero_ps(); C];
+        // [0, s_a, 0, ...]: multiplied by the weights' [d, m, 0, ...] it adds m_w * s_a to
+        // lane 1 of the accumulator, one FMA per block pair with no extra registers per row.
+        let mut asum = [_mm256_setzero_ps(); C];
         for c in 0..C {
             // SAFETY: c < C and b < nb, so the ab bytes at this offset are inside `a` by the
-            // assert above.
-            let p = unsafe { ap.add(c * a_row + b * ab) };
-            // SAFETY: as above; Q8_1 = d, s, qs[32] (36 bytes), Q8_0 = d, qs[32] (34 bytes).
+            // assert above; Q8_1 = d, s, qs[32] (36 bytes), Q8_0 = d, qs[32] (34 bytes).
             unsafe {
-                ad[c] = h2f(rd16(p));
+                let p = ap.add(c * a_row + b * ab);
+                let ds = f16x2(p);
+                ad[c] = _mm256_broadcastss_ps(ds);
                 if has_min(W) {
-                    asum[c] = h2f(rd16(p.add(2)));
+                    asum[c] = _mm256_zextps128_ps256(_mm_and_ps(ds, lane1));
                     aq[c] = _mm256_loadu_si256(p.add(4).cast());
                 } else {
                     aq[c] = _mm256_loadu_si256(p.add(2).cast());
@@ -267,15 +285,17 @@ fn tile_q<const W: u8, const R: usize, const C: usize>(
         }
         for r in 0..R {
             // SAFETY: r < R and b < nb, so this block is inside `w` by the assert above.
-            let (wq, wd, wm) = unsafe { load_wq::<W>(wp.add(r * w_row + b * wb)) };
+            let (wq, dm) = unsafe { load_wq::<W>(wp.add(r * w_row + b * wb)) };
+            let dw = _mm256_broadcastss_ps(dm);
             if has_min(W) {
                 // Unsigned weights 0..=31: maddubs(u8 w, i8 a) directly; pair sums fit i16.
+                let dm = _mm256_zextps128_ps256(dm);
                 for c in 0..C {
                     let p16 = _mm256_maddubs_epi16(wq, aq[c]);
                     let p32 = _mm256_madd_epi16(p16, ones);
-                    let scale = _mm256_set1_ps(wd * ad[c]);
+                    let scale = _mm256_mul_ps(dw, ad[c]);
                     acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[r][c]);
-                    acc_min[r][c] += wm * asum[c];
+                    acc[r][c] = _mm256_fmadd_ps(dm, asum[c], acc[r][c]);
                 }
             } else {
                 // Sign trick: |w| (as u8, 128 for -128) times a with w's sign; pair sums are
@@ -284,7 +304,7 @@ fn tile_q<const W: u8, const R: usize, const C: usize>(
                 for c in 0..C {
                     let p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(aq[c], wq));
                     let p32 = _mm256_madd_epi16(p16, ones);
-                    let scale = _mm256_set1_ps(wd * ad[c]);
+                    let scale = _mm256_mul_ps(dw, ad[c]);
                     acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[r][c]);
                 }
             }
@@ -293,7 +313,7 @@ fn tile_q<const W: u8, const R: usize, const C: usize>(
     let mut out = [[0.0f32; C]; R];
     for r in 0..R {
         for c in 0..C {
-            out[r][c] = hsum_ps(acc[r][c]) + acc_min[r][c];
+            out[r][c] = hsum_ps(acc[r][c]);
         }
     }
     out
@@ -659,8 +679,9 @@ fn dequant_q<const W: u8>(x: &[u8], out: &mut [f32]) {
     let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
     for b in 0..nb {
         // SAFETY: b < nb: the block x[b*wb..(b+1)*wb] is in bounds (assert above).
-        let (q, d, m) = unsafe { load_wq::<W>(xp.add(b * wb)) };
-        let (dv, mv) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
+        let (q, dm) = unsafe { load_wq::<W>(xp.add(b * wb)) };
+        let dv = _mm256_broadcastss_ps(dm);
+        let mv = _mm256_broadcastss_ps(_mm_movehdup_ps(dm)); // lane 1: the min (if any)
         let halves = [_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q)];
         for (h, part) in halves.iter().enumerate() {
             for (e, bytes) in [*part, _mm_srli_si128::<8>(*part)].iter().enumerate() {
