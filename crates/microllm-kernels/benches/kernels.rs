@@ -41,11 +41,38 @@ struct Shape {
     k: usize,
 }
 
-const SHAPES: [Shape; 4] = [
-    Shape { name: "attn_q_576x576_q4_1", ty: GgmlType::Q4_1, n_rows: 576, k: 576 },
-    Shape { name: "ffn_up_1536x576_q4_1", ty: GgmlType::Q4_1, n_rows: 1536, k: 576 },
-    Shape { name: "ffn_down_576x1536_q4_1", ty: GgmlType::Q4_1, n_rows: 576, k: 1536 },
-    Shape { name: "lm_head_49152x576_q8_0", ty: GgmlType::Q8_0, n_rows: 49152, k: 576 },
+const SHAPES: [Shape; 5] = [
+    Shape {
+        name: "attn_q_576x576_q4_1",
+        ty: GgmlType::Q4_1,
+        n_rows: 576,
+        k: 576,
+    },
+    Shape {
+        name: "ffn_up_1536x576_q4_1",
+        ty: GgmlType::Q4_1,
+        n_rows: 1536,
+        k: 576,
+    },
+    Shape {
+        name: "ffn_down_576x1536_q4_1",
+        ty: GgmlType::Q4_1,
+        n_rows: 576,
+        k: 1536,
+    },
+    Shape {
+        name: "lm_head_49152x576_q8_0",
+        ty: GgmlType::Q8_0,
+        n_rows: 49152,
+        k: 576,
+    },
+    // Gemma 3 270M's ffn_up (n_ff 2048, n_embd 640) is Q5_0.
+    Shape {
+        name: "gemma_ffn_up_2048x640_q5_0",
+        ty: GgmlType::Q5_0,
+        n_rows: 2048,
+        k: 640,
+    },
 ];
 
 fn paths() -> Vec<Kernels> {
@@ -78,7 +105,16 @@ fn bench_matmul(c: &mut Criterion) {
                 let mut out = vec![0f32; s.n_rows * n_cols];
                 g.bench_function(BenchmarkId::from_parameter(k.path()), |b| {
                     b.iter(|| {
-                        k.gemm(s.ty, s.k, black_box(&w), s.n_rows, black_box(&act), n_cols, &mut out, s.n_rows);
+                        k.gemm(
+                            s.ty,
+                            s.k,
+                            black_box(&w),
+                            s.n_rows,
+                            black_box(&act),
+                            n_cols,
+                            &mut out,
+                            s.n_rows,
+                        );
                         black_box(&out);
                     })
                 });
@@ -95,10 +131,16 @@ fn bench_small(c: &mut Criterion) {
         let mut q = vec![0u8; 1536 / 32 * 36];
         g.throughput(Throughput::Elements(1536));
         g.bench_function(BenchmarkId::new("quantize_q8_1_1536", k.path()), |b| {
-            b.iter(|| k.quantize_row(GgmlType::Q8_1, black_box(&x), &mut q).unwrap())
+            b.iter(|| {
+                k.quantize_row(GgmlType::Q8_1, black_box(&x), &mut q)
+                    .unwrap()
+            })
         });
         // Attention over a 512-token f16 KV cache, head_dim 64: scores then weighted sum.
-        let keys: Vec<half::f16> = data(512 * 64, 4, 1.0).iter().map(|&v| half::f16::from_f32(v)).collect();
+        let keys: Vec<half::f16> = data(512 * 64, 4, 1.0)
+            .iter()
+            .map(|&v| half::f16::from_f32(v))
+            .collect();
         let qv = data(64, 5, 1.0);
         let mut acc = vec![0f32; 64];
         g.throughput(Throughput::Elements(2 * 2 * 512 * 64));

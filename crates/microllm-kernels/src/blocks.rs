@@ -126,13 +126,20 @@ pub struct BlockQ8_1 {
 
 impl Default for BlockQ8_0 {
     fn default() -> Self {
-        BlockQ8_0 { d: F16Le::default(), qs: [0; QK] }
+        BlockQ8_0 {
+            d: F16Le::default(),
+            qs: [0; QK],
+        }
     }
 }
 
 impl Default for BlockQ8_1 {
     fn default() -> Self {
-        BlockQ8_1 { d: F16Le::default(), s: F16Le::default(), qs: [0; QK] }
+        BlockQ8_1 {
+            d: F16Le::default(),
+            s: F16Le::default(),
+            qs: [0; QK],
+        }
     }
 }
 
@@ -216,7 +223,7 @@ mod tests {
 
     #[test]
     fn cast_round_trip_and_odd_lengths() {
-        let mut bytes = vec![0u8; 34 * 3 + 1];
+        let mut bytes = [0u8; 34 * 3 + 1];
         // Offset 1: an odd address must still work (alignment 1).
         let view = &mut bytes[1..];
         let blocks = cast_blocks_mut::<BlockQ8_0>(view).unwrap();

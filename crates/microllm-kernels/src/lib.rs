@@ -1,7 +1,7 @@
 //! microllm-kernels: tensor block formats and the dot-product kernels behind every matmul.
 //!
 //! **Main design decision: one scalar reference per format is the specification, and the
-//! instruction set is chosen once at run time.** [`reference`] holds plain loops that follow
+//! instruction set is chosen once at run time.** [`reference`](mod@reference) holds plain loops that follow
 //! ggml's reference quantizers and generic dot products; [`Kernels`] is a small `Copy` value
 //! built once ([`Kernels::detect`], [`Kernels::with_path`], or [`Kernels::from_env`] for
 //! binaries and tests) that routes every call to either that reference or the AVX2+FMA+F16C
@@ -26,8 +26,8 @@
 pub use microllm_gguf::GgmlType;
 
 pub mod blocks;
-pub mod pool;
 mod format;
+pub mod pool;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -46,8 +46,14 @@ pub enum KernelError {
     )]
     Unsupported { ty: &'static str, supported: String },
     /// A length does not fit the type.
-    #[error("bad length for {what}: expected {expected}, got {got}; check the tensor shape and type")]
-    BadLength { what: &'static str, expected: usize, got: usize },
+    #[error(
+        "bad length for {what}: expected {expected}, got {got}; check the tensor shape and type"
+    )]
+    BadLength {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
     /// The requested instruction-set path cannot run on this CPU.
     #[error(
         "kernel path {path} is unavailable: {reason}; use MICROLLM_KERNELS=auto (or scalar) instead"
@@ -62,7 +68,7 @@ pub enum KernelError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum KernelPath {
-    /// The portable scalar reference ([`reference`]).
+    /// The portable scalar reference ([`reference`](mod@reference)).
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
@@ -121,8 +127,12 @@ impl Kernels {
     /// The best path this CPU supports.
     pub fn detect() -> Self {
         match avx2_available() {
-            Ok(()) => Kernels { path: KernelPath::Avx2 },
-            Err(_) => Kernels { path: KernelPath::Scalar },
+            Ok(()) => Kernels {
+                path: KernelPath::Avx2,
+            },
+            Err(_) => Kernels {
+                path: KernelPath::Scalar,
+            },
         }
     }
 
@@ -143,9 +153,9 @@ impl Kernels {
         match std::env::var("MICROLLM_KERNELS") {
             Ok(v) => Self::from_setting(&v),
             Err(std::env::VarError::NotPresent) => Ok(Self::detect()),
-            Err(std::env::VarError::NotUnicode(v)) => {
-                Err(KernelError::BadEnv { value: v.to_string_lossy().into_owned() })
-            }
+            Err(std::env::VarError::NotUnicode(v)) => Err(KernelError::BadEnv {
+                value: v.to_string_lossy().into_owned(),
+            }),
         }
     }
 
@@ -155,7 +165,9 @@ impl Kernels {
             "" | "auto" => Ok(Self::detect()),
             "scalar" => Self::with_path(KernelPath::Scalar),
             "avx2" => Self::with_path(KernelPath::Avx2),
-            _ => Err(KernelError::BadEnv { value: value.to_string() }),
+            _ => Err(KernelError::BadEnv {
+                value: value.to_string(),
+            }),
         }
     }
 
@@ -176,15 +188,17 @@ impl Kernels {
 
     /// Like [`Kernels::vec_dot_type`], as a `Result` with a helpful error for model loading.
     pub fn check_weight_type(&self, w_ty: GgmlType) -> Result<GgmlType, KernelError> {
-        self.vec_dot_type(w_ty).ok_or_else(|| KernelError::Unsupported {
-            ty: w_ty.name(),
-            supported: SUPPORTED_WEIGHTS.to_string(),
-        })
+        self.vec_dot_type(w_ty)
+            .ok_or_else(|| KernelError::Unsupported {
+                ty: w_ty.name(),
+                supported: SUPPORTED_WEIGHTS.to_string(),
+            })
     }
 
     /// Quantize or convert `x` into `out` (exactly the row size of `x.len()` elements of
     /// `ty`). The AVX2 path speeds up Q8_0/Q8_1 (activations), F16 and BF16, with the same
-    /// bytes as the reference.
+    /// bytes as the reference for finite input (for NaN/Inf the bytes are unspecified and may
+    /// differ between paths, but nothing is read or written out of bounds).
     pub fn quantize_row(&self, ty: GgmlType, x: &[f32], out: &mut [u8]) -> Result<(), KernelError> {
         let f = reference::check_row(ty, x.len(), out.len(), "quantize_row output bytes")?;
         dispatch!(self,
@@ -199,8 +213,35 @@ impl Kernels {
         )
     }
 
+    /// Quantize an *activation* row for the matmuls: like [`Kernels::quantize_row`] but Q8_0 and
+    /// Q8_1 round as ggml-cpu does (see [`reference::quantize_act_q8`]); the same bytes on
+    /// every path.
+    pub fn quantize_activation(
+        &self,
+        ty: GgmlType,
+        x: &[f32],
+        out: &mut [u8],
+    ) -> Result<(), KernelError> {
+        let f = reference::check_row(ty, x.len(), out.len(), "quantize_activation output bytes")?;
+        dispatch!(self,
+            scalar => reference::quantize_act_row(ty, x, out),
+            avx2 => {
+                if x86::avx2::quantize_act_row(f, x, out) {
+                    Ok(())
+                } else {
+                    reference::quantize_act_row(ty, x, out)
+                }
+            },
+        )
+    }
+
     /// Dequantize or convert `x` (exactly the row size of `out.len()` elements of `ty`).
-    pub fn dequantize_row(&self, ty: GgmlType, x: &[u8], out: &mut [f32]) -> Result<(), KernelError> {
+    pub fn dequantize_row(
+        &self,
+        ty: GgmlType,
+        x: &[u8],
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
         let f = reference::check_row(ty, out.len(), x.len(), "dequantize_row input bytes")?;
         dispatch!(self,
             scalar => reference::dequantize_row(ty, x, out),
@@ -218,8 +259,18 @@ impl Kernels {
     /// If `w_ty` is unsupported, `n` is not a multiple of its block size, or a slice is short.
     pub fn vec_dot(&self, w_ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
         let s = DotShape::new(w_ty, n);
-        assert!(w.len() >= s.w_row, "vec_dot: weight row has {} bytes, need {}", w.len(), s.w_row);
-        assert!(act.len() >= s.a_row, "vec_dot: activation has {} bytes, need {}", act.len(), s.a_row);
+        assert!(
+            w.len() >= s.w_row,
+            "vec_dot: weight row has {} bytes, need {}",
+            w.len(),
+            s.w_row
+        );
+        assert!(
+            act.len() >= s.a_row,
+            "vec_dot: activation has {} bytes, need {}",
+            act.len(),
+            s.a_row
+        );
         dispatch!(self,
             scalar => reference::vec_dot(w_ty, n, w, act),
             avx2 => x86::avx2::vec_dot(s.w, n, &w[..s.w_row], &act[..s.a_row]),
@@ -229,7 +280,9 @@ impl Kernels {
     /// `out[c * out_stride + r] = dot(w row r, act column c)` for `r < n_rows`, `c < n_cols`.
     ///
     /// `w` holds `n_rows` rows of `row_size(w_ty, k)` bytes; `act` holds `n_cols` vectors of
-    /// `row_size(vec_dot_type(w_ty), k)` bytes (extra bytes in either are ignored). Decode is
+    /// `row_size(vec_dot_type(w_ty), k)` bytes (extra bytes in either are ignored), as written
+    /// by [`Kernels::quantize_row`] (8-bit activation values must be in -127..=127, which the
+    /// quantizers guarantee; -128 gives a wrong sum on the AVX2 path). Decode is
     /// `n_cols == 1` (then `out_stride` is unused); prefill passes many columns. Each output is
     /// bit-identical to [`Kernels::vec_dot`] on the same row and column.
     ///
@@ -248,10 +301,22 @@ impl Kernels {
         out_stride: usize,
     ) {
         let s = DotShape::new(w_ty, k);
-        let w_need = n_rows.checked_mul(s.w_row).expect("gemm: weight size overflows");
-        let a_need = n_cols.checked_mul(s.a_row).expect("gemm: activation size overflows");
-        assert!(w.len() >= w_need, "gemm: weights have {} bytes, need {w_need}", w.len());
-        assert!(act.len() >= a_need, "gemm: activations have {} bytes, need {a_need}", act.len());
+        let w_need = n_rows
+            .checked_mul(s.w_row)
+            .expect("gemm: weight size overflows");
+        let a_need = n_cols
+            .checked_mul(s.a_row)
+            .expect("gemm: activation size overflows");
+        assert!(
+            w.len() >= w_need,
+            "gemm: weights have {} bytes, need {w_need}",
+            w.len()
+        );
+        assert!(
+            act.len() >= a_need,
+            "gemm: activations have {} bytes, need {a_need}",
+            act.len()
+        );
         if n_rows == 0 || n_cols == 0 {
             return;
         }
@@ -263,7 +328,11 @@ impl Kernels {
             .checked_mul(out_stride)
             .and_then(|v| v.checked_add(n_rows))
             .expect("gemm: output size overflows");
-        assert!(out.len() >= out_need, "gemm: out has {} floats, need {out_need}", out.len());
+        assert!(
+            out.len() >= out_need,
+            "gemm: out has {} floats, need {out_need}",
+            out.len()
+        );
         let (w, act, out) = (&w[..w_need], &act[..a_need], &mut out[..out_need]);
         dispatch!(self,
             scalar => {
@@ -283,6 +352,24 @@ impl Kernels {
     pub fn dot_f32(&self, a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len(), "dot_f32: lengths differ");
         dispatch!(self, scalar => reference::dot_f32(a, b), avx2 => x86::avx2::dot_f32(a, b))
+    }
+
+    /// SwiGLU in place: `gate[i] = silu(gate[i]) * up[i]`, with ggml-cpu's vectorized `exp`
+    /// (see [`reference::expf_vec`]) so the result matches llama.cpp bit for bit.
+    pub fn swiglu(&self, gate: &mut [f32], up: &[f32]) {
+        dispatch!(self,
+            scalar => reference::swiglu(gate, up),
+            avx2 => x86::avx2::swiglu(gate, up),
+        )
+    }
+
+    /// Dot product of two f16 vectors in ggml's accumulation order (see
+    /// [`reference::dot_f16`]): bit-identical on every path.
+    pub fn dot_f16(&self, a: &[f16], b: &[f16]) -> f32 {
+        dispatch!(self,
+            scalar => reference::dot_f16(a, b),
+            avx2 => x86::avx2::dot_f16(a, b),
+        )
     }
 
     /// `sum(a[i] * b[i])` with `a` in f16 (e.g. a KV-cache row).

@@ -11,8 +11,8 @@
 //! [`KernelError`]s.
 
 use crate::blocks::{
-    cast_blocks, cast_blocks_mut, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0,
-    BlockQ8_1, F16Le, QK,
+    cast_blocks, cast_blocks_mut, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1,
+    F16Le, QK,
 };
 use crate::format::{DotShape, Fmt, SUPPORTED_ROWS};
 use crate::{GgmlType, KernelError};
@@ -177,6 +177,51 @@ pub fn quantize_q8_0(x: &[f32], y: &mut [BlockQ8_0]) {
     }
 }
 
+/// Q8_0/Q8_1 for *activations* the way ggml-cpu's x86 quantizer does it (which the llama.cpp
+/// references were made with): `id = 127 / absmax` and round half to even, instead of the
+/// weight quantizer's `1 / (absmax / 127)` and half away from zero. The two differ only on rare
+/// ties, but a micro model amplifies such differences, so activations follow llama.cpp's
+/// arithmetic exactly.
+pub fn quantize_act_q8(x: &[f32], qs: &mut [i8; QK]) -> (f32, i32) {
+    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut sum = 0i32;
+    for j in 0..QK {
+        let q = (x[j] * id).round_ties_even() as i8;
+        qs[j] = q;
+        sum += q as i32;
+    }
+    (d, sum)
+}
+
+/// Activation quantization of a row (see [`quantize_act_q8`]); other formats as
+/// [`quantize_row`].
+pub fn quantize_act_row(ty: GgmlType, x: &[f32], out: &mut [u8]) -> Result<(), KernelError> {
+    match ty {
+        GgmlType::Q8_0 => {
+            check_row(ty, x.len(), out.len(), "quantize_act_row output bytes")?;
+            let y: &mut [BlockQ8_0] = blocks_mut(out);
+            for (xb, yb) in x.chunks_exact(QK).zip(y.iter_mut()) {
+                let (d, _) = quantize_act_q8(xb, &mut yb.qs);
+                yb.d = F16Le::from_f32(d);
+            }
+            Ok(())
+        }
+        GgmlType::Q8_1 => {
+            check_row(ty, x.len(), out.len(), "quantize_act_row output bytes")?;
+            let y: &mut [BlockQ8_1] = blocks_mut(out);
+            for (xb, yb) in x.chunks_exact(QK).zip(y.iter_mut()) {
+                let (d, sum) = quantize_act_q8(xb, &mut yb.qs);
+                yb.d = F16Le::from_f32(d);
+                yb.s = F16Le::from_f32(sum as f32 * d);
+            }
+            Ok(())
+        }
+        _ => quantize_row(ty, x, out),
+    }
+}
+
 /// Q8_1: as Q8_0, plus `s = d * sum(q)` (f32 `d`, rounded to f16 once).
 pub fn quantize_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
     assert_eq!(x.len(), y.len() * QK, "quantize_q8_1: length mismatch");
@@ -291,7 +336,9 @@ pub fn vec_dot_q4_0_q8_0(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
     assert_eq!(w.len(), a.len(), "vec_dot_q4_0_q8_0: block counts differ");
     let mut sum = 0.0f32;
     for (wb, ab) in w.iter().zip(a) {
-        let sumi: i32 = (0..QK).map(|j| (nib(&wb.qs, j) as i32 - 8) * ab.qs[j] as i32).sum();
+        let sumi: i32 = (0..QK)
+            .map(|j| (nib(&wb.qs, j) as i32 - 8) * ab.qs[j] as i32)
+            .sum();
         sum += (wb.d.to_f32() * ab.d.to_f32()) * sumi as f32;
     }
     sum
@@ -302,7 +349,9 @@ pub fn vec_dot_q4_1_q8_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
     assert_eq!(w.len(), a.len(), "vec_dot_q4_1_q8_1: block counts differ");
     let mut sum = 0.0f32;
     for (wb, ab) in w.iter().zip(a) {
-        let sumi: i32 = (0..QK).map(|j| nib(&wb.qs, j) as i32 * ab.qs[j] as i32).sum();
+        let sumi: i32 = (0..QK)
+            .map(|j| nib(&wb.qs, j) as i32 * ab.qs[j] as i32)
+            .sum();
         sum += (wb.d.to_f32() * ab.d.to_f32()) * sumi as f32 + wb.m.to_f32() * ab.s.to_f32();
     }
     sum
@@ -313,8 +362,9 @@ pub fn vec_dot_q5_0_q8_0(w: &[BlockQ5_0], a: &[BlockQ8_0]) -> f32 {
     assert_eq!(w.len(), a.len(), "vec_dot_q5_0_q8_0: block counts differ");
     let mut sum = 0.0f32;
     for (wb, ab) in w.iter().zip(a) {
-        let sumi: i32 =
-            (0..QK).map(|j| (q5(&wb.qs, wb.qh, j) as i32 - 16) * ab.qs[j] as i32).sum();
+        let sumi: i32 = (0..QK)
+            .map(|j| (q5(&wb.qs, wb.qh, j) as i32 - 16) * ab.qs[j] as i32)
+            .sum();
         sum += (wb.d.to_f32() * ab.d.to_f32()) * sumi as f32;
     }
     sum
@@ -325,7 +375,9 @@ pub fn vec_dot_q5_1_q8_1(w: &[BlockQ5_1], a: &[BlockQ8_1]) -> f32 {
     assert_eq!(w.len(), a.len(), "vec_dot_q5_1_q8_1: block counts differ");
     let mut sum = 0.0f32;
     for (wb, ab) in w.iter().zip(a) {
-        let sumi: i32 = (0..QK).map(|j| q5(&wb.qs, wb.qh, j) as i32 * ab.qs[j] as i32).sum();
+        let sumi: i32 = (0..QK)
+            .map(|j| q5(&wb.qs, wb.qh, j) as i32 * ab.qs[j] as i32)
+            .sum();
         sum += (wb.d.to_f32() * ab.d.to_f32()) * sumi as f32 + wb.m.to_f32() * ab.s.to_f32();
     }
     sum
@@ -345,13 +397,19 @@ pub fn vec_dot_q8_0_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
 /// f32 dot product, accumulated in f64 (each product is exact in f64).
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot_f32: lengths differ");
-    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>() as f32
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| x as f64 * y as f64)
+        .sum::<f64>() as f32
 }
 
 /// f16 x f32 dot product, accumulated in f64.
 pub fn dot_f16_f32(a: &[f16], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot_f16_f32: lengths differ");
-    a.iter().zip(b).map(|(&x, &y)| x.to_f64() * y as f64).sum::<f64>() as f32
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| x.to_f64() * y as f64)
+        .sum::<f64>() as f32
 }
 
 /// `y += a * x`.
@@ -409,13 +467,19 @@ pub(crate) fn check_row(
             got: n,
         });
     }
-    let expected = (n / be).checked_mul(f.block_bytes()).ok_or(KernelError::BadLength {
-        what: "row length in elements (byte size overflows)",
-        expected: 0,
-        got: n,
-    })?;
+    let expected = (n / be)
+        .checked_mul(f.block_bytes())
+        .ok_or(KernelError::BadLength {
+            what: "row length in elements (byte size overflows)",
+            expected: 0,
+            got: n,
+        })?;
     if n_bytes != expected {
-        return Err(KernelError::BadLength { what, expected, got: n_bytes });
+        return Err(KernelError::BadLength {
+            what,
+            expected,
+            got: n_bytes,
+        });
     }
     Ok(f)
 }
@@ -486,11 +550,23 @@ pub fn dequantize_row(ty: GgmlType, x: &[u8], out: &mut [f32]) -> Result<(), Ker
 /// If `w_ty` has no dot kernel, `n` is not a multiple of its block size, or a slice is short.
 pub fn vec_dot(w_ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
     let s = DotShape::new(w_ty, n);
-    assert!(w.len() >= s.w_row, "vec_dot: weight row has {} bytes, need {}", w.len(), s.w_row);
-    assert!(act.len() >= s.a_row, "vec_dot: activation has {} bytes, need {}", act.len(), s.a_row);
+    assert!(
+        w.len() >= s.w_row,
+        "vec_dot: weight row has {} bytes, need {}",
+        w.len(),
+        s.w_row
+    );
+    assert!(
+        act.len() >= s.a_row,
+        "vec_dot: activation has {} bytes, need {}",
+        act.len(),
+        s.a_row
+    );
     let (w, act) = (&w[..s.w_row], &act[..s.a_row]);
     match s.w {
-        Fmt::F32 => (0..n).map(|i| rd_f32(w, i) as f64 * rd_f32(act, i) as f64).sum::<f64>() as f32,
+        Fmt::F32 => (0..n)
+            .map(|i| rd_f32(w, i) as f64 * rd_f32(act, i) as f64)
+            .sum::<f64>() as f32,
         Fmt::F16 => (0..n)
             .map(|i| f16::from_bits(rd_u16(w, i)).to_f64() * rd_f32(act, i) as f64)
             .sum::<f64>() as f32,
@@ -515,4 +591,110 @@ fn blocks<B: crate::blocks::Block>(b: &[u8]) -> &[B] {
 #[inline]
 fn blocks_mut<B: crate::blocks::Block>(b: &mut [u8]) -> &mut [B] {
     cast_blocks_mut(b).expect("length checked to be a whole number of blocks")
+}
+
+/// Dot product of two f16 vectors in ggml-cpu's x86 order: four 8-lane f32 accumulators fed by
+/// fused multiply-adds over steps of 32 elements, reduced (0+2, 1+3, 0+1, then the two halves
+/// and two pairwise adds), and a tail summed in f64. Flash attention's `K·Q` uses this, and the
+/// same order on every path keeps results bit-identical to llama.cpp's.
+pub fn dot_f16(a: &[f16], b: &[f16]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot_f16: lengths differ");
+    let n = a.len();
+    let np = n & !31;
+    let mut sum = [[0.0f32; 8]; 4];
+    for i in (0..np).step_by(32) {
+        for (j, acc) in sum.iter_mut().enumerate() {
+            for (l, v) in acc.iter_mut().enumerate() {
+                let k = i + j * 8 + l;
+                *v = a[k].to_f32().mul_add(b[k].to_f32(), *v);
+            }
+        }
+    }
+    let r = reduce_4x8(sum);
+    let mut sumf = r as f64;
+    for k in np..n {
+        sumf += (a[k].to_f32() * b[k].to_f32()) as f64;
+    }
+    sumf as f32
+}
+
+/// ggml's `GGML_F32x8_REDUCE` on four accumulators.
+pub(crate) fn reduce_4x8(mut s: [[f32; 8]; 4]) -> f32 {
+    for l in 0..8 {
+        s[0][l] += s[2][l];
+        s[1][l] += s[3][l];
+    }
+    for l in 0..8 {
+        s[0][l] += s[1][l];
+    }
+    let t0 = [
+        s[0][0] + s[0][4],
+        s[0][1] + s[0][5],
+        s[0][2] + s[0][6],
+        s[0][3] + s[0][7],
+    ];
+    (t0[0] + t0[1]) + (t0[2] + t0[3])
+}
+
+// Constants of the vectorizable expf below (hex-float values in the comments).
+pub(crate) mod expc {
+    pub const SHIFT: u32 = 0x4b40_0000; // 0x1.8p23: adding it rounds to an integer
+    pub const LOG2E: u32 = 0x3fb8_aa3b; // 0x1.715476p+0
+    pub const LN2_LO: u32 = 0x35bf_be8e; // 0x1.7f7d1cp-20
+    pub const LN2_HI: u32 = 0x3f31_7200; // 0x1.62e4p-1
+    pub const C5: u32 = 0x3c07_2010; // 0x1.0e4020p-7
+    pub const C4: u32 = 0x3d2b_9f17; // 0x1.573e2ep-5
+    pub const C3: u32 = 0x3e2a_af33; // 0x1.555e66p-3
+    pub const C2: u32 = 0x3eff_fedb; // 0x1.fffdb6p-2
+    pub const C1: u32 = 0x3f7f_fff6; // 0x1.ffffecp-1
+}
+
+fn c(bits: u32) -> f32 {
+    f32::from_bits(bits)
+}
+
+/// `exp(x)` by the branch-free algorithm ggml-cpu vectorizes on x86 (range reduction by
+/// ln 2 with a round-to-nearest shift, a degree-5 polynomial, scale by 2^n with special
+/// handling when |n| > 126), evaluated lane by lane with the same fused operations so that
+/// it is bit-identical to the SIMD version. It is not correctly rounded; it is *llama.cpp's*.
+pub fn expf_vec(x: f32) -> f32 {
+    use expc::*;
+    let r = c(SHIFT);
+    let z = x.mul_add(c(LOG2E), r);
+    let n = z - r;
+    let b = (-n).mul_add(c(LN2_LO), (-n).mul_add(c(LN2_HI), x));
+    let e = z.to_bits().wrapping_shl(23);
+    let k = f32::from_bits(e.wrapping_add(1.0f32.to_bits()));
+    let big = n.abs() > 126.0;
+    let u = b * b;
+    let j = c(C5)
+        .mul_add(b, c(C4))
+        .mul_add(u, c(C3).mul_add(b, c(C2)))
+        .mul_add(u, c(C1) * b);
+    if !big {
+        return j.mul_add(k, k);
+    }
+    let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
+    let s1 = f32::from_bits(g.wrapping_add(0x7f00_0000));
+    let s2 = f32::from_bits(e.wrapping_sub(g));
+    if n.abs() > 192.0 {
+        s1 * s1
+    } else {
+        s2.mul_add(j, s2) * s1
+    }
+}
+
+/// `gate[i] = silu(gate[i]) * up[i]` with `silu(x) = x / (1 + expf_vec(-x))`, in 8-element
+/// groups; a tail shorter than 8 uses the libm `exp` like ggml's scalar remainder.
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "swiglu: lengths differ");
+    let n8 = gate.len() / 8 * 8;
+    for (g, &u) in gate[..n8].iter_mut().zip(&up[..n8]) {
+        let x = *g;
+        *g = (x / (1.0 + expf_vec(0.0 - x))) * u;
+    }
+    for (g, &u) in gate[n8..].iter_mut().zip(&up[n8..]) {
+        let x = *g;
+        *g = x / (1.0 + (-x).exp()) * u;
+    }
 }

@@ -51,9 +51,15 @@ fn real_rows_dequantize_and_requantize_to_the_same_bytes() {
                 kern.dequantize_row(ty, row, &mut y2).unwrap();
                 assert_eq!(y2, y, "{name} row {r} on {}", kern.path());
             }
-            assert!(y.iter().all(|v| v.is_finite() && v.abs() < 16.0), "{name} row {r}: implausible values");
+            assert!(
+                y.iter().all(|v| v.is_finite() && v.abs() < 16.0),
+                "{name} row {r}: implausible values"
+            );
             let mean_abs = y.iter().map(|v| v.abs()).sum::<f32>() / k as f32;
-            assert!((1e-3..1.0).contains(&mean_abs), "{name} row {r}: mean |w| = {mean_abs}");
+            assert!(
+                (1e-3..1.0).contains(&mean_abs),
+                "{name} row {r}: mean |w| = {mean_abs}"
+            );
             let again = quant(ty, &y);
             let bs = rs / (k / 32);
             for (a, b) in row.chunks(bs).zip(again.chunks(bs)) {
@@ -63,7 +69,10 @@ fn real_rows_dequantize_and_requantize_to_the_same_bytes() {
         }
         // f32 rounding of d = (max - min)/15 can, rarely, land on the other side of an f16
         // rounding boundary; in practice every block comes back identical.
-        assert!(same * 1000 >= blocks * 999, "{name}: only {same}/{blocks} blocks re-quantize identically");
+        assert!(
+            same * 1000 >= blocks * 999,
+            "{name}: only {same}/{blocks} blocks re-quantize identically"
+        );
         eprintln!("{name}: {same}/{blocks} blocks re-quantize to identical bytes");
     }
 }
@@ -102,7 +111,10 @@ fn real_matvec_against_dequantized_dot() {
             // And the quantized activations cost little accuracy against f32 activations.
             let wd0 = dequant(ty, &w[..rs], k);
             let full: f64 = wd0.iter().zip(&x).map(|(p, q)| *p as f64 * *q as f64).sum();
-            assert!((out[0] as f64 - full).abs() <= 0.02 * abs_dot(&wd0, &x), "{name}: activation quantization error too large");
+            assert!(
+                (out[0] as f64 - full).abs() <= 0.02 * abs_dot(&wd0, &x),
+                "{name}: activation quantization error too large"
+            );
             let _ = reference::vec_dot(ty, k, &w[..rs], &a);
         }
     }

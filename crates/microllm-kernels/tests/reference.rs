@@ -4,7 +4,9 @@ mod common;
 
 use common::*;
 use half::f16;
-use microllm_kernels::blocks::{cast_blocks, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1};
+use microllm_kernels::blocks::{
+    cast_blocks, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1,
+};
 use microllm_kernels::reference;
 use microllm_kernels::{GgmlType, KernelError, Kernels};
 
@@ -55,8 +57,8 @@ fn q4_0_hand_block() {
     let b = quant(GgmlType::Q4_0, &x);
     assert_eq!(b.len(), 18);
     assert_eq!(&b[..2], &[0x00, 0xbc]); // f16 -1.0
-    // q = min(15, trunc(-x + 8.5)): -4->12, 8->0, 1->7, -1->9, 0->8, 3->5, 7->1, 2.4->6,
-    // -7.9 -> 16 -> 15, 0.6 -> 7; elements j and j+16 share byte j (low, high nibble).
+                                        // q = min(15, trunc(-x + 8.5)): -4->12, 8->0, 1->7, -1->9, 0->8, 3->5, 7->1, 2.4->6,
+                                        // -7.9 -> 16 -> 15, 0.6 -> 7; elements j and j+16 share byte j (low, high nibble).
     let expect_lo = [12u8, 0, 7, 9, 8, 5, 1, 6];
     for j in 0..16 {
         let lo = if j < 8 { expect_lo[j] } else { 8 };
@@ -123,7 +125,9 @@ fn q5_qh_bits_follow_element_order() {
     x[20] = 1.0; // q = 17
     let b = quant(GgmlType::Q5_0, &x);
     let qh = u32::from_le_bytes(b[2..6].try_into().unwrap());
-    let expect = (0..32).filter(|&j| x[j] + 16.0 >= 16.0).fold(0u32, |a, j| a | (1 << j));
+    let expect = (0..32)
+        .filter(|&j| x[j] + 16.0 >= 16.0)
+        .fold(0u32, |a, j| a | (1 << j));
     assert_eq!(qh, expect);
     assert_eq!(dequant(GgmlType::Q5_0, &b, 32), x.to_vec());
 }
@@ -145,7 +149,10 @@ fn bf16_and_f16_rounding() {
     assert_eq!(reference::f32_to_bf16(-2.0), 0xc000);
     assert_eq!(reference::f32_to_bf16(f32::INFINITY), 0x7f80);
     let nan = reference::f32_to_bf16(f32::from_bits(0x7f80_0001));
-    assert!(reference::bf16_to_f32(nan).is_nan(), "NaN must not round to Inf");
+    assert!(
+        reference::bf16_to_f32(nan).is_nan(),
+        "NaN must not round to Inf"
+    );
     let b = quant(GgmlType::F16, &[1.0, 65504.0, 1e-8]);
     assert_eq!(b, [0x00, 0x3c, 0xff, 0x7b, 0x00, 0x00]);
 }
@@ -156,13 +163,19 @@ fn round_trip_error_bounds() {
     let mut rng = Rng::new(1);
     for scale in [1e-3f32, 0.02, 1.0, 300.0] {
         for shift in [0.0f32, 3.0] {
-            let x: Vec<f32> = rng.vec(32 * 17, scale).iter().map(|v| v + shift * scale).collect();
+            let x: Vec<f32> = rng
+                .vec(32 * 17, scale)
+                .iter()
+                .map(|v| v + shift * scale)
+                .collect();
             for ty in ROW_TYPES {
                 let b = quant(ty, &x);
                 let y = dequant(ty, &b, x.len());
                 for (blk, (xb, yb)) in x.chunks(32).zip(y.chunks(32)).enumerate() {
                     let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-                    let (min, max) = xb.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                    let (min, max) = xb
+                        .iter()
+                        .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
                     // Step size of the format; f16 rounding of the scale (and of the min)
                     // adds at most 2^-11 relative on each.
                     let f16_err = amax * 2f32.powi(-10);
@@ -192,7 +205,11 @@ fn round_trip_error_bounds() {
                     continue;
                 }
                 let rms_x = (x.iter().map(|v| (v * v) as f64).sum::<f64>() / x.len() as f64).sqrt();
-                let rms_e = (x.iter().zip(&y).map(|(a, b)| ((a - b) * (a - b)) as f64).sum::<f64>()
+                let rms_e = (x
+                    .iter()
+                    .zip(&y)
+                    .map(|(a, b)| ((a - b) * (a - b)) as f64)
+                    .sum::<f64>()
                     / x.len() as f64)
                     .sqrt();
                 let max_rel = match ty {
@@ -202,7 +219,11 @@ fn round_trip_error_bounds() {
                     GgmlType::Q8_0 | GgmlType::Q8_1 => 0.02,
                     _ => 0.005,
                 };
-                assert!(rms_e <= max_rel * rms_x, "{}: rms error {rms_e} vs rms {rms_x}", ty.name());
+                assert!(
+                    rms_e <= max_rel * rms_x,
+                    "{}: rms error {rms_e} vs rms {rms_x}",
+                    ty.name()
+                );
             }
         }
     }
@@ -228,21 +249,38 @@ fn vec_dot_matches_dequantized_dot() {
             // |m| * |s| * 2^-10 per block on top of the accumulation error.
             let mut tol = 1e-6 * abs_dot(&wd, &ad) + 1e-9;
             if a_ty == GgmlType::Q8_1 {
-                for (wbk, abk) in cast_min_terms(w_ty, &wb).iter().zip(cast_blocks::<BlockQ8_1>(&ab).unwrap()) {
+                for (wbk, abk) in cast_min_terms(w_ty, &wb)
+                    .iter()
+                    .zip(cast_blocks::<BlockQ8_1>(&ab).unwrap())
+                {
                     let sum_q: i32 = abk.qs.iter().map(|&q| q as i32).sum();
-                    tol += (wbk.abs() * (abk.s.to_f32().abs() + (abk.d.to_f32() * sum_q as f32).abs())) as f64
+                    tol += (wbk.abs()
+                        * (abk.s.to_f32().abs() + (abk.d.to_f32() * sum_q as f32).abs()))
+                        as f64
                         * 2f64.powi(-10);
                 }
             }
-            assert!((got - exact).abs() <= tol, "{} n={n}: {got} vs {exact} (tol {tol})", w_ty.name());
+            assert!(
+                (got - exact).abs() <= tol,
+                "{} n={n}: {got} vs {exact} (tol {tol})",
+                w_ty.name()
+            );
         }
     }
 }
 
 fn cast_min_terms(ty: GgmlType, b: &[u8]) -> Vec<f32> {
     match ty {
-        GgmlType::Q4_1 => cast_blocks::<BlockQ4_1>(b).unwrap().iter().map(|x| x.m.to_f32()).collect(),
-        GgmlType::Q5_1 => cast_blocks::<BlockQ5_1>(b).unwrap().iter().map(|x| x.m.to_f32()).collect(),
+        GgmlType::Q4_1 => cast_blocks::<BlockQ4_1>(b)
+            .unwrap()
+            .iter()
+            .map(|x| x.m.to_f32())
+            .collect(),
+        GgmlType::Q5_1 => cast_blocks::<BlockQ5_1>(b)
+            .unwrap()
+            .iter()
+            .map(|x| x.m.to_f32())
+            .collect(),
         _ => unreachable!(),
     }
 }
@@ -254,22 +292,48 @@ fn block_structs_agree_with_bytes() {
     let blk = &cast_blocks::<BlockQ4_0>(&b).unwrap()[0];
     assert_eq!(blk.d.bits(), u16::from_le_bytes([b[0], b[1]]));
     let b = quant(GgmlType::Q5_0, &x);
-    assert_eq!(cast_blocks::<BlockQ5_0>(&b).unwrap()[0].qh, [b[2], b[3], b[4], b[5]]);
+    assert_eq!(
+        cast_blocks::<BlockQ5_0>(&b).unwrap()[0].qh,
+        [b[2], b[3], b[4], b[5]]
+    );
     let b = quant(GgmlType::Q8_0, &x);
     assert_eq!(cast_blocks::<BlockQ8_0>(&b).unwrap()[0].qs[31], b[33] as i8);
     // Per-format block API = byte API.
     let mut blocks = [BlockQ4_1::default(); 1];
     reference::quantize_q4_1(&x, &mut blocks);
-    assert_eq!(microllm_kernels::blocks::blocks_as_bytes(&blocks), &quant(GgmlType::Q4_1, &x)[..]);
+    assert_eq!(
+        microllm_kernels::blocks::blocks_as_bytes(&blocks),
+        &quant(GgmlType::Q4_1, &x)[..]
+    );
 }
 
 #[test]
 fn row_errors_say_what_is_wrong() {
     let mut out = vec![0u8; 18];
     let e = reference::quantize_row(GgmlType::Q4_0, &[0.0; 33], &mut out).unwrap_err();
-    assert!(matches!(e, KernelError::BadLength { expected: 64, got: 33, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            KernelError::BadLength {
+                expected: 64,
+                got: 33,
+                ..
+            }
+        ),
+        "{e}"
+    );
     let e = reference::quantize_row(GgmlType::Q4_0, &[0.0; 64], &mut out).unwrap_err();
-    assert!(matches!(e, KernelError::BadLength { expected: 36, got: 18, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            KernelError::BadLength {
+                expected: 36,
+                got: 18,
+                ..
+            }
+        ),
+        "{e}"
+    );
     let e = reference::dequantize_row(GgmlType::Q4_K, &[0; 144], &mut [0.0; 256]).unwrap_err();
     match &e {
         KernelError::Unsupported { ty, supported } => {

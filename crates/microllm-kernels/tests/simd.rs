@@ -14,7 +14,10 @@ fn quantize_row_matches_reference_bytes() {
         for scale in [1e-4f32, 1.0, 1e3] {
             let mut x = rng.vec(n, scale);
             // Exact ties after scaling: amax 127 gives id 1, so k + 0.5 must round away.
-            x[32..64.min(n)].iter_mut().enumerate().for_each(|(i, v)| *v = i as f32 - 15.5);
+            x[32..64.min(n)]
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v = i as f32 - 15.5);
             if n >= 64 {
                 x[32] = 127.0;
             }
@@ -100,8 +103,13 @@ fn vec_dot_matches_reference() {
             let a = quant(GgmlType::F32, &rng.vec(n, 1.0));
             let want = reference::vec_dot(w_ty, n, &w, &a) as f64;
             let got = k.vec_dot(w_ty, n, &w, &a) as f64;
-            let tol = DOT_REL_TOL * abs_dot(&dequant(w_ty, &w, n), &dequant(GgmlType::F32, &a, n)) + 1e-30;
-            assert!((got - want).abs() <= tol, "{} n={n}: {got} vs {want}", w_ty.name());
+            let tol = DOT_REL_TOL * abs_dot(&dequant(w_ty, &w, n), &dequant(GgmlType::F32, &a, n))
+                + 1e-30;
+            assert!(
+                (got - want).abs() <= tol,
+                "{} n={n}: {got} vs {want}",
+                w_ty.name()
+            );
         }
     }
 }
@@ -116,9 +124,18 @@ fn gemm_equals_vec_dot_loop() {
             for n in [32usize, 96, 32 * 17] {
                 let a_ty = k.vec_dot_type(w_ty).unwrap();
                 let (wr, ar) = (row_size(w_ty, n), row_size(a_ty, n));
-                for (n_rows, n_cols) in
-                    [(1, 1), (2, 1), (3, 2), (4, 1), (5, 3), (7, 7), (8, 2), (9, 5), (13, 4), (4, 64)]
-                {
+                for (n_rows, n_cols) in [
+                    (1, 1),
+                    (2, 1),
+                    (3, 2),
+                    (4, 1),
+                    (5, 3),
+                    (7, 7),
+                    (8, 2),
+                    (9, 5),
+                    (13, 4),
+                    (4, 64),
+                ] {
                     let w = random_weight_bytes(&mut rng, w_ty, n * n_rows);
                     let a = quant(a_ty, &rng.vec(n * n_cols, 1.0));
                     let stride = n_rows + (n_cols % 3);
@@ -126,7 +143,12 @@ fn gemm_equals_vec_dot_loop() {
                     k.gemm(w_ty, n, &w, n_rows, &a, n_cols, &mut out, stride);
                     for c in 0..n_cols {
                         for r in 0..n_rows {
-                            let want = k.vec_dot(w_ty, n, &w[r * wr..(r + 1) * wr], &a[c * ar..(c + 1) * ar]);
+                            let want = k.vec_dot(
+                                w_ty,
+                                n,
+                                &w[r * wr..(r + 1) * wr],
+                                &a[c * ar..(c + 1) * ar],
+                            );
                             let got = out[c * stride + r];
                             assert_eq!(
                                 got.to_bits(),
@@ -139,7 +161,11 @@ fn gemm_equals_vec_dot_loop() {
                     }
                     for (i, v) in out.iter().enumerate() {
                         let inside = i % stride < n_rows && i / stride < n_cols;
-                        assert_eq!(v.is_nan(), !inside, "gemm wrote {v} at {i} (inside window: {inside})");
+                        assert_eq!(
+                            v.is_nan(),
+                            !inside,
+                            "gemm wrote {v} at {i} (inside window: {inside})"
+                        );
                     }
                 }
             }
@@ -157,7 +183,10 @@ fn gemm_ignores_extra_input_bytes_and_empty_shapes() {
     // 2 of the 3 rows, 2 of the 4 columns.
     k.gemm(GgmlType::Q4_0, 64, &w, 2, &a, 2, &mut out, 3);
     assert_eq!(out[1], k.vec_dot(GgmlType::Q4_0, 64, &w[36..72], &a));
-    assert_eq!(out[3 + 1], k.vec_dot(GgmlType::Q4_0, 64, &w[36..], &a[68..]));
+    assert_eq!(
+        out[3 + 1],
+        k.vec_dot(GgmlType::Q4_0, 64, &w[36..], &a[68..])
+    );
     k.gemm(GgmlType::Q4_0, 64, &w, 0, &a, 2, &mut [], 0);
     k.gemm(GgmlType::Q4_0, 64, &w, 2, &a, 0, &mut [], 0);
     // k = 0: every dot is 0.
@@ -179,7 +208,16 @@ fn gemm_short_output_panics() {
 #[should_panic(expected = "gemm: weights have 67 bytes, need 68")]
 fn gemm_short_weights_panics() {
     let k = Kernels::detect();
-    k.gemm(GgmlType::Q8_0, 32, &[0u8; 67], 2, &[0u8; 34], 1, &mut [0.0; 2], 2);
+    k.gemm(
+        GgmlType::Q8_0,
+        32,
+        &[0u8; 67],
+        2,
+        &[0u8; 34],
+        1,
+        &mut [0.0; 2],
+        2,
+    );
 }
 
 #[test]
@@ -193,8 +231,14 @@ fn f32_and_f16_helpers_match_reference() {
         let ahf: Vec<f32> = ah.iter().map(|v| v.to_f32()).collect();
 
         let (got, want) = (k.dot_f32(&a, &b) as f64, reference::dot_f32(&a, &b) as f64);
-        assert!((got - want).abs() <= DOT_REL_TOL * abs_dot(&a, &b) + 1e-30, "dot_f32 n={n}: {got} vs {want}");
-        let (got, want) = (k.dot_f16_f32(&ah, &b) as f64, reference::dot_f16_f32(&ah, &b) as f64);
+        assert!(
+            (got - want).abs() <= DOT_REL_TOL * abs_dot(&a, &b) + 1e-30,
+            "dot_f32 n={n}: {got} vs {want}"
+        );
+        let (got, want) = (
+            k.dot_f16_f32(&ah, &b) as f64,
+            reference::dot_f16_f32(&ah, &b) as f64,
+        );
         assert!(
             (got - want).abs() <= DOT_REL_TOL * abs_dot(&ahf, &b) + 1e-30,
             "dot_f16_f32 n={n}: {got} vs {want}"
@@ -212,22 +256,38 @@ fn f32_and_f16_helpers_match_reference() {
             }
             for i in 0..n {
                 let tol = AXPY_REL_TOL * (y0[i].abs() + (0.37 * x[i]).abs()) as f64;
-                assert!(((y1[i] - y2[i]) as f64).abs() <= tol, "{name} n={n} i={i}: {} vs {}", y1[i], y2[i]);
+                assert!(
+                    ((y1[i] - y2[i]) as f64).abs() <= tol,
+                    "{name} n={n} i={i}: {} vs {}",
+                    y1[i],
+                    y2[i]
+                );
             }
         }
 
         // Conversions are exact / correctly rounded on both paths: bit equality.
         let mut h1 = vec![f16::ZERO; n];
         let mut h2 = vec![f16::ZERO; n];
-        let wide: Vec<f32> = b.iter().map(|v| v * 1e4).chain([1e-7, 7e4, -0.0]).take(n).collect();
+        let wide: Vec<f32> = b
+            .iter()
+            .map(|v| v * 1e4)
+            .chain([1e-7, 7e4, -0.0])
+            .take(n)
+            .collect();
         k.f32_to_f16(&wide, &mut h1);
         reference::f32_to_f16(&wide, &mut h2);
-        assert_eq!(h1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), h2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            h1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            h2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
         let mut f1 = vec![0.0f32; n];
         let mut f2 = vec![0.0f32; n];
         k.f16_to_f32(&h1, &mut f1);
         reference::f16_to_f32(&h1, &mut f2);
-        assert_eq!(f1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), f2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            f1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            f2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
 }
 
@@ -235,8 +295,14 @@ fn f32_and_f16_helpers_match_reference() {
 fn path_selection() {
     assert_eq!(KernelPath::Scalar.to_string(), "scalar");
     assert_eq!(KernelPath::Avx2.to_string(), "avx2+fma+f16c");
-    assert_eq!(Kernels::from_setting("scalar").unwrap().path(), KernelPath::Scalar);
-    assert_eq!(Kernels::from_setting(" Scalar ").unwrap().path(), KernelPath::Scalar);
+    assert_eq!(
+        Kernels::from_setting("scalar").unwrap().path(),
+        KernelPath::Scalar
+    );
+    assert_eq!(
+        Kernels::from_setting(" Scalar ").unwrap().path(),
+        KernelPath::Scalar
+    );
     assert_eq!(Kernels::from_setting("auto").unwrap(), Kernels::detect());
     assert_eq!(Kernels::from_setting("").unwrap(), Kernels::detect());
     let e = Kernels::from_setting("avx512").unwrap_err();
@@ -244,7 +310,13 @@ fn path_selection() {
     assert!(e.to_string().contains("scalar, avx2 or auto"), "{e}");
     match Kernels::from_setting("avx2") {
         Ok(k) => assert_eq!(k.path(), KernelPath::Avx2),
-        Err(e) => assert!(matches!(e, KernelError::PathUnavailable { path: KernelPath::Avx2, .. })),
+        Err(e) => assert!(matches!(
+            e,
+            KernelError::PathUnavailable {
+                path: KernelPath::Avx2,
+                ..
+            }
+        )),
     }
     // The environment (as CI sets it) must parse.
     let k = Kernels::from_env().expect("MICROLLM_KERNELS must be scalar, avx2 or auto");

@@ -105,8 +105,8 @@ pub struct Model {
     file: GgufFile,
     kernels: Kernels,
     pool: ThreadPool,
-    /// RoPE frequencies per rotated pair, scaling and `rope_freqs` already applied.
-    inv_freq: Vec<f32>,
+    /// How RoPE angles are computed.
+    rope: ops::RopeTables,
 }
 
 impl std::fmt::Debug for Model {
@@ -141,14 +141,14 @@ impl Model {
             opts.n_threads
         };
         let pool = ThreadPool::new(n_threads).map_err(ModelError::Threads)?;
-        let inv_freq = rope_inv_freq(&config, weights.rope_freqs.as_deref());
+        let rope = rope_tables(&config, weights.rope_freqs.as_deref());
         let model = Model {
             config,
             weights,
             file,
             kernels,
             pool,
-            inv_freq,
+            rope,
         };
         // Every matmul's activation format must exist on this kernel path.
         for l in &model.weights.layers {
@@ -244,20 +244,16 @@ impl Model {
     }
 }
 
-/// `inv_freq[i] = scale · base^(-2i/n_rot) / rope_freqs[i]`.
-fn rope_inv_freq(c: &Config, factors: Option<&[f32]>) -> Vec<f32> {
-    let half = c.rope.n_rot / 2;
-    let scale = match c.rope.scaling {
-        RopeScaling::None => 1.0,
-        RopeScaling::Linear { factor } => 1.0 / factor as f64,
-    };
-    (0..half)
-        .map(|i| {
-            let f = (c.rope.base as f64).powf(-2.0 * i as f64 / c.rope.n_rot as f64) * scale;
-            let div = factors.map(|fs| fs[i] as f64).unwrap_or(1.0);
-            (f / div) as f32
-        })
-        .collect()
+fn rope_tables(c: &Config, factors: Option<&[f32]>) -> ops::RopeTables {
+    ops::RopeTables {
+        n_pairs: c.rope.n_rot / 2,
+        theta_scale: c.rope.base.powf(-2.0 / c.rope.n_rot as f32),
+        freq_scale: match c.rope.scaling {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear { factor } => 1.0 / factor,
+        },
+        factors: factors.map(<[f32]>::to_vec),
+    }
 }
 
 /// Final norm and output projection for the last token or all tokens of a batch.

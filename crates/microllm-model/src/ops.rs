@@ -17,6 +17,22 @@ pub(crate) struct Ctx<'a> {
     pub file: &'a GgufFile,
 }
 
+/// Writes a named intermediate (`{name}-{layer}.bin`, raw little-endian f32) into
+/// `$MICROLLM_TAP_DIR` so a run can be diffed against llama.cpp's tensors
+/// (tools/fixtures/dump_logits.cpp with DUMP_DIR). Compiled only with the `tap` feature.
+#[cfg(feature = "tap")]
+pub(crate) fn tap(name: &str, layer: usize, x: &[f32]) {
+    if let Ok(dir) = std::env::var("MICROLLM_TAP_DIR") {
+        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let _ = std::fs::write(format!("{dir}/{name}-{layer}.bin"), bytes);
+    }
+}
+
+/// See the `tap` feature version; compiles to nothing.
+#[cfg(not(feature = "tap"))]
+#[inline(always)]
+pub(crate) fn tap(_name: &str, _layer: usize, _x: &[f32]) {}
+
 /// Activations quantized for the matmuls: remembers which input and format it holds so that
 /// Q, K and V (or gate and up) quantize their shared input once.
 pub(crate) struct QuantizedInput<'s> {
@@ -42,7 +58,7 @@ impl<'s> QuantizedInput<'s> {
             let dst = &mut self.buf[..n_tok * row];
             let quantize = |i: usize, out: &mut [u8]| {
                 ctx.kernels
-                    .quantize_row(ty, &x[i * k..(i + 1) * k], out)
+                    .quantize_activation(ty, &x[i * k..(i + 1) * k], out)
                     .expect("activation format checked at load");
             };
             if n_tok >= 4 {
@@ -120,8 +136,10 @@ fn chunk_rows(n_rows: usize, n_tasks: usize, align: usize) -> usize {
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
     for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
-        let scale = 1.0 / ((ss / n as f64) as f32 + eps).sqrt();
+        // Squares in f32, summed in f64, mean rounded to f32: ggml's order of rounding.
+        let ss: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
+        let mean = (ss / n as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
         for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
             *o = v * scale * g;
         }
@@ -142,31 +160,39 @@ pub(crate) fn add_bias(x: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// `gate = silu(gate) * up` (SwiGLU).
-pub(crate) fn swiglu(gate: &mut [f32], up: &[f32]) {
-    for (g, &u) in gate.iter_mut().zip(up) {
-        let s = *g / (1.0 + (-*g).exp());
-        *g = s * u;
-    }
-}
-
-/// Fills the cos/sin tables for positions `pos0..pos0+n_tok`: `theta_i = p · scale · base^(-2i/n_rot) / factor_i`.
+/// Fills the cos/sin tables for positions `pos0..pos0+n_tok`. The angle of pair `i` is
+/// `p · scale · base^(-2i/n_rot) / factor_i`, with the power built by repeated f32
+/// multiplication exactly as ggml does, so the rotated values match llama.cpp's bit for bit.
 pub(crate) fn rope_tables(
-    inv_freq: &[f32],
+    rope: &RopeTables,
     pos0: usize,
     n_tok: usize,
     cos: &mut [f32],
     sin: &mut [f32],
 ) {
-    let h = inv_freq.len();
+    let h = rope.n_pairs;
     for t in 0..n_tok {
-        let p = (pos0 + t) as f32;
-        for (i, &f) in inv_freq.iter().enumerate() {
-            let theta = p * f;
-            cos[t * h + i] = theta.cos();
-            sin[t * h + i] = theta.sin();
+        let mut theta = (pos0 + t) as f32;
+        for i in 0..h {
+            let ff = rope.factors.as_ref().map_or(1.0, |f| f[i]);
+            let th = rope.freq_scale * (theta / ff);
+            cos[t * h + i] = th.cos();
+            sin[t * h + i] = th.sin();
+            theta *= rope.theta_scale;
         }
     }
+}
+
+/// What the RoPE tables are built from.
+#[derive(Clone, Debug)]
+pub(crate) struct RopeTables {
+    pub n_pairs: usize,
+    /// `base^(-2/n_rot)`.
+    pub theta_scale: f32,
+    /// 1 / linear scaling factor.
+    pub freq_scale: f32,
+    /// Per-pair divisors (`rope_freqs.weight`, llama3-style scaling).
+    pub factors: Option<Vec<f32>>,
 }
 
 /// Rotates the first `n_rot` dimensions of every head of every row of `x` (rows of
@@ -192,8 +218,8 @@ pub(crate) fn rope(
                     RopeStyle::Neox => (i, i + h),
                 };
                 let (x0, x1) = (head[a], head[b]);
-                head[a] = x0 * c[i] - x1 * s[i];
-                head[b] = x0 * s[i] + x1 * c[i];
+                head[a] = x0.mul_add(c[i], -(x1 * s[i]));
+                head[b] = x0.mul_add(s[i], x1 * c[i]);
             }
         }
     }
@@ -248,34 +274,33 @@ pub(crate) fn attention(
         let mut qbuf = [f16::ZERO; MAX_HEAD_DIM];
         let q16 = &mut qbuf[..sh.head_dim];
         kernels.f32_to_f16(qh, q16);
-        let mut q32 = [0.0f32; MAX_HEAD_DIM];
-        let q32 = &mut q32[..sh.head_dim];
-        kernels.f16_to_f32(q16, q32);
         let mut acc16 = [f16::ZERO; MAX_HEAD_DIM];
         let acc16 = &mut acc16[..sh.head_dim_v];
         let mut m = f32::NEG_INFINITY;
         let mut l = 0.0f32;
         for j in start..=p {
             let kr = &k_cache[j * k_dim + g * sh.head_dim..j * k_dim + (g + 1) * sh.head_dim];
-            let s = kernels.dot_f16_f32(kr, q32) * sh.scale;
+            let s = kernels.dot_f16(kr, q16) * sh.scale;
             let vr = &v_cache[j * v_dim + g * sh.head_dim_v..j * v_dim + (g + 1) * sh.head_dim_v];
             let mut ms = 1.0f32;
             let mut vs = 1.0f32;
+            kernels.f16_to_f32(acc16, o);
             if s > m {
                 let m_old = m;
                 m = s;
                 ms = (m_old - m).exp();
-                kernels.f16_to_f32(acc16, o);
+                // The rescaled accumulator is stored (rounded to f16) before the update.
                 for v in o.iter_mut() {
                     *v *= ms;
                 }
+                kernels.f32_to_f16(o, acc16);
+                kernels.f16_to_f32(acc16, o);
             } else {
                 vs = (s - m).exp();
-                kernels.f16_to_f32(acc16, o);
             }
             kernels.axpy_f16(o, vs, vr);
             kernels.f32_to_f16(o, acc16);
-            l = l * ms + vs;
+            l = l.mul_add(ms, vs);
         }
         kernels.f16_to_f32(acc16, o);
         let inv = if l > 0.0 { 1.0 / l } else { 0.0 };

@@ -1,5 +1,6 @@
 //! The store's error type: every message says what failed and what to do about it.
 
+use crate::info::FitRefusal;
 use std::path::PathBuf;
 
 /// Errors from resolving, pulling or reading models.
@@ -87,6 +88,41 @@ pub enum StoreError {
 
     #[error("manifest {} is unreadable: {message}; delete it and pull the model again", path.display())]
     BadManifest { path: PathBuf, message: String },
+
+    #[error("model {name:?} in the store is corrupt: its file {} has sha256 {got}, its manifest says {expected}; it was modified or damaged on disk, so it is not loaded. Run `microllm pull {name}` to fetch it again, or `microllm rm {name}`", path.display())]
+    Corrupt {
+        name: String,
+        path: PathBuf,
+        expected: String,
+        got: String,
+    },
+
+    #[error(
+        "{what} is not a GGUF model file ({message}); check that the source points to a .gguf file"
+    )]
+    NotGguf { what: String, message: String },
+
+    #[error("{0}")]
+    DoesNotFit(Box<FitRefusal>),
+
+    #[error("model name {name:?} has several tags ({}); say which one, e.g. {name}:{}", tags.join(", "), tags.first().map(String::as_str).unwrap_or("TAG"))]
+    AmbiguousName { name: String, tags: Vec<String> },
+
+    #[error("{name} is already in the store with a different file (sha256 {existing}, the new one is {incoming}); `microllm rm {name}` first, or pass --force to replace it")]
+    Conflict {
+        name: String,
+        existing: String,
+        incoming: String,
+    },
+
+    #[error("{} is not a valid microllm bundle: {reason}; make bundles with `microllm export`", path.display())]
+    BadBundle { path: PathBuf, reason: String },
+
+    #[error("key {what}: {reason}; keys are made by `microllm keygen FILE` (secret key in FILE, public key in FILE.pub)")]
+    BadKey { what: String, reason: String },
+
+    #[error("signature check failed for {name}: {reason}")]
+    Signature { name: String, reason: String },
 }
 
 impl StoreError {

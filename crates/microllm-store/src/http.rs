@@ -1,12 +1,8 @@
 //! Blocking HTTP over ureq: system trust roots, proxy from the environment (or as
-//! configured), streaming downloads hashed as they arrive.
+//! configured), downloads opened with optional `Range` and redirects followed by hand.
 
 use crate::error::StoreError;
-use crate::progress::Progress;
-use crate::pypi::host_of;
-use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
-use std::path::Path;
+use crate::pypi::{host_of, join_url};
 use std::time::Duration;
 
 /// Which proxy the store's HTTP client uses.
@@ -102,64 +98,124 @@ impl Http {
         Ok(Some((body, ctype)))
     }
 
-    /// Streams `url` into `out`, returning (bytes, sha256 hex). Reports progress as `what`.
-    pub(crate) fn download(
+    /// Starts a GET of `url` for a download, following redirects itself (at most 10, never
+    /// from https to http) so that Hugging Face's `X-Linked-Etag` / `X-Linked-Size` headers
+    /// on the redirect are seen. `range_from` asks for the bytes from that offset on
+    /// (`Range: bytes=N-`), conditional on `if_range` (an ETag or Last-Modified date) when
+    /// given. The body is not read: the caller streams it.
+    pub(crate) fn open(
         &self,
         url: &str,
-        what: &str,
-        out: &mut dyn Write,
-        out_path: &Path,
-        progress: &mut dyn Progress,
-    ) -> Result<(u64, String), StoreError> {
-        let resp = self.call(url, None)?;
-        let status = resp.status().as_u16();
-        if !(200..300).contains(&status) {
-            return Err(StoreError::HttpStatus {
-                url: url.to_string(),
+        range_from: Option<u64>,
+        if_range: Option<&str>,
+    ) -> Result<Opened, StoreError> {
+        let mut current = url.to_string();
+        let mut linked_etag = None;
+        let mut linked_size = None;
+        for _ in 0..=MAX_REDIRECTS {
+            let mut req = self.agent.get(&current).config().max_redirects(0).build();
+            if let Some(from) = range_from {
+                req = req.header("Range", format!("bytes={from}-"));
+                if let Some(v) = if_range {
+                    req = req.header("If-Range", v);
+                }
+            }
+            let resp = req.call().map_err(|e| network_error(&current, e))?;
+            let status = resp.status().as_u16();
+            let h = resp.headers();
+            let header = |name: &str| {
+                h.get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|v| v.trim().to_string())
+                    .filter(|v| !v.is_empty())
+            };
+            if let Some(e) = header("x-linked-etag") {
+                linked_etag = Some(e);
+            }
+            if let Some(n) = header("x-linked-size").and_then(|v| v.parse().ok()) {
+                linked_size = Some(n);
+            }
+            if matches!(status, 301 | 302 | 303 | 307 | 308) {
+                let Some(loc) = header("location") else {
+                    return Err(StoreError::HttpStatus {
+                        url: current,
+                        status,
+                    });
+                };
+                let next = join_url(&current, &loc);
+                if current.starts_with("https://") && !next.starts_with("https://") {
+                    return Err(StoreError::Network {
+                        host: host_of(&current),
+                        url: current.clone(),
+                        message: format!(
+                            "it redirects to {next}, which is not HTTPS; refusing to downgrade"
+                        ),
+                    });
+                }
+                current = next;
+                continue;
+            }
+            let content_length = header("content-length").and_then(|v| v.parse().ok());
+            let content_range = header("content-range").and_then(|v| parse_content_range(&v));
+            let etag = header("etag");
+            let last_modified = header("last-modified");
+            return Ok(Opened {
                 status,
+                url: current,
+                content_length,
+                content_range,
+                etag,
+                last_modified,
+                linked_etag,
+                linked_size,
+                body: resp.into_body(),
             });
         }
-        let total = resp
-            .headers()
-            .get("content-length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        progress.start(what, total);
-        let mut reader = resp.into_body().into_reader();
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; CHUNK];
-        let mut n_total = 0u64;
-        loop {
-            let n = match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    return Err(StoreError::Network {
-                        host: host_of(url),
-                        url: url.to_string(),
-                        message: format!("download interrupted after {n_total} bytes: {e}"),
-                    })
-                }
-            };
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n])
-                .map_err(|e| StoreError::io("write", out_path, e))?;
-            n_total += n as u64;
-            progress.advance(n as u64);
-        }
-        progress.finish();
-        if let Some(t) = total {
-            if t != n_total {
-                return Err(StoreError::SizeMismatch {
-                    what: what.to_string(),
-                    expected: t,
-                    got: n_total,
-                });
-            }
-        }
-        Ok((n_total, hex::encode(hasher.finalize())))
+        Err(StoreError::Network {
+            host: host_of(url),
+            url: url.to_string(),
+            message: format!("more than {MAX_REDIRECTS} redirects"),
+        })
     }
+}
+
+/// Most redirects followed by [`Http::open`].
+const MAX_REDIRECTS: usize = 10;
+
+/// A response whose body has not been read yet.
+pub(crate) struct Opened {
+    pub status: u16,
+    /// The URL that answered (after redirects).
+    pub url: String,
+    pub content_length: Option<u64>,
+    /// `Content-Range: bytes START-END/TOTAL` (TOTAL `None` for `*`).
+    pub content_range: Option<(u64, u64, Option<u64>)>,
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+    /// `X-Linked-Etag` seen on any hop (Hugging Face: the file's sha256 for LFS files).
+    pub linked_etag: Option<String>,
+    /// `X-Linked-Size` seen on any hop.
+    pub linked_size: Option<u64>,
+    pub body: ureq::Body,
+}
+
+/// Parses `bytes START-END/TOTAL` (or `bytes START-END/*`).
+pub(crate) fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (range, total) = rest.split_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    let (a, b): (u64, u64) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    if b < a {
+        return None;
+    }
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    if total.is_some_and(|t| b >= t) {
+        return None;
+    }
+    Some((a, b, total))
 }
 
 fn network_error(url: &str, e: ureq::Error) -> StoreError {
@@ -167,5 +223,23 @@ fn network_error(url: &str, e: ureq::Error) -> StoreError {
         host: host_of(url),
         url: url.to_string(),
         message: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range() {
+        assert_eq!(
+            parse_content_range("bytes 100-199/200"),
+            Some((100, 199, Some(200)))
+        );
+        assert_eq!(parse_content_range("bytes 0-0/*"), Some((0, 0, None)));
+        assert_eq!(parse_content_range("bytes 5-4/10"), None);
+        assert_eq!(parse_content_range("bytes 5-10/10"), None);
+        assert_eq!(parse_content_range("bytes */10"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
     }
 }

@@ -17,20 +17,39 @@
 //! for the standard proxy variables ([`ProxyConfig::FromEnv`], the default).
 #![forbid(unsafe_code)]
 
+mod bundle;
 mod catalog;
+mod download;
 mod error;
 mod http;
+mod info;
 mod name;
 mod progress;
 mod pypi;
+mod sign;
 mod source;
 mod store;
+mod verify;
 
-pub use catalog::{catalog, CatalogEntry, DEFAULT_MODEL};
+pub use bundle::{Exported, ImportOptions, BUNDLE_MANIFEST, BUNDLE_SUMS};
+pub use catalog::{catalog, find as find_catalog, CatalogEntry, DEFAULT_MODEL};
+pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use error::StoreError;
 pub use http::ProxyConfig;
+pub use info::{
+    available_memory, check_fit, estimate_memory, human_bytes, human_params, pick_auto,
+    AvailableMemory, FitRefusal, MemoryEstimate, ModelInfo, ModelShape, DEFAULT_CTX,
+};
 pub use name::{ModelRef, MAX_NAME_LEN};
 pub use progress::{NoProgress, Progress};
 pub use pypi::normalize_package;
+pub use sign::{
+    check_signature, generate_key, read_signing_key, read_verifying_key, sign_manifest,
+    signed_message, ManifestSignature, SignatureStatus,
+};
 pub use source::{looks_like_source, Source, SourcePart, PART_SEPARATOR};
-pub use store::{Manifest, PullSpec, Resolved, Store, DEFAULT_INDEX_URL, MANIFEST_SCHEMA};
+pub use store::{
+    FitCheck, Manifest, PullOptions, PullSpec, Pulled, Removed, Resolved, Store, DEFAULT_HF_URL,
+    DEFAULT_INDEX_URL, MANIFEST_SCHEMA,
+};
+pub use verify::{sha256_file, BlobStatus, StrayBlob, VerifyEntry, VerifyReport};

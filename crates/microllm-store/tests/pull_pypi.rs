@@ -73,7 +73,7 @@ fn tiny_project(model: &[u8], fragment_sha: Option<&str>) -> Server {
 
 #[test]
 fn html_index_full_pull() {
-    let model = bytes(2_500_000, 1);
+    let model = fake_model(2_500_000, 1);
     let server = tiny_project(&model, None);
     let (_d, s) = store(&server);
     let src = "pypi:Tiny_Model==1.0#tiny_model/model.gguf";
@@ -96,7 +96,7 @@ fn html_index_full_pull() {
     assert_eq!(m["name"], "tiny-model");
     assert_eq!(m["tag"], "1.0");
     assert_eq!(m["source"], src);
-    assert_eq!(m["size"], 2_500_000);
+    assert_eq!(m["size"], model.len());
     assert_eq!(m["sha256"], sha.as_str());
     assert!(m["added"].as_str().unwrap().ends_with('Z'));
 
@@ -115,7 +115,7 @@ fn html_index_full_pull() {
     assert!(rec.phases[0].0.contains("tiny_model-1.0-py3-none-any.whl"));
     assert_eq!(Some(rec.phases[0].2), rec.phases[0].1);
     assert!(rec.phases[1].0.contains("extracting tiny_model/model.gguf"));
-    assert_eq!(rec.phases[1].2, 2_500_000);
+    assert_eq!(rec.phases[1].2, model.len() as u64);
     assert_eq!(rec.finished, rec.phases.len());
 
     // Idempotent: a second pull returns at once, with no request.
@@ -132,7 +132,7 @@ fn html_index_full_pull() {
 
 #[test]
 fn json_index_and_single_gguf_default() {
-    let model = bytes(10_000, 2);
+    let model = fake_model(10_000, 2);
     let whl = wheel(&[("pkg/only.gguf", &model), ("pkg/readme.txt", b"hi")]);
     let whl_sha = sha_hex(&whl);
     let server = Server::start(move |_| {
@@ -155,7 +155,7 @@ fn json_index_and_single_gguf_default() {
 
 #[test]
 fn wheel_sha_mismatch_is_refused() {
-    let model = bytes(50_000, 3);
+    let model = fake_model(50_000, 3);
     let server = tiny_project(&model, Some(&"0".repeat(64)));
     let (_d, s) = store(&server);
     let err = s
@@ -177,7 +177,7 @@ fn wheel_sha_mismatch_is_refused() {
 
 #[test]
 fn model_sha_and_size_mismatch_are_refused() {
-    let model = bytes(50_000, 4);
+    let model = fake_model(50_000, 4);
     let server = tiny_project(&model, None);
     let (_d, s) = store(&server);
     let source = Source::parse("pypi:tiny-model==1.0#tiny_model/model.gguf").unwrap();
@@ -186,7 +186,7 @@ fn model_sha_and_size_mismatch_are_refused() {
         tag: "x".into(),
         source,
         sha256: Some("1".repeat(64)),
-        size: Some(50_000),
+        size: Some(model.len() as u64),
     };
     let err = s.pull_spec(&spec, &mut NoProgress).unwrap_err();
     assert!(
@@ -210,7 +210,7 @@ fn model_sha_and_size_mismatch_are_refused() {
     // Right digest and size: accepted.
     let spec = PullSpec {
         sha256: Some(sha_hex(&model)),
-        size: Some(50_000),
+        size: Some(model.len() as u64),
         ..spec
     };
     let p = s.pull_spec(&spec, &mut NoProgress).unwrap();
@@ -220,7 +220,7 @@ fn model_sha_and_size_mismatch_are_refused() {
 
 #[test]
 fn multi_part_concatenates_in_order() {
-    let whole = bytes(300_000, 5);
+    let whole = fake_model(300_000, 5);
     let (a, b) = whole.split_at(123_457);
     let (a, b) = (a.to_vec(), b.to_vec());
     let server = Server::start(move |base| {
@@ -254,7 +254,7 @@ fn multi_part_concatenates_in_order() {
 
 #[test]
 fn index_errors_say_what_is_wrong() {
-    let model = bytes(1000, 6);
+    let model = fake_model(1000, 6);
     let server = tiny_project(&model, None);
     let (_d, s) = store(&server);
 
@@ -329,7 +329,10 @@ fn http_failures() {
         "{err:?}"
     );
     assert_eq!(ls(&s.home().join("blobs")), Vec::<String>::new());
-    assert_eq!(ls(&s.home().join("tmp")), Vec::<String>::new());
+    // The partial wheel is kept (with its sidecar) so the next pull resumes it.
+    let tmp = ls(&s.home().join("tmp"));
+    assert_eq!(tmp.len(), 2, "{tmp:?}");
+    assert!(tmp.iter().all(|f| f.starts_with("dl-")), "{tmp:?}");
 }
 
 #[test]

@@ -147,7 +147,7 @@ fn forged_manifest_cannot_point_outside_blobs() {
 #[test]
 fn file_import_layout_and_resolve() {
     let (dir, s) = new_store();
-    let data = bytes(3_000_000, 11);
+    let data = fake_model(3_000_000, 11);
     let src = write_model(dir.path(), "My-Model.Q8.gguf", &data);
     let mut rec = Recorder::default();
     let path = s.pull(&src, &mut rec).unwrap();
@@ -160,8 +160,8 @@ fn file_import_layout_and_resolve() {
     );
     assert!(ls(&s.home().join("tmp")).is_empty());
     assert_eq!(rec.phases.len(), 1);
-    assert_eq!(rec.phases[0].1, Some(3_000_000));
-    assert_eq!(rec.phases[0].2, 3_000_000);
+    assert_eq!(rec.phases[0].1, Some(data.len() as u64));
+    assert_eq!(rec.phases[0].2, data.len() as u64);
 
     // Resolve by name, name:tag, source string, and by path.
     for m in ["my-model.q8", "my-model.q8:latest", src.as_str()] {
@@ -169,7 +169,7 @@ fn file_import_layout_and_resolve() {
             Resolved::Stored { path: p, manifest } => {
                 assert_eq!(p, path);
                 assert_eq!(manifest.sha256, sha);
-                assert_eq!(manifest.size, 3_000_000);
+                assert_eq!(manifest.size, data.len() as u64);
                 assert_eq!(manifest.source, src);
             }
             other => panic!("{other:?}"),
@@ -241,7 +241,7 @@ impl Progress for Crash {
 #[test]
 fn interrupted_pull_leaves_nothing_that_looks_complete() {
     let (dir, s) = new_store();
-    let data = bytes(2_500_000, 12);
+    let data = fake_model(2_500_000, 12);
     let src = write_model(dir.path(), "m.gguf", &data);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.pull(&src, &mut Crash)));
     assert!(r.is_err());
@@ -258,26 +258,40 @@ fn interrupted_pull_leaves_nothing_that_looks_complete() {
 }
 
 #[test]
-fn damaged_blob_is_detected_and_ensure_repairs_it() {
+fn damaged_blob_is_refused_by_ensure_and_repaired_by_pull() {
     let (dir, s) = new_store();
-    let data = bytes(100_000, 13);
+    let data = fake_model(100_000, 13);
     let src = write_model(dir.path(), "m.gguf", &data);
     let p = s.pull(&src, &mut NoProgress).unwrap();
+    make_writable(&p);
     std::fs::write(&p, &data[..10]).unwrap();
     let err = s.resolve("m").unwrap_err();
     assert!(matches!(err, StoreError::Damaged { .. }), "{err:?}");
     assert!(err.to_string().contains("pull"));
-    assert_eq!(s.ensure("m", &mut NoProgress).unwrap(), p);
+    // Loading never refetches behind the user's back: the damage is reported.
+    let err = s.ensure("m", &mut NoProgress).unwrap_err();
+    assert!(matches!(err, StoreError::Damaged { .. }), "{err:?}");
+    // An explicit pull repairs it.
+    assert_eq!(s.pull("m", &mut NoProgress).unwrap(), p);
     assert_eq!(std::fs::read(&p).unwrap(), data);
+    make_writable(&p);
     std::fs::remove_file(&p).unwrap();
     assert!(matches!(s.resolve("m"), Err(StoreError::Damaged { .. })));
+    assert_eq!(s.pull("m", &mut NoProgress).unwrap(), p);
     assert_eq!(s.ensure("m", &mut NoProgress).unwrap(), p);
+}
+
+fn make_writable(p: &Path) {
+    let mut perm = std::fs::metadata(p).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perm.set_readonly(false);
+    std::fs::set_permissions(p, perm).unwrap();
 }
 
 #[test]
 fn known_digest_adopts_existing_blob() {
     let (dir, s) = new_store();
-    let data = bytes(5000, 14);
+    let data = fake_model(5000, 14);
     let src = write_model(dir.path(), "m.gguf", &data);
     let p = s.pull(&src, &mut NoProgress).unwrap();
     // Same bytes under another name with a known digest: no copy (source is gone).
@@ -287,11 +301,16 @@ fn known_digest_adopts_existing_blob() {
         tag: "v1".into(),
         source: Source::parse(&src).unwrap(),
         sha256: Some(sha_hex(&data)),
-        size: Some(5000),
+        size: Some(data.len() as u64),
     };
     let mut rec = Recorder::default();
     assert_eq!(s.pull_spec(&spec, &mut rec).unwrap(), p);
-    assert!(rec.phases.is_empty());
+    // Adopted after hashing it (it was never stamped), not copied.
+    assert!(
+        rec.phases.iter().all(|p| p.0.starts_with("verifying")),
+        "{:?}",
+        rec.phases
+    );
     assert_eq!(s.resolve("alias:v1").unwrap().path(), p);
     assert_eq!(ls(&s.home().join("blobs")).len(), 1);
 }
@@ -313,7 +332,7 @@ impl Progress for Slow {
 #[test]
 fn concurrent_pulls_of_one_model_copy_once() {
     let (dir, s) = new_store();
-    let data = bytes(4_500_000, 15);
+    let data = fake_model(4_500_000, 15);
     let src = write_model(dir.path(), "m.gguf", &data);
     let copies = Arc::new(AtomicUsize::new(0));
     let handles: Vec<_> = (0..4)

@@ -31,8 +31,9 @@ pub const ROW_TYPES: [GgmlType; 9] = [
 /// Row lengths for the block formats (multiples of 32, odd block counts included).
 pub const BLOCK_LENS: [usize; 6] = [32, 64, 96, 32 * 7, 32 * 17, 32 * 33];
 /// Lengths for the element-wise helpers: every tail length of an 8/32-wide loop.
-pub const ELEM_LENS: [usize; 20] =
-    [0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 40, 63, 64, 65, 100, 257, 1000];
+pub const ELEM_LENS: [usize; 20] = [
+    0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 40, 63, 64, 65, 100, 257, 1000,
+];
 
 /// A SIMD dot product may differ from the reference only by f32 accumulation order: error
 /// relative to sum(|w_i * a_i|) (a condition-number-free bound), with n up to ~1000 terms.
@@ -124,7 +125,10 @@ pub fn dequant(ty: GgmlType, x: &[u8], n: usize) -> Vec<f32> {
 
 /// sum(|a_i * b_i|) in f64, the scale against which dot errors are measured.
 pub fn abs_dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum()
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 * *y as f64).abs())
+        .sum()
 }
 
 /// Weight bytes with random quant payloads but finite, modest f16 scales (as in real files):

@@ -2,7 +2,7 @@
 //! bias, NeoX RoPE) and `mistral` (sliding window). The differences are config fields and
 //! optional tensors, so one function reads top to bottom for all three.
 
-use crate::ops::{self, AttnShape, QuantizedInput};
+use crate::ops::{self, tap, AttnShape, QuantizedInput};
 use crate::state::{act_type, State};
 use crate::{Logits, Model, ModelError};
 
@@ -60,7 +60,7 @@ pub(crate) fn forward(
         &mut rope_cos[..n_tok * half_rot],
         &mut rope_sin[..n_tok * half_rot],
     );
-    ops::rope_tables(&model.inv_freq, pos0, n_tok, cos, sin);
+    ops::rope_tables(&model.rope, pos0, n_tok, cos, sin);
     let shape = AttnShape {
         n_head: c.n_head,
         n_head_kv: c.n_head_kv,
@@ -73,6 +73,7 @@ pub(crate) fn forward(
     for (il, lw) in w.layers.iter().enumerate() {
         // Attention block.
         ops::rms_norm(x, &lw.attn_norm, c.rms_eps, xn);
+        tap("attn_norm", il, xn);
         input.invalidate();
         let (q, k, v) = (&mut q[..n_tok * dq], &mut k[..n_tok * dk], &mut v[..n_tok * dv]);
         ops::matmul(ctx, &lw.wq, act_type(model, lw.wq.ty)?, xn, n_tok, &mut input, scratch, q);
@@ -87,6 +88,9 @@ pub(crate) fn forward(
         if let Some(b) = &lw.bv {
             ops::add_bias(v, b);
         }
+        tap("Qcur", il, q);
+        tap("Kcur", il, k);
+        tap("Vcur", il, v);
         ops::rope(q, n_tok, c.n_head, c.head_dim, c.rope.style, cos, sin);
         ops::rope(k, n_tok, c.n_head_kv, c.head_dim, c.rope.style, cos, sin);
         let layer_k = &mut k_cache[il * n_ctx * dk..(il + 1) * n_ctx * dk];
@@ -98,7 +102,10 @@ pub(crate) fn forward(
             .kernels
             .f32_to_f16(v, &mut layer_v[pos0 * dv..(pos0 + n_tok) * dv]);
         let attn = &mut attn[..n_tok * dattn];
+        tap("Qrope", il, q);
+        tap("Krope", il, k);
         ops::attention(ctx, shape, q, layer_k, layer_v, pos0, n_tok, attn);
+        tap("kqv_out", il, attn);
         input.invalidate();
         ops::matmul(ctx, &lw.wo, act_type(model, lw.wo.ty)?, attn, n_tok, &mut input, scratch, xn);
         ops::add_in_place(x, xn);
@@ -109,10 +116,12 @@ pub(crate) fn forward(
         let (gate, up) = (&mut gate[..n_tok * dff], &mut up[..n_tok * dff]);
         ops::matmul(ctx, &lw.w_gate, act_type(model, lw.w_gate.ty)?, xn, n_tok, &mut input, scratch, gate);
         ops::matmul(ctx, &lw.w_up, act_type(model, lw.w_up.ty)?, xn, n_tok, &mut input, scratch, up);
-        ops::swiglu(gate, up);
+        model.kernels.swiglu(gate, up);
         input.invalidate();
         ops::matmul(ctx, &lw.w_down, act_type(model, lw.w_down.ty)?, gate, n_tok, &mut input, scratch, xn);
+        tap("ffn_out", il, xn);
         ops::add_in_place(x, xn);
+        tap("l_out", il, x);
     }
 
     // Output head.
