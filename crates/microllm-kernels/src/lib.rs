@@ -354,6 +354,26 @@ impl Kernels {
         dispatch!(self, scalar => reference::dot_f32(a, b), avx2 => x86::avx2::dot_f32(a, b))
     }
 
+    /// Attention of one query over cached f16 keys/values with llama.cpp's flash-attention
+    /// numerics (see [`reference::attention_f16`]); `out` gets the `out.len()`-wide result.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_f16(
+        &self,
+        q16: &[f16],
+        keys: &[f16],
+        k_stride: usize,
+        values: &[f16],
+        v_stride: usize,
+        n_kv: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        dispatch!(self,
+            scalar => reference::attention_f16(q16, keys, k_stride, values, v_stride, n_kv, scale, out),
+            avx2 => x86::avx2::attention_f16(q16, keys, k_stride, values, v_stride, n_kv, scale, out),
+        )
+    }
+
     /// SwiGLU in place: `gate[i] = silu(gate[i]) * up[i]`, with ggml-cpu's vectorized `exp`
     /// (see [`reference::expf_vec`]) so the result matches llama.cpp bit for bit.
     pub fn swiglu(&self, gate: &mut [f32], up: &[f32]) {

@@ -698,3 +698,55 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
         *g = x / (1.0 + (-x).exp()) * u;
     }
 }
+
+/// Attention of one query over `n_kv` cached rows with the numerics of ggml-cpu's flash
+/// attention (the path llama.cpp takes on CPU): K·Q by [`dot_f16`] with Q already in f16, an
+/// online softmax updated key by key, and the weighted sum of V kept *in f16* (rounded after
+/// every rescale and every update), divided by the sum at the end.
+///
+/// Key `j` is `keys[j * k_stride..][..q16.len()]`, value `j` is `values[j * v_stride..][..out.len()]`.
+pub fn attention_f16(
+    q16: &[f16],
+    keys: &[f16],
+    k_stride: usize,
+    values: &[f16],
+    v_stride: usize,
+    n_kv: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let (dk, dv) = (q16.len(), out.len());
+    assert!(
+        n_kv == 0 || keys.len() >= (n_kv - 1) * k_stride + dk,
+        "attention_f16: keys too short"
+    );
+    assert!(
+        n_kv == 0 || values.len() >= (n_kv - 1) * v_stride + dv,
+        "attention_f16: values too short"
+    );
+    let rnd = |x: f32| f16::from_f32(x).to_f32();
+    out.fill(0.0); // holds f16-representable values throughout
+    let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
+    for j in 0..n_kv {
+        let s = dot_f16(&keys[j * k_stride..j * k_stride + dk], q16) * scale;
+        let v = &values[j * v_stride..j * v_stride + dv];
+        let (mut ms, mut vs) = (1.0f32, 1.0f32);
+        if s > m {
+            ms = (m - s).exp();
+            m = s;
+            for o in out.iter_mut() {
+                *o = rnd(*o * ms);
+            }
+        } else {
+            vs = (s - m).exp();
+        }
+        for (o, x) in out.iter_mut().zip(v) {
+            *o = rnd(x.to_f32().mul_add(vs, *o));
+        }
+        l = l.mul_add(ms, vs);
+    }
+    let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}

@@ -58,7 +58,9 @@ pub enum RopeStyle {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (`rope.scaling.type = linear`).
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -111,7 +111,9 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("config", &self.config).finish()
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -280,7 +282,16 @@ pub(crate) fn output_logits(
             let xl = &x[(n_tok - 1) * d..n_tok * d];
             ops::rms_norm(xl, &w.output_norm, c.rms_eps, &mut xn[..d]);
             input.invalidate();
-            ops::matmul(ctx, &w.output, act_ty, &xn[..d], 1, input, scratch, last_logits);
+            ops::matmul(
+                ctx,
+                &w.output,
+                act_ty,
+                &xn[..d],
+                1,
+                input,
+                scratch,
+                last_logits,
+            );
         }
         Logits::All(buf) => {
             ops::rms_norm(x, &w.output_norm, c.rms_eps, &mut xn[..n_tok * d]);

@@ -99,11 +99,21 @@ pub(crate) fn matmul(
     let kernels = ctx.kernels;
     if n_tok == 1 {
         let chunk = chunk_rows(n_rows, n_threads * 8, 16);
-        ctx.pool.for_each_chunk_mut(&mut out[..n_rows], chunk, |ci, o| {
-            let r0 = ci * chunk;
-            let len = o.len();
-            kernels.gemm(w.ty, k, &wdata[r0 * rb..(r0 + len) * rb], len, act, 1, o, len);
-        });
+        ctx.pool
+            .for_each_chunk_mut(&mut out[..n_rows], chunk, |ci, o| {
+                let r0 = ci * chunk;
+                let len = o.len();
+                kernels.gemm(
+                    w.ty,
+                    k,
+                    &wdata[r0 * rb..(r0 + len) * rb],
+                    len,
+                    act,
+                    1,
+                    o,
+                    len,
+                );
+            });
         return;
     }
     let chunk = chunk_rows(n_rows, n_threads * 4, 4);
@@ -111,7 +121,16 @@ pub(crate) fn matmul(
     ctx.pool.for_each_chunk_mut(tmp, chunk * n_tok, |ci, s| {
         let r0 = ci * chunk;
         let len = s.len() / n_tok;
-        kernels.gemm(w.ty, k, &wdata[r0 * rb..(r0 + len) * rb], len, act, n_tok, s, len);
+        kernels.gemm(
+            w.ty,
+            k,
+            &wdata[r0 * rb..(r0 + len) * rb],
+            len,
+            act,
+            n_tok,
+            s,
+            len,
+        );
     });
     let tmp = &scratch[..n_rows * n_tok];
     ctx.pool
@@ -269,43 +288,21 @@ pub(crate) fn attention(
             None => 0,
         };
         let qh = &q[t * q_dim + h * sh.head_dim..t * q_dim + (h + 1) * sh.head_dim];
-        // Q rounded to f16 like the cached keys, accumulator kept in f16: the numerics of
-        // llama.cpp's CPU flash attention, which the fidelity references were made with.
+        // Q rounded to f16 like the cached keys; the kernel mirrors llama.cpp's CPU flash
+        // attention (f16 accumulator, key-by-key online softmax), which the references use.
         let mut qbuf = [f16::ZERO; MAX_HEAD_DIM];
         let q16 = &mut qbuf[..sh.head_dim];
         kernels.f32_to_f16(qh, q16);
-        let mut acc16 = [f16::ZERO; MAX_HEAD_DIM];
-        let acc16 = &mut acc16[..sh.head_dim_v];
-        let mut m = f32::NEG_INFINITY;
-        let mut l = 0.0f32;
-        for j in start..=p {
-            let kr = &k_cache[j * k_dim + g * sh.head_dim..j * k_dim + (g + 1) * sh.head_dim];
-            let s = kernels.dot_f16(kr, q16) * sh.scale;
-            let vr = &v_cache[j * v_dim + g * sh.head_dim_v..j * v_dim + (g + 1) * sh.head_dim_v];
-            let mut ms = 1.0f32;
-            let mut vs = 1.0f32;
-            kernels.f16_to_f32(acc16, o);
-            if s > m {
-                let m_old = m;
-                m = s;
-                ms = (m_old - m).exp();
-                // The rescaled accumulator is stored (rounded to f16) before the update.
-                for v in o.iter_mut() {
-                    *v *= ms;
-                }
-                kernels.f32_to_f16(o, acc16);
-                kernels.f16_to_f32(acc16, o);
-            } else {
-                vs = (s - m).exp();
-            }
-            kernels.axpy_f16(o, vs, vr);
-            kernels.f32_to_f16(o, acc16);
-            l = l.mul_add(ms, vs);
-        }
-        kernels.f16_to_f32(acc16, o);
-        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
-        for v in o.iter_mut() {
-            *v *= inv;
-        }
+        let n_kv = p + 1 - start;
+        kernels.attention_f16(
+            q16,
+            &k_cache[start * k_dim + g * sh.head_dim..],
+            k_dim,
+            &v_cache[start * v_dim + g * sh.head_dim_v..],
+            v_dim,
+            n_kv,
+            sh.scale,
+            o,
+        );
     });
 }

@@ -31,20 +31,20 @@ pub struct State {
     pub(crate) n_batch: usize,
     /// Tokens already in the KV cache.
     pub(crate) n_past: usize,
-    pub(crate) x: Vec<f32>,       // (n_batch, n_embd) residual stream
-    pub(crate) xn: Vec<f32>,      // (n_batch, n_embd) normalised input of a sub-block
-    pub(crate) q: Vec<f32>,       // (n_batch, q_dim)
-    pub(crate) k: Vec<f32>,       // (n_batch, k_dim)
-    pub(crate) v: Vec<f32>,       // (n_batch, v_dim)
-    pub(crate) attn: Vec<f32>,    // (n_batch, n_head * head_dim_v)
-    pub(crate) gate: Vec<f32>,    // (n_batch, n_ff)
-    pub(crate) up: Vec<f32>,      // (n_batch, n_ff)
-    pub(crate) act_q: Vec<u8>,    // (n_batch, activation row bytes) quantized matmul input
-    pub(crate) scratch: Vec<f32>, // matmul output transposed per row chunk
+    pub(crate) x: Vec<f32>,        // (n_batch, n_embd) residual stream
+    pub(crate) xn: Vec<f32>,       // (n_batch, n_embd) normalised input of a sub-block
+    pub(crate) q: Vec<f32>,        // (n_batch, q_dim)
+    pub(crate) k: Vec<f32>,        // (n_batch, k_dim)
+    pub(crate) v: Vec<f32>,        // (n_batch, v_dim)
+    pub(crate) attn: Vec<f32>,     // (n_batch, n_head * head_dim_v)
+    pub(crate) gate: Vec<f32>,     // (n_batch, n_ff)
+    pub(crate) up: Vec<f32>,       // (n_batch, n_ff)
+    pub(crate) act_q: Vec<u8>,     // (n_batch, activation row bytes) quantized matmul input
+    pub(crate) scratch: Vec<f32>,  // matmul output transposed per row chunk
     pub(crate) rope_cos: Vec<f32>, // (n_batch, n_rot/2)
     pub(crate) rope_sin: Vec<f32>, // (n_batch, n_rot/2)
-    pub(crate) k_cache: Vec<f16>, // (n_layer, n_ctx, k_dim)
-    pub(crate) v_cache: Vec<f16>, // (n_layer, n_ctx, v_dim)
+    pub(crate) k_cache: Vec<f16>,  // (n_layer, n_ctx, k_dim)
+    pub(crate) v_cache: Vec<f16>,  // (n_layer, n_ctx, v_dim)
     /// Logits of the last evaluated token (n_vocab).
     pub(crate) logits: Vec<f32>,
 }

@@ -35,27 +35,27 @@ impl QMatrix {
 /// One transformer block.
 #[derive(Clone, Debug)]
 pub struct LayerWeights {
-    pub attn_norm: Vec<f32>,       // (n_embd)              blk.{i}.attn_norm.weight
-    pub wq: QMatrix,               // (q_dim, n_embd)       blk.{i}.attn_q.weight
-    pub wk: QMatrix,               // (k_dim, n_embd)       blk.{i}.attn_k.weight
-    pub wv: QMatrix,               // (v_dim, n_embd)       blk.{i}.attn_v.weight
-    pub bq: Option<Vec<f32>>,      // (q_dim)               blk.{i}.attn_q.bias (qwen2)
-    pub bk: Option<Vec<f32>>,      // (k_dim)               blk.{i}.attn_k.bias
-    pub bv: Option<Vec<f32>>,      // (v_dim)               blk.{i}.attn_v.bias
-    pub wo: QMatrix,               // (n_embd, n_head*head_dim_v) blk.{i}.attn_output.weight
-    pub ffn_norm: Vec<f32>,        // (n_embd)              blk.{i}.ffn_norm.weight
-    pub w_gate: QMatrix,           // (n_ff, n_embd)        blk.{i}.ffn_gate.weight
-    pub w_up: QMatrix,             // (n_ff, n_embd)        blk.{i}.ffn_up.weight
-    pub w_down: QMatrix,           // (n_embd, n_ff)        blk.{i}.ffn_down.weight
+    pub attn_norm: Vec<f32>,  // (n_embd)              blk.{i}.attn_norm.weight
+    pub wq: QMatrix,          // (q_dim, n_embd)       blk.{i}.attn_q.weight
+    pub wk: QMatrix,          // (k_dim, n_embd)       blk.{i}.attn_k.weight
+    pub wv: QMatrix,          // (v_dim, n_embd)       blk.{i}.attn_v.weight
+    pub bq: Option<Vec<f32>>, // (q_dim)               blk.{i}.attn_q.bias (qwen2)
+    pub bk: Option<Vec<f32>>, // (k_dim)               blk.{i}.attn_k.bias
+    pub bv: Option<Vec<f32>>, // (v_dim)               blk.{i}.attn_v.bias
+    pub wo: QMatrix,          // (n_embd, n_head*head_dim_v) blk.{i}.attn_output.weight
+    pub ffn_norm: Vec<f32>,   // (n_embd)              blk.{i}.ffn_norm.weight
+    pub w_gate: QMatrix,      // (n_ff, n_embd)        blk.{i}.ffn_gate.weight
+    pub w_up: QMatrix,        // (n_ff, n_embd)        blk.{i}.ffn_up.weight
+    pub w_down: QMatrix,      // (n_embd, n_ff)        blk.{i}.ffn_down.weight
 }
 
 #[derive(Clone, Debug)]
 pub struct Weights {
-    pub token_embd: QMatrix,        // (n_vocab, n_embd)  token_embd.weight
+    pub token_embd: QMatrix, // (n_vocab, n_embd)  token_embd.weight
     pub layers: Vec<LayerWeights>,
-    pub output_norm: Vec<f32>,      // (n_embd)           output_norm.weight
+    pub output_norm: Vec<f32>, // (n_embd)           output_norm.weight
     /// The output projection; the token embedding when the model ties them.
-    pub output: QMatrix,            // (n_vocab, n_embd)  output.weight | token_embd.weight
+    pub output: QMatrix, // (n_vocab, n_embd)  output.weight | token_embd.weight
     pub tied_output: bool,
     /// Per-frequency divisors for llama3-style RoPE scaling.
     pub rope_freqs: Option<Vec<f32>>, // (n_rot/2)        rope_freqs.weight
@@ -81,9 +81,8 @@ impl Loader<'_> {
     /// A matrix with `n_rows` rows of `n_cols` (ggml dims `[n_cols, n_rows]`).
     pub fn matrix(&self, name: &str, n_rows: usize, n_cols: usize) -> Result<QMatrix, ModelError> {
         let info = self.info(name)?;
-        let dims_ok = info.dims.len() == 2
-            && info.dims[0] == n_cols as u64
-            && info.dims[1] == n_rows as u64;
+        let dims_ok =
+            info.dims.len() == 2 && info.dims[0] == n_cols as u64 && info.dims[1] == n_rows as u64;
         if !dims_ok {
             return Err(ModelError::TensorShape {
                 name: name.to_string(),

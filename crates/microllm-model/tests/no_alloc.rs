@@ -47,7 +47,10 @@ fn decode_step_does_not_allocate() {
             )
             .unwrap();
             let mut state = model
-                .new_state(StateOptions { n_ctx: 64, n_batch: 16 })
+                .new_state(StateOptions {
+                    n_ctx: 64,
+                    n_batch: 16,
+                })
                 .unwrap();
             model
                 .forward(&mut state, &[1, 2, 3, 4], Logits::Last)
@@ -57,7 +60,10 @@ fn decode_step_does_not_allocate() {
                 model.forward(&mut state, &[t + 5], Logits::Last).unwrap();
             }
             let n = ALLOCS.load(Ordering::SeqCst) - before;
-            assert_eq!(n, 0, "{n} allocations in 20 decode steps ({n_threads} threads)");
+            assert_eq!(
+                n, 0,
+                "{n} allocations in 20 decode steps ({n_threads} threads)"
+            );
         }
     }
 }

@@ -31,28 +31,39 @@ fn teacher_forced_top5_within_half_a_logit() {
     )
     .unwrap();
     let text = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2/greedy.json"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/smollm2/greedy.json"),
     )
     .unwrap();
     let cases: serde_json::Value = serde_json::from_str(&text).unwrap();
     let mut state = model
-        .new_state(StateOptions { n_ctx: 512, n_batch: 512 })
+        .new_state(StateOptions {
+            n_ctx: 512,
+            n_batch: 512,
+        })
         .unwrap();
     let mut worst = 0.0f32;
     for c in cases.as_array().unwrap() {
         let ids: Vec<u32> = serde_json::from_value(c["prompt_ids"].clone()).unwrap();
         let gen: Vec<u32> = serde_json::from_value(c["generated_ids"].clone()).unwrap();
-        let top5: Vec<Vec<(u32, f32)>> = serde_json::from_value(c["top5_per_step"].clone()).unwrap();
+        let top5: Vec<Vec<(u32, f32)>> =
+            serde_json::from_value(c["top5_per_step"].clone()).unwrap();
         state.reset();
         model.forward(&mut state, &ids, Logits::Last).unwrap();
         for (step, t5) in top5.iter().enumerate() {
             for &(tok, want) in t5 {
                 let got = state.logits()[tok as usize];
                 worst = worst.max((got - want).abs());
-                assert!((got - want).abs() <= 0.5, "{}: step {step} token {tok}: {got} vs {want}", c["prompt"]);
+                assert!(
+                    (got - want).abs() <= 0.5,
+                    "{}: step {step} token {tok}: {got} vs {want}",
+                    c["prompt"]
+                );
             }
             if step + 1 < top5.len() {
-                model.forward(&mut state, &gen[step..step + 1], Logits::Last).unwrap();
+                model
+                    .forward(&mut state, &gen[step..step + 1], Logits::Last)
+                    .unwrap();
             }
         }
     }

@@ -34,7 +34,10 @@ fn prompt(n: usize, n_vocab: usize) -> Vec<u32> {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// All logits of `tokens`, evaluated in one batch.
@@ -53,7 +56,10 @@ fn batched(model: &Model, tokens: &[u32], n_batch: usize) -> Vec<f32> {
 /// All logits of `tokens`, one token per forward call.
 fn stepwise(model: &Model, tokens: &[u32]) -> Vec<f32> {
     let mut state = model
-        .new_state(StateOptions { n_ctx: 64, n_batch: 8 })
+        .new_state(StateOptions {
+            n_ctx: 64,
+            n_batch: 8,
+        })
         .unwrap();
     let mut out = Vec::new();
     for t in tokens {
@@ -133,7 +139,10 @@ fn sliding_window_changes_attention() {
     // Positions < 5 see the same keys.
     let early = max_diff(&la[..5 * n_vocab], &lb[..5 * n_vocab]);
     assert!(early < TOL, "positions inside the window differ by {early}");
-    let late = max_diff(&la[10 * n_vocab..11 * n_vocab], &lb[10 * n_vocab..11 * n_vocab]);
+    let late = max_diff(
+        &la[10 * n_vocab..11 * n_vocab],
+        &lb[10 * n_vocab..11 * n_vocab],
+    );
     assert!(late > 1e-3, "the window had no effect ({late})");
 }
 
@@ -141,12 +150,17 @@ fn sliding_window_changes_attention() {
 fn bad_tokens_and_full_context_are_errors() {
     let model = load(&TinySpec::llama(), 1, Kernels::detect());
     let mut state = model
-        .new_state(StateOptions { n_ctx: 4, n_batch: 4 })
+        .new_state(StateOptions {
+            n_ctx: 4,
+            n_batch: 4,
+        })
         .unwrap();
     let bad = model.config.n_vocab as u32;
     let e = model.forward(&mut state, &[bad], Logits::Last).unwrap_err();
     assert!(e.to_string().contains("outside the vocabulary"), "{e}");
     model.forward(&mut state, &[1, 2, 3], Logits::Last).unwrap();
-    let e = model.forward(&mut state, &[1, 2], Logits::Last).unwrap_err();
+    let e = model
+        .forward(&mut state, &[1, 2], Logits::Last)
+        .unwrap_err();
     assert!(e.to_string().contains("context is full"), "{e}");
 }

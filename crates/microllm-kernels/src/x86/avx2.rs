@@ -1084,12 +1084,19 @@ fn expf8(x: __m256) -> __m256 {
     let n = _mm256_sub_ps(z, r);
     let b = _mm256_fnmadd_ps(n, cf(LN2_LO), _mm256_fnmadd_ps(n, cf(LN2_HI), x));
     let e = _mm256_slli_epi32::<23>(_mm256_castps_si256(z));
-    let k = _mm256_castsi256_ps(_mm256_add_epi32(e, _mm256_castps_si256(_mm256_set1_ps(1.0))));
+    let k = _mm256_castsi256_ps(_mm256_add_epi32(
+        e,
+        _mm256_castps_si256(_mm256_set1_ps(1.0)),
+    ));
     let abs_n = _mm256_andnot_ps(_mm256_set1_ps(-0.0), n);
     let big = _mm256_cmp_ps::<_CMP_GT_OQ>(abs_n, _mm256_set1_ps(126.0));
     let u = _mm256_mul_ps(b, b);
     let j = _mm256_fmadd_ps(
-        _mm256_fmadd_ps(_mm256_fmadd_ps(cf(C5), b, cf(C4)), u, _mm256_fmadd_ps(cf(C3), b, cf(C2))),
+        _mm256_fmadd_ps(
+            _mm256_fmadd_ps(cf(C5), b, cf(C4)),
+            u,
+            _mm256_fmadd_ps(cf(C3), b, cf(C2)),
+        ),
         u,
         _mm256_mul_ps(cf(C1), b),
     );
@@ -1139,5 +1146,76 @@ pub(crate) unsafe fn swiglu(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate[n8..].iter_mut().zip(&up[n8..]) {
         let x = *g;
         *g = x / (1.0 + (-x).exp()) * u;
+    }
+}
+
+/// `reference::attention_f16` with the accumulator rounded to f16 in registers
+/// (`cvtps_ph` + `cvtph_ps`); `out.len()` must be a multiple of 8 (else the reference runs).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn attention_f16(
+    q16: &[f16],
+    keys: &[f16],
+    k_stride: usize,
+    values: &[f16],
+    v_stride: usize,
+    n_kv: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let (dk, dv) = (q16.len(), out.len());
+    if dv % 8 != 0 {
+        crate::reference::attention_f16(q16, keys, k_stride, values, v_stride, n_kv, scale, out);
+        return;
+    }
+    assert!(
+        n_kv == 0 || keys.len() >= (n_kv - 1) * k_stride + dk,
+        "attention_f16: keys too short"
+    );
+    assert!(
+        n_kv == 0 || values.len() >= (n_kv - 1) * v_stride + dv,
+        "attention_f16: values too short"
+    );
+    let round = |x: __m256| _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
+    out.fill(0.0);
+    let op = out.as_mut_ptr();
+    let vp = values.as_ptr().cast::<u8>();
+    let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
+    for j in 0..n_kv {
+        // SAFETY: the asserts above keep key j inside `keys`; same CPU contract as ours.
+        let s = unsafe { dot_f16(&keys[j * k_stride..j * k_stride + dk], q16) } * scale;
+        let (mut ms, mut vs) = (1.0f32, 1.0f32);
+        if s > m {
+            ms = (m - s).exp();
+            m = s;
+            let msv = _mm256_set1_ps(ms);
+            for i in (0..dv).step_by(8) {
+                // SAFETY: i + 8 <= dv = out.len().
+                unsafe {
+                    let o = _mm256_loadu_ps(op.add(i));
+                    _mm256_storeu_ps(op.add(i), round(_mm256_mul_ps(o, msv)));
+                }
+            }
+        } else {
+            vs = (s - m).exp();
+        }
+        let vsv = _mm256_set1_ps(vs);
+        let base = j * v_stride;
+        for i in (0..dv).step_by(8) {
+            // SAFETY: i + 8 <= dv = out.len(), and value j spans base..base+dv inside `values`
+            // (assert above), 2 bytes per element.
+            unsafe {
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(vp.add(2 * (base + i)).cast()));
+                let o = _mm256_loadu_ps(op.add(i));
+                _mm256_storeu_ps(op.add(i), round(_mm256_fmadd_ps(x, vsv, o)));
+            }
+        }
+        l = l.mul_add(ms, vs);
+    }
+    let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
+    for o in out.iter_mut() {
+        *o *= inv;
     }
 }

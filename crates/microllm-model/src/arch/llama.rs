@@ -75,10 +75,41 @@ pub(crate) fn forward(
         ops::rms_norm(x, &lw.attn_norm, c.rms_eps, xn);
         tap("attn_norm", il, xn);
         input.invalidate();
-        let (q, k, v) = (&mut q[..n_tok * dq], &mut k[..n_tok * dk], &mut v[..n_tok * dv]);
-        ops::matmul(ctx, &lw.wq, act_type(model, lw.wq.ty)?, xn, n_tok, &mut input, scratch, q);
-        ops::matmul(ctx, &lw.wk, act_type(model, lw.wk.ty)?, xn, n_tok, &mut input, scratch, k);
-        ops::matmul(ctx, &lw.wv, act_type(model, lw.wv.ty)?, xn, n_tok, &mut input, scratch, v);
+        let (q, k, v) = (
+            &mut q[..n_tok * dq],
+            &mut k[..n_tok * dk],
+            &mut v[..n_tok * dv],
+        );
+        ops::matmul(
+            ctx,
+            &lw.wq,
+            act_type(model, lw.wq.ty)?,
+            xn,
+            n_tok,
+            &mut input,
+            scratch,
+            q,
+        );
+        ops::matmul(
+            ctx,
+            &lw.wk,
+            act_type(model, lw.wk.ty)?,
+            xn,
+            n_tok,
+            &mut input,
+            scratch,
+            k,
+        );
+        ops::matmul(
+            ctx,
+            &lw.wv,
+            act_type(model, lw.wv.ty)?,
+            xn,
+            n_tok,
+            &mut input,
+            scratch,
+            v,
+        );
         if let Some(b) = &lw.bq {
             ops::add_bias(q, b);
         }
@@ -107,23 +138,68 @@ pub(crate) fn forward(
         ops::attention(ctx, shape, q, layer_k, layer_v, pos0, n_tok, attn);
         tap("kqv_out", il, attn);
         input.invalidate();
-        ops::matmul(ctx, &lw.wo, act_type(model, lw.wo.ty)?, attn, n_tok, &mut input, scratch, xn);
+        ops::matmul(
+            ctx,
+            &lw.wo,
+            act_type(model, lw.wo.ty)?,
+            attn,
+            n_tok,
+            &mut input,
+            scratch,
+            xn,
+        );
         ops::add_in_place(x, xn);
 
         // Feed-forward block (SwiGLU).
         ops::rms_norm(x, &lw.ffn_norm, c.rms_eps, xn);
         input.invalidate();
         let (gate, up) = (&mut gate[..n_tok * dff], &mut up[..n_tok * dff]);
-        ops::matmul(ctx, &lw.w_gate, act_type(model, lw.w_gate.ty)?, xn, n_tok, &mut input, scratch, gate);
-        ops::matmul(ctx, &lw.w_up, act_type(model, lw.w_up.ty)?, xn, n_tok, &mut input, scratch, up);
+        ops::matmul(
+            ctx,
+            &lw.w_gate,
+            act_type(model, lw.w_gate.ty)?,
+            xn,
+            n_tok,
+            &mut input,
+            scratch,
+            gate,
+        );
+        ops::matmul(
+            ctx,
+            &lw.w_up,
+            act_type(model, lw.w_up.ty)?,
+            xn,
+            n_tok,
+            &mut input,
+            scratch,
+            up,
+        );
         model.kernels.swiglu(gate, up);
         input.invalidate();
-        ops::matmul(ctx, &lw.w_down, act_type(model, lw.w_down.ty)?, gate, n_tok, &mut input, scratch, xn);
+        ops::matmul(
+            ctx,
+            &lw.w_down,
+            act_type(model, lw.w_down.ty)?,
+            gate,
+            n_tok,
+            &mut input,
+            scratch,
+            xn,
+        );
         tap("ffn_out", il, xn);
         ops::add_in_place(x, xn);
         tap("l_out", il, x);
     }
 
     // Output head.
-    crate::output_logits(model, x, xn, n_tok, &mut input, scratch, last_logits, logits)
+    crate::output_logits(
+        model,
+        x,
+        xn,
+        n_tok,
+        &mut input,
+        scratch,
+        last_logits,
+        logits,
+    )
 }
