@@ -58,7 +58,14 @@ fn greedy_opts(n: usize) -> GenerateOptions {
 fn greedy_and_teacher_forced_match_llama_cpp() {
     let lm = load(2);
     let cases: Vec<Greedy> = common::read_json("smollm2/greedy.json");
-    let mut session = Session::new(&lm, StateOptions { n_ctx: 512, n_batch: 512 }).unwrap();
+    let mut session = Session::new(
+        &lm,
+        StateOptions {
+            n_ctx: 512,
+            n_batch: 512,
+        },
+    )
+    .unwrap();
     let mut identical = 0;
     let mut worst_logit = 0.0f32;
     for c in &cases {
@@ -77,9 +84,19 @@ fn greedy_and_teacher_forced_match_llama_cpp() {
             "first greedy token of {:?}",
             c.prompt
         );
-        match g.tokens.iter().zip(&c.generated_ids).position(|(a, b)| a != b) {
+        match g
+            .tokens
+            .iter()
+            .zip(&c.generated_ids)
+            .position(|(a, b)| a != b)
+        {
             None if g.tokens.len() == c.generated_ids.len() => identical += 1,
-            None => panic!("{:?}: lengths differ {} vs {}", c.prompt, g.tokens.len(), c.generated_ids.len()),
+            None => panic!(
+                "{:?}: lengths differ {} vs {}",
+                c.prompt,
+                g.tokens.len(),
+                c.generated_ids.len()
+            ),
             Some(i) => {
                 let top = &c.top5_per_step[i];
                 let gap = top[0].1 - top[1].1;
@@ -127,7 +144,14 @@ fn greedy_and_teacher_forced_match_llama_cpp() {
 fn chat_template_and_greedy_answer_match() {
     let lm = load(2);
     let cases: Vec<Chat> = common::read_json("smollm2/chat.json");
-    let mut session = Session::new(&lm, StateOptions { n_ctx: 512, n_batch: 512 }).unwrap();
+    let mut session = Session::new(
+        &lm,
+        StateOptions {
+            n_ctx: 512,
+            n_batch: 512,
+        },
+    )
+    .unwrap();
     for c in &cases {
         let rendered = lm
             .render_chat(None, &c.messages, c.add_generation_prompt)

@@ -115,7 +115,11 @@ impl ThreadPool {
             .store(self.n_threads - 1, Ordering::SeqCst);
         self.shared.epoch.fetch_add(1, Ordering::SeqCst);
         {
-            let sleepers = self.shared.sleepers.lock().unwrap_or_else(|e| e.into_inner());
+            let sleepers = self
+                .shared
+                .sleepers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if *sleepers > 0 {
                 self.shared.wake.notify_all();
             }
@@ -183,7 +187,8 @@ impl ThreadPool {
             // SAFETY: `for_each` hands out each index `i < n_chunks` exactly once, so the
             // ranges `start..end` are disjoint and within `data`, which stays mutably borrowed
             // (and so unaliased) until `for_each` returns.
-            let chunk = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
+            let chunk =
+                unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
             f(i, chunk);
         });
     }
@@ -247,7 +252,11 @@ impl Drop for ThreadPool {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
         {
-            let _sleepers = self.shared.sleepers.lock().unwrap_or_else(|e| e.into_inner());
+            let _sleepers = self
+                .shared
+                .sleepers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             self.shared.wake.notify_all();
         }
         for w in self.workers.drain(..) {
