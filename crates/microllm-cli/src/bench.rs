@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
-use microllm_engine::{Logits, LoadedModel, State, StateOptions};
+use microllm_engine::{LoadedModel, Logits, State, StateOptions};
 use serde::Serialize;
 
 use crate::ModelArgs;
@@ -16,13 +16,28 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Prompt lengths to time (comma-separated; 0 skips).
-    #[arg(short = 'p', long = "n-prompt", value_delimiter = ',', default_value = "512")]
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "512"
+    )]
     pub n_prompt: Vec<usize>,
     /// Generation lengths to time (comma-separated; 0 skips).
-    #[arg(short = 'n', long = "n-gen", value_delimiter = ',', default_value = "128")]
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
     pub n_gen: Vec<usize>,
     /// Context depth: tokens already in the KV cache before each test.
-    #[arg(short = 'd', long = "depth", value_delimiter = ',', default_value = "0")]
+    #[arg(
+        short = 'd',
+        long = "depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
     pub depth: Vec<usize>,
     /// Repetitions.
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]

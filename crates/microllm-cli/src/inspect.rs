@@ -119,7 +119,13 @@ pub fn inspect(mut a: InspectArgs) -> Result<()> {
     println!("context length: {}", info.context_length);
     println!(
         "shape:          {} layers, n_embd {}, n_ff {}, {} heads / {} KV heads of {}, vocab {}",
-        info.n_layer, info.n_embd, info.n_ff, info.n_head, info.n_head_kv, info.head_dim, info.n_vocab
+        info.n_layer,
+        info.n_embd,
+        info.n_ff,
+        info.n_head,
+        info.n_head_kv,
+        info.head_dim,
+        info.n_vocab
     );
     println!("rope base:      {}", info.rope_base);
     if let Some(w) = info.sliding_window {
@@ -134,6 +140,9 @@ pub fn inspect(mut a: InspectArgs) -> Result<()> {
         Some(t) => println!("chat template:\n{t}"),
         None => println!("chat template:  (none: use --raw or --chat-template FILE)"),
     }
-    println!("kernels:        {} ({} threads)", info.kernels, info.threads);
+    println!(
+        "kernels:        {} ({} threads)",
+        info.kernels, info.threads
+    );
     Ok(())
 }

@@ -7,6 +7,7 @@ mod bench;
 mod inspect;
 mod perplexity;
 mod run;
+mod serve;
 mod store_cmds;
 
 use std::path::PathBuf;
@@ -21,7 +22,11 @@ use microllm_store::Store;
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
 
 #[derive(Parser, Debug)]
-#[command(name = "microllm", version, about = "Run micro language models on the CPU, offline.")]
+#[command(
+    name = "microllm",
+    version,
+    about = "Run micro language models on the CPU, offline."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -57,6 +62,8 @@ enum Cmd {
     Sign(store_cmds::SignArgs),
     /// Make an ed25519 key pair for sign / verify --key / import --key.
     Keygen(store_cmds::KeygenArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (continuous batching, metrics).
+    Serve(serve::ServeArgs),
 }
 
 /// How to find and load a model; shared by every command.
@@ -101,6 +108,7 @@ fn main() {
         Cmd::Import(a) => store_cmds::import(a),
         Cmd::Sign(a) => store_cmds::sign(a),
         Cmd::Keygen(a) => store_cmds::keygen(a),
+        Cmd::Serve(a) => serve::serve(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
@@ -140,7 +148,8 @@ impl microllm_store::Progress for Bar {
 
 fn open_store() -> Result<Store> {
     let home = Store::default_home();
-    Store::open(home.clone()).with_context(|| format!("opening the model store at {}", home.display()))
+    Store::open(home.clone())
+        .with_context(|| format!("opening the model store at {}", home.display()))
 }
 
 /// Resolves `-m` (path, stored name, or the default model, pulled on first use).

@@ -217,7 +217,11 @@ pub fn pull(a: PullArgs) -> Result<()> {
     let m = &p.manifest;
     println!(
         "{} {} ({})\n  sha256 {}\n  {}",
-        if p.fetched { "pulled" } else { "already pulled:" },
+        if p.fetched {
+            "pulled"
+        } else {
+            "already pulled:"
+        },
         m.display_name(),
         describe(m),
         m.sha256,
@@ -382,7 +386,10 @@ pub fn show(a: ShowArgs) -> Result<()> {
         Some(m) => {
             println!("model:          {}", m.display_name());
             println!("source:         {}", m.source);
-            println!("file:           {}", path.as_deref().unwrap_or(Path::new("")).display());
+            println!(
+                "file:           {}",
+                path.as_deref().unwrap_or(Path::new("")).display()
+            );
             println!("size:           {} ({} bytes)", human_bytes(m.size), m.size);
             println!("sha256:         {}", m.sha256);
             println!("added:          {}", m.added);
@@ -392,7 +399,10 @@ pub fn show(a: ShowArgs) -> Result<()> {
             }
         }
         None => {
-            println!("model:          {} (not pulled yet: microllm pull {})", a.name, a.name);
+            println!(
+                "model:          {} (not pulled yet: microllm pull {})",
+                a.name, a.name
+            );
             println!("size:           {} ({size} bytes)", human_bytes(size));
         }
     }

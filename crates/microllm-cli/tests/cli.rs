@@ -11,7 +11,8 @@ const MODEL: &str = "smollm2-135m-instruct";
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_microllm"));
-    c.env_remove("MICROLLM_MODEL").env("MICROLLM_KERNELS", "auto");
+    c.env_remove("MICROLLM_MODEL")
+        .env("MICROLLM_KERNELS", "auto");
     c
 }
 
@@ -31,9 +32,8 @@ fn run_ok(args: &[&str]) -> Output {
 
 fn json_out(args: &[&str]) -> Value {
     let out = run_ok(args);
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("{e}: {}", String::from_utf8_lossy(&out.stdout))
-    })
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 fn fixture(rel: &str) -> Value {
@@ -54,7 +54,15 @@ fn raw_greedy_run_matches_llama_cpp() {
     let cases = fixture("smollm2/greedy.json");
     let c = &cases[0];
     let v = json_out(&[
-        "run", "-m", MODEL, "--raw", "--temp", "0", "-n", "32", "--json",
+        "run",
+        "-m",
+        MODEL,
+        "--raw",
+        "--temp",
+        "0",
+        "-n",
+        "32",
+        "--json",
         c["prompt"].as_str().unwrap(),
     ]);
     assert_eq!(v["prompt_tokens"], c["prompt_ids"]);
@@ -92,21 +100,38 @@ fn perplexity_within_one_percent_of_llama_cpp() {
     // llama-perplexity -c 512 --chunks 20 on alice29.txt: 18.8170 (../shared/reference/README.md).
     let corpus = fixtures().join("corpus/alice29.txt");
     let v = json_out(&[
-        "perplexity", "-m", MODEL, "-f", corpus.to_str().unwrap(), "--chunks", "20", "--json",
+        "perplexity",
+        "-m",
+        MODEL,
+        "-f",
+        corpus.to_str().unwrap(),
+        "--chunks",
+        "20",
+        "--json",
     ]);
     let ppl = v["ppl"].as_f64().unwrap();
     assert_eq!(v["n_chunks"], 20);
-    assert!((ppl / 18.8170 - 1.0).abs() < 0.01, "ppl {ppl} vs llama.cpp 18.8170");
+    assert!(
+        (ppl / 18.8170 - 1.0).abs() < 0.01,
+        "ppl {ppl} vs llama.cpp 18.8170"
+    );
 }
 
 #[test]
 fn inspect_and_bench_describe_the_model() {
     let out = run_ok(&["inspect", MODEL]);
     let text = String::from_utf8_lossy(&out.stdout);
-    for want in ["architecture:   llama", "Q4_1", "context length: 8192", "kernels:"] {
+    for want in [
+        "architecture:   llama",
+        "Q4_1",
+        "context length: 8192",
+        "kernels:",
+    ] {
         assert!(text.contains(want), "inspect lacks {want:?}:\n{text}");
     }
-    let v = json_out(&["bench", "-m", MODEL, "-p", "16", "-n", "4", "-r", "1", "--json"]);
+    let v = json_out(&[
+        "bench", "-m", MODEL, "-p", "16", "-n", "4", "-r", "1", "--json",
+    ]);
     let rows = v.as_array().unwrap();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["test"], "pp16");

@@ -1,4 +1,5 @@
-//! Kernel benchmarks on SmolLM2-135M shapes (n_embd 576, n_ff 1536, vocab 49152), one thread.
+//! Kernel benchmarks on SmolLM2-135M shapes (n_embd 576, n_ff 1536, vocab 49152) and Gemma 3
+//! 270M's (n_embd 640, n_ff 2048; K-quants), one thread.
 //!
 //! Decode (matvec, one column) is memory-bound: throughput is reported in weight bytes/s
 //! (compare with the machine's ~17 GB/s DRAM read bandwidth; the 576-wide layers fit in L2,
@@ -41,7 +42,7 @@ struct Shape {
     k: usize,
 }
 
-const SHAPES: [Shape; 5] = [
+const SHAPES: [Shape; 12] = [
     Shape {
         name: "attn_q_576x576_q4_1",
         ty: GgmlType::Q4_1,
@@ -73,6 +74,51 @@ const SHAPES: [Shape; 5] = [
         n_rows: 2048,
         k: 640,
     },
+    // Gemma 3 270M's K-quant matrices: ffn_down (n_embd 640 rows of n_ff 2048) is Q4_K or
+    // Q6_K, attn_output (640 x 1024) Q4_K. These fit in L2; the `stream_` shapes below do not
+    // (DRAM bandwidth).
+    Shape {
+        name: "gemma_ffn_down_640x2048_q4_k",
+        ty: GgmlType::Q4_K,
+        n_rows: 640,
+        k: 2048,
+    },
+    Shape {
+        name: "gemma_ffn_down_640x2048_q6_k",
+        ty: GgmlType::Q6_K,
+        n_rows: 640,
+        k: 2048,
+    },
+    Shape {
+        name: "gemma_attn_output_640x1024_q4_k",
+        ty: GgmlType::Q4_K,
+        n_rows: 640,
+        k: 1024,
+    },
+    Shape {
+        name: "stream_16384x2048_q4_k",
+        ty: GgmlType::Q4_K,
+        n_rows: 16384,
+        k: 2048,
+    },
+    Shape {
+        name: "stream_16384x2048_q6_k",
+        ty: GgmlType::Q6_K,
+        n_rows: 16384,
+        k: 2048,
+    },
+    Shape {
+        name: "stream_16384x2048_q5_k",
+        ty: GgmlType::Q5_K,
+        n_rows: 16384,
+        k: 2048,
+    },
+    Shape {
+        name: "stream_16384x2048_q3_k",
+        ty: GgmlType::Q3_K,
+        n_rows: 16384,
+        k: 2048,
+    },
 ];
 
 fn paths() -> Vec<Kernels> {
@@ -86,7 +132,16 @@ fn paths() -> Vec<Kernels> {
 
 fn bench_matmul(c: &mut Criterion) {
     for s in SHAPES {
-        let w = quantize(s.ty, &data(s.n_rows * s.k, 1, 0.05));
+        // Throughput does not depend on the values: quantize at most 512 rows (the K-quant
+        // reference quantizers are slow) and repeat them.
+        let base_rows = s.n_rows.min(512);
+        let base = quantize(s.ty, &data(base_rows * s.k, 1, 0.05));
+        let w: Vec<u8> = base
+            .iter()
+            .copied()
+            .cycle()
+            .take(base.len() / base_rows * s.n_rows)
+            .collect();
         for (mode, n_cols) in [("decode", 1usize), ("prefill64", 64)] {
             let mut g = c.benchmark_group(format!("{mode}/{}", s.name));
             if n_cols == 1 {

@@ -5,6 +5,8 @@
 
 use crate::GgmlType;
 
+// ggml's type names, verbatim.
+#[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Fmt {
     F32,
@@ -16,12 +18,20 @@ pub(crate) enum Fmt {
     Q5_1,
     Q8_0,
     Q8_1,
+    Q2_K,
+    Q3_K,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+    Q8_K,
 }
 
 /// Weight types with a dot-product kernel, for error messages.
-pub(crate) const SUPPORTED_WEIGHTS: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0";
+pub(crate) const SUPPORTED_WEIGHTS: &str =
+    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
 /// Types quantize_row/dequantize_row accept, for error messages.
-pub(crate) const SUPPORTED_ROWS: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1";
+pub(crate) const SUPPORTED_ROWS: &str =
+    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K";
 
 impl Fmt {
     pub(crate) fn of(ty: GgmlType) -> Option<Fmt> {
@@ -35,6 +45,12 @@ impl Fmt {
             GgmlType::Q5_1 => Fmt::Q5_1,
             GgmlType::Q8_0 => Fmt::Q8_0,
             GgmlType::Q8_1 => Fmt::Q8_1,
+            GgmlType::Q2_K => Fmt::Q2_K,
+            GgmlType::Q3_K => Fmt::Q3_K,
+            GgmlType::Q4_K => Fmt::Q4_K,
+            GgmlType::Q5_K => Fmt::Q5_K,
+            GgmlType::Q6_K => Fmt::Q6_K,
+            GgmlType::Q8_K => Fmt::Q8_K,
             _ => return None,
         })
     }
@@ -50,6 +66,12 @@ impl Fmt {
             Fmt::Q5_1 => GgmlType::Q5_1,
             Fmt::Q8_0 => GgmlType::Q8_0,
             Fmt::Q8_1 => GgmlType::Q8_1,
+            Fmt::Q2_K => GgmlType::Q2_K,
+            Fmt::Q3_K => GgmlType::Q3_K,
+            Fmt::Q4_K => GgmlType::Q4_K,
+            Fmt::Q5_K => GgmlType::Q5_K,
+            Fmt::Q6_K => GgmlType::Q6_K,
+            Fmt::Q8_K => GgmlType::Q8_K,
         }
     }
 
@@ -57,6 +79,7 @@ impl Fmt {
     pub(crate) const fn block_elems(self) -> usize {
         match self {
             Fmt::F32 | Fmt::F16 | Fmt::BF16 => 1,
+            Fmt::Q2_K | Fmt::Q3_K | Fmt::Q4_K | Fmt::Q5_K | Fmt::Q6_K | Fmt::Q8_K => 256,
             _ => 32,
         }
     }
@@ -72,7 +95,21 @@ impl Fmt {
             Fmt::Q5_1 => 24,
             Fmt::Q8_0 => 34,
             Fmt::Q8_1 => 36,
+            Fmt::Q2_K => 84,
+            Fmt::Q3_K => 110,
+            Fmt::Q4_K => 144,
+            Fmt::Q5_K => 176,
+            Fmt::Q6_K => 210,
+            Fmt::Q8_K => 292,
         }
+    }
+
+    /// Whether this is a K-quant weight format (256-element super-blocks, Q8_K activations).
+    pub(crate) const fn is_k_weight(self) -> bool {
+        matches!(
+            self,
+            Fmt::Q2_K | Fmt::Q3_K | Fmt::Q4_K | Fmt::Q5_K | Fmt::Q6_K
+        )
     }
 
     /// Bytes of a row of `n` elements; `None` if `n` is not a whole number of blocks or the
@@ -91,7 +128,8 @@ impl Fmt {
             Fmt::F32 | Fmt::F16 | Fmt::BF16 => Some(Fmt::F32),
             Fmt::Q4_0 | Fmt::Q5_0 | Fmt::Q8_0 => Some(Fmt::Q8_0),
             Fmt::Q4_1 | Fmt::Q5_1 => Some(Fmt::Q8_1),
-            Fmt::Q8_1 => None,
+            Fmt::Q2_K | Fmt::Q3_K | Fmt::Q4_K | Fmt::Q5_K | Fmt::Q6_K => Some(Fmt::Q8_K),
+            Fmt::Q8_1 | Fmt::Q8_K => None,
         }
     }
 }

@@ -9,15 +9,23 @@
 //! everywhere, and `MICROLLM_KERNELS=scalar` forces the reference for debugging. Every SIMD
 //! function is tested against the reference at awkward lengths.
 //!
-//! Formats: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 weights. As in llama.cpp, quantized
-//! weights are dotted with activations quantized to 8 bits (Q8_0, or Q8_1 for the formats with
-//! a minimum), so the inner loop is an exact integer dot per 32-element block followed by one
-//! f32 multiply-add; float weights are dotted with f32 activations.
+//! Formats: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q2_K, Q3_K, Q4_K,
+//! Q5_K, Q6_K as weights. As in llama.cpp, quantized weights are dotted with activations
+//! quantized to 8 bits (Q8_0, Q8_1 for the legacy formats with a minimum, Q8_K for the
+//! K-quants), so the inner loop is an exact integer dot per block followed by f32
+//! multiply-adds; float weights are dotted with f32 activations.
 //!
-//! Determinism: on a given path, [`Kernels::gemm`] gives bit-identical results to a loop of
-//! [`Kernels::vec_dot`], whatever the number of rows and columns, so batched prefill and
-//! one-token decode agree exactly and so do row splits across threads. The AVX2 quantizer for
-//! Q8_0/Q8_1 activations produces the same bytes as the reference.
+//! Fidelity: the quantized dot products reproduce the f32 arithmetic of llama.cpp's x86 AVX2
+//! kernels operation for operation (the integer parts are exact, so only the float order
+//! matters), because micro models turn one-ulp differences into visible logit differences.
+//! For the K-quants llama.cpp itself uses different kernels depending on the batch size
+//! (repacked Q4_K gemv/gemm, the tiled K-quant matmul, `vec_dot`), and the K-quant reference
+//! follows the same orders ([`reference::KOrder`]), so scalar and AVX2 agree bit for bit.
+//!
+//! Determinism: on a given path, [`Kernels::gemm`] does not depend on how rows are split
+//! across calls, and for the legacy and float formats it equals a loop of
+//! [`Kernels::vec_dot`] whatever the number of columns. The AVX2 activation quantizers
+//! produce the same bytes as the reference.
 //!
 //! Kernels take slices and return: no allocation, no threads, no global state beyond the
 //! cached CPU-feature check. Parallelism belongs to the caller (the `pool` module holds the
@@ -213,9 +221,26 @@ impl Kernels {
         )
     }
 
+    /// Quantize one matrix row `x` as `llama-quantize` does, optionally under an importance
+    /// matrix (`importance`: one weight per element of the row); see
+    /// [`reference::quantize_row_weighted`]. The same bytes on every path.
+    pub fn quantize_row_weighted(
+        &self,
+        ty: GgmlType,
+        x: &[f32],
+        importance: Option<&[f32]>,
+        out: &mut [u8],
+    ) -> Result<(), KernelError> {
+        match importance {
+            None => self.quantize_row(ty, x, out),
+            Some(_) => reference::quantize_row_weighted(ty, x, importance, out),
+        }
+    }
+
     /// Quantize an *activation* row for the matmuls: like [`Kernels::quantize_row`] but Q8_0 and
-    /// Q8_1 round as ggml-cpu does (see [`reference::quantize_act_q8`]); the same bytes on
-    /// every path.
+    /// Q8_1 round as ggml-cpu does (see [`reference::quantize_act_q8`]); Q8_K (for K-quant
+    /// weights) is ggml's `quantize_row_q8_K_ref`, which ggml-cpu's x86 build also uses. The
+    /// same bytes on every path.
     pub fn quantize_activation(
         &self,
         ty: GgmlType,
@@ -281,10 +306,19 @@ impl Kernels {
     ///
     /// `w` holds `n_rows` rows of `row_size(w_ty, k)` bytes; `act` holds `n_cols` vectors of
     /// `row_size(vec_dot_type(w_ty), k)` bytes (extra bytes in either are ignored), as written
-    /// by [`Kernels::quantize_row`] (8-bit activation values must be in -127..=127, which the
-    /// quantizers guarantee; -128 gives a wrong sum on the AVX2 path). Decode is
-    /// `n_cols == 1` (then `out_stride` is unused); prefill passes many columns. Each output is
-    /// bit-identical to [`Kernels::vec_dot`] on the same row and column.
+    /// by [`Kernels::quantize_activation`] (8-bit activation values must be in -127..=127,
+    /// which the quantizers guarantee; -128 gives a wrong sum on the AVX2 path). Decode is
+    /// `n_cols == 1` (then `out_stride` is unused); prefill passes many columns.
+    ///
+    /// Results are those of llama.cpp's x86 AVX2 build for a matmul of `n_cols` columns. For
+    /// the legacy and float formats each output is bit-identical to [`Kernels::vec_dot`] on
+    /// the same row and column, whatever the tiling. For the K-quants llama.cpp's float
+    /// accumulation order depends on the batch (see [`reference::KOrder`]): Q4_K columns
+    /// `0 .. n_cols - n_cols % 4` follow the repacked 4-column gemm and the rest the gemv;
+    /// Q2_K/Q3_K/Q5_K/Q6_K follow `vec_dot` below 8 columns and the tiled matmul from 8 on. So
+    /// pass the whole batch as `n_cols` (split work by rows, not columns) and expect
+    /// `gemm(.., n_cols = 1, ..)` — not a loop of `vec_dot` — to equal `vec_dot` for them. On
+    /// each path the result does not depend on how the rows are split.
     ///
     /// # Panics
     /// If `w_ty` is unsupported, `k` is not a multiple of its block size, a slice is short, or
@@ -335,15 +369,7 @@ impl Kernels {
         );
         let (w, act, out) = (&w[..w_need], &act[..a_need], &mut out[..out_need]);
         dispatch!(self,
-            scalar => {
-                for c in 0..n_cols {
-                    let a = &act[c * s.a_row..(c + 1) * s.a_row];
-                    for r in 0..n_rows {
-                        let wr = &w[r * s.w_row..(r + 1) * s.w_row];
-                        out[c * out_stride + r] = reference::vec_dot(w_ty, k, wr, a);
-                    }
-                }
-            },
+            scalar => reference::gemm(w_ty, k, w, n_rows, act, n_cols, out, out_stride),
             avx2 => x86::avx2::gemm(s.w, k, w, s.w_row, n_rows, act, s.a_row, n_cols, out, out_stride),
         )
     }
@@ -366,12 +392,19 @@ impl Kernels {
         v_stride: usize,
         n_kv: usize,
         scale: f32,
+        softcap: f32,
         out: &mut [f32],
     ) {
         dispatch!(self,
-            scalar => reference::attention_f16(q16, keys, k_stride, values, v_stride, n_kv, scale, out),
-            avx2 => x86::avx2::attention_f16(q16, keys, k_stride, values, v_stride, n_kv, scale, out),
+            scalar => reference::attention_f16(q16, keys, k_stride, values, v_stride, n_kv, scale, softcap, out),
+            avx2 => x86::avx2::attention_f16(q16, keys, k_stride, values, v_stride, n_kv, scale, softcap, out),
         )
+    }
+
+    /// GeGLU in place: `gate[i] = gelu_tanh(gate[i]) * up[i]`, through ggml's f16 GELU table
+    /// (see [`reference::geglu`]).
+    pub fn geglu(&self, gate: &mut [f32], up: &[f32]) {
+        reference::geglu(gate, up)
     }
 
     /// SwiGLU in place: `gate[i] = silu(gate[i]) * up[i]`, with ggml-cpu's vectorized `exp`

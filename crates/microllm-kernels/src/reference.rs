@@ -9,6 +9,20 @@
 //! The per-format functions take block slices and panic when the lengths do not match (a
 //! programmer error); the byte-level [`quantize_row`]/[`dequantize_row`] check and return
 //! [`KernelError`]s.
+//!
+//! The K-quants (Q2_K .. Q6_K, Q8_K) live in the `kquants` submodule, re-exported here. Their
+//! dot products are the exception to "generic `vec_dot`": they reproduce the float arithmetic
+//! of llama.cpp's x86 AVX2 kernels (see [`KOrder`]), so that the scalar path and the AVX2 path
+//! give llama.cpp's results bit for bit.
+
+mod kquants;
+
+pub use kquants::{
+    dequantize_q2_k, dequantize_q3_k, dequantize_q4_k, dequantize_q5_k, dequantize_q6_k,
+    dequantize_q8_k, k_order, quantize_q2_k, quantize_q3_k, quantize_q4_k, quantize_q5_k,
+    quantize_q6_k, quantize_q8_k, KOrder,
+};
+pub(crate) use kquants::{dot_k, k_order_fmt};
 
 use crate::blocks::{
     cast_blocks, cast_blocks_mut, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1,
@@ -510,8 +524,38 @@ pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut [u8]) -> Result<(), Kerne
         Fmt::Q5_1 => quantize_q5_1(x, blocks_mut(out)),
         Fmt::Q8_0 => quantize_q8_0(x, blocks_mut(out)),
         Fmt::Q8_1 => quantize_q8_1(x, blocks_mut(out)),
+        Fmt::Q2_K | Fmt::Q3_K | Fmt::Q4_K | Fmt::Q5_K | Fmt::Q6_K | Fmt::Q8_K => {
+            kquants::quantize_row_k(f, x, out, None)
+        }
     }
     Ok(())
+}
+
+/// Quantize one matrix row `x` as `llama-quantize` does, optionally under an importance matrix:
+/// `importance` holds one weight per element of the row (the imatrix entries of the row's
+/// columns). Without it this is [`quantize_row`]; with it the K-quants and Q4_0/Q4_1/Q5_0/Q5_1
+/// use ggml's `quantize_row_*_impl` searches (which also use the mean square of the whole row,
+/// so `x` must be a full row, not a piece of one). Formats without an importance-aware
+/// quantizer in ggml (F32, F16, BF16, Q8_0, Q8_1, Q8_K) ignore the weights, as ggml does.
+pub fn quantize_row_weighted(
+    ty: GgmlType,
+    x: &[f32],
+    importance: Option<&[f32]>,
+    out: &mut [u8],
+) -> Result<(), KernelError> {
+    let f = check_row(ty, x.len(), out.len(), "quantize_row_weighted output bytes")?;
+    kquants::check_weights(importance, x.len())?;
+    match (f, importance) {
+        (Fmt::Q2_K | Fmt::Q3_K | Fmt::Q4_K | Fmt::Q5_K | Fmt::Q6_K, Some(_)) => {
+            kquants::quantize_row_k(f, x, out, importance);
+            Ok(())
+        }
+        (Fmt::Q4_0 | Fmt::Q4_1 | Fmt::Q5_0 | Fmt::Q5_1, Some(w)) => {
+            kquants::quantize_legacy_weighted(f, x, out, w);
+            Ok(())
+        }
+        _ => quantize_row(ty, x, out),
+    }
 }
 
 /// Dequantize (or convert) `x` (exactly `row_size(ty, out.len())` bytes) into `out`.
@@ -539,6 +583,9 @@ pub fn dequantize_row(ty: GgmlType, x: &[u8], out: &mut [f32]) -> Result<(), Ker
         Fmt::Q5_1 => dequantize_q5_1(blocks(x), out),
         Fmt::Q8_0 => dequantize_q8_0(blocks(x), out),
         Fmt::Q8_1 => dequantize_q8_1(blocks(x), out),
+        Fmt::Q2_K | Fmt::Q3_K | Fmt::Q4_K | Fmt::Q5_K | Fmt::Q6_K | Fmt::Q8_K => {
+            kquants::dequantize_row_k(f, x, out)
+        }
     }
     Ok(())
 }
@@ -578,18 +625,55 @@ pub fn vec_dot(w_ty: GgmlType, n: usize, w: &[u8], act: &[u8]) -> f32 {
         Fmt::Q5_0 => vec_dot_q5_0_q8_0(blocks(w), blocks(act)),
         Fmt::Q5_1 => vec_dot_q5_1_q8_1(blocks(w), blocks(act)),
         Fmt::Q8_0 => vec_dot_q8_0_q8_0(blocks(w), blocks(act)),
-        Fmt::Q8_1 => unreachable!("DotShape rejects Q8_1 weights"),
+        Fmt::Q2_K | Fmt::Q3_K | Fmt::Q4_K | Fmt::Q5_K | Fmt::Q6_K => {
+            dot_k(s.w, k_order_fmt(s.w, 1, 0), w, act)
+        }
+        Fmt::Q8_1 | Fmt::Q8_K => unreachable!("DotShape rejects activation-only formats"),
+    }
+}
+
+/// `out[c * out_stride + r] = dot(w row r, act column c)`, the scalar twin of
+/// [`crate::Kernels::gemm`] (same argument contract). For every format but the K-quants this
+/// is a loop of [`vec_dot`]; for the K-quants each column is accumulated in the order
+/// llama.cpp uses for a matmul of `n_cols` columns ([`k_order`]), which is why `n_cols` must
+/// be the whole batch.
+///
+/// # Panics
+/// As `Kernels::gemm`.
+pub fn gemm(
+    w_ty: GgmlType,
+    k: usize,
+    w: &[u8],
+    n_rows: usize,
+    act: &[u8],
+    n_cols: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let s = DotShape::new(w_ty, k);
+    assert!(w.len() >= n_rows * s.w_row, "gemm: weights too short");
+    assert!(act.len() >= n_cols * s.a_row, "gemm: activations too short");
+    for c in 0..n_cols {
+        let a = &act[c * s.a_row..(c + 1) * s.a_row];
+        for r in 0..n_rows {
+            let wr = &w[r * s.w_row..(r + 1) * s.w_row];
+            out[c * out_stride + r] = if s.w.is_k_weight() {
+                dot_k(s.w, k_order_fmt(s.w, n_cols, c), wr, a)
+            } else {
+                vec_dot(w_ty, k, wr, a)
+            };
+        }
     }
 }
 
 /// `cast_blocks` for lengths already proven whole.
 #[inline]
-fn blocks<B: crate::blocks::Block>(b: &[u8]) -> &[B] {
+pub(crate) fn blocks<B: crate::blocks::Block>(b: &[u8]) -> &[B] {
     cast_blocks(b).expect("length checked to be a whole number of blocks")
 }
 
 #[inline]
-fn blocks_mut<B: crate::blocks::Block>(b: &mut [u8]) -> &mut [B] {
+pub(crate) fn blocks_mut<B: crate::blocks::Block>(b: &mut [u8]) -> &mut [B] {
     cast_blocks_mut(b).expect("length checked to be a whole number of blocks")
 }
 
@@ -704,6 +788,8 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
 /// online softmax updated key by key, and the weighted sum of V kept *in f16* (rounded after
 /// every rescale and every update), divided by the sum at the end.
 ///
+/// With `softcap > 0` (Gemma 2) a score is `softcap * tanh(dot * scale / softcap)`.
+///
 /// Key `j` is `keys[j * k_stride..][..q16.len()]`, value `j` is `values[j * v_stride..][..out.len()]`.
 pub fn attention_f16(
     q16: &[f16],
@@ -713,6 +799,7 @@ pub fn attention_f16(
     v_stride: usize,
     n_kv: usize,
     scale: f32,
+    softcap: f32,
     out: &mut [f32],
 ) {
     let (dk, dv) = (q16.len(), out.len());
@@ -728,7 +815,11 @@ pub fn attention_f16(
     out.fill(0.0); // holds f16-representable values throughout
     let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
     for j in 0..n_kv {
-        let s = dot_f16(&keys[j * k_stride..j * k_stride + dk], q16) * scale;
+        let s = softcap_score(
+            dot_f16(&keys[j * k_stride..j * k_stride + dk], q16),
+            scale,
+            softcap,
+        );
         let v = &values[j * v_stride..j * v_stride + dv];
         let (mut ms, mut vs) = (1.0f32, 1.0f32);
         if s > m {
@@ -748,5 +839,51 @@ pub fn attention_f16(
     let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
     for o in out.iter_mut() {
         *o *= inv;
+    }
+}
+
+/// A flash-attention score: `dot * scale`, or with soft-capping `cap * tanh(dot * (scale / cap))`
+/// (ggml folds 1/cap into the scale first).
+#[inline]
+pub fn softcap_score(dot: f32, scale: f32, softcap: f32) -> f32 {
+    if softcap != 0.0 {
+        softcap * (dot * (scale / softcap)).tanh()
+    } else {
+        dot * scale
+    }
+}
+
+/// GELU (tanh approximation) of an f32, the formula ggml tabulates.
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044_715;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh())
+}
+
+/// GELU of every f16 value, as f16 bits: ggml-cpu evaluates GELU through such a table (the
+/// input rounded to f16, the result rounded to f16), so GeGLU matches llama.cpp only this way.
+fn gelu_table() -> &'static [u16] {
+    static TABLE: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|b| f16::from_f32(gelu_tanh(f16::from_bits(b).to_f32())).to_bits())
+            .collect()
+    })
+}
+
+/// `gate[i] = gelu(gate[i]) * up[i]` (GeGLU, Gemma), ggml's table-driven GELU: 0 below -10,
+/// identity above 10, else the f16 table.
+pub fn geglu(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "geglu: lengths differ");
+    let table = gelu_table();
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        *g = if x <= -10.0 {
+            0.0
+        } else if x >= 10.0 {
+            x * u
+        } else {
+            f16::from_bits(table[f16::from_f32(x).to_bits() as usize]).to_f32() * u
+        };
     }
 }

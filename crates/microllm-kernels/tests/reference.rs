@@ -334,27 +334,29 @@ fn row_errors_say_what_is_wrong() {
         ),
         "{e}"
     );
-    let e = reference::dequantize_row(GgmlType::Q4_K, &[0; 144], &mut [0.0; 256]).unwrap_err();
+    let e = reference::dequantize_row(GgmlType::IQ4_XS, &[0; 136], &mut [0.0; 256]).unwrap_err();
     match &e {
         KernelError::Unsupported { ty, supported } => {
-            assert_eq!(*ty, "Q4_K");
-            assert!(supported.contains("Q8_0"));
+            assert_eq!(*ty, "IQ4_XS");
+            assert!(supported.contains("Q8_0") && supported.contains("Q6_K"));
         }
         other => panic!("unexpected {other}"),
     }
-    assert!(e.to_string().contains("Q4_K"));
+    assert!(e.to_string().contains("IQ4_XS"));
     let k = Kernels::detect();
-    assert!(!k.supports(GgmlType::Q4_K) && !k.supports(GgmlType::Q8_1));
-    assert!(k.check_weight_type(GgmlType::Q6_K).is_err());
+    assert!(!k.supports(GgmlType::IQ4_XS) && !k.supports(GgmlType::Q8_1));
+    assert!(!k.supports(GgmlType::Q8_K), "Q8_K is an activation format");
+    assert!(k.check_weight_type(GgmlType::IQ2_XXS).is_err());
+    assert_eq!(k.check_weight_type(GgmlType::Q6_K), Ok(GgmlType::Q8_K));
     assert_eq!(k.vec_dot_type(GgmlType::Q4_1), Some(GgmlType::Q8_1));
     assert_eq!(k.vec_dot_type(GgmlType::Q5_0), Some(GgmlType::Q8_0));
     assert_eq!(k.vec_dot_type(GgmlType::BF16), Some(GgmlType::F32));
 }
 
 #[test]
-#[should_panic(expected = "no dot kernel for weight type Q4_K")]
+#[should_panic(expected = "no dot kernel for weight type IQ4_XS")]
 fn vec_dot_on_unsupported_type_panics_clearly() {
-    reference::vec_dot(GgmlType::Q4_K, 256, &[0; 144], &[0; 292]);
+    reference::vec_dot(GgmlType::IQ4_XS, 256, &[0; 136], &[0; 292]);
 }
 
 #[test]

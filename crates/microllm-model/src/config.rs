@@ -11,17 +11,22 @@ pub enum Arch {
     Llama,
     Qwen2,
     Mistral,
+    Gemma2,
+    Gemma3,
 }
 
 impl Arch {
     /// Every supported `general.architecture` value, for error messages and `inspect`.
-    pub const SUPPORTED: &'static [&'static str] = &["llama", "qwen2", "mistral"];
+    pub const SUPPORTED: &'static [&'static str] =
+        &["llama", "qwen2", "mistral", "gemma2", "gemma3"];
 
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "llama" => Some(Arch::Llama),
             "qwen2" => Some(Arch::Qwen2),
             "mistral" => Some(Arch::Mistral),
+            "gemma2" => Some(Arch::Gemma2),
+            "gemma3" => Some(Arch::Gemma3),
             _ => None,
         }
     }
@@ -31,6 +36,8 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Mistral => "mistral",
+            Arch::Gemma2 => "gemma2",
+            Arch::Gemma3 => "gemma3",
         }
     }
 
@@ -39,7 +46,7 @@ impl Arch {
         match self {
             // The llama converter permutes Q/K rows so that pairs are adjacent.
             Arch::Llama | Arch::Mistral => RopeStyle::Normal,
-            Arch::Qwen2 => RopeStyle::Neox,
+            Arch::Qwen2 | Arch::Gemma2 | Arch::Gemma3 => RopeStyle::Neox,
         }
     }
 }
@@ -91,8 +98,35 @@ pub struct Config {
     pub n_ctx_train: usize,
     pub rms_eps: f32,
     pub rope: RopeConfig,
-    /// Sliding-window attention span in tokens, applied to every layer (Mistral).
+    /// Sliding-window attention span in tokens.
     pub sliding_window: Option<usize>,
+    /// Per layer: whether the sliding window applies (all layers for Mistral; Gemma
+    /// interleaves local and global layers).
+    pub swa_layers: Vec<bool>,
+    /// RoPE base of the sliding-window layers when it differs (Gemma 3's local layers).
+    pub rope_base_swa: Option<f32>,
+    /// Input embeddings are multiplied by this (Gemma: sqrt(n_embd)).
+    pub embed_scale: Option<f32>,
+    /// Queries are multiplied by this before attention (Gemma); the attention itself then
+    /// uses `kq_scale`.
+    pub q_scale: Option<f32>,
+    /// Scale of the attention scores inside attention (1/sqrt(head_dim) for Llama).
+    pub kq_scale: f32,
+    /// Attention-score soft-capping (Gemma 2): `cap * tanh(score / cap)`.
+    pub attn_softcap: Option<f32>,
+    /// Final-logit soft-capping (Gemma 2).
+    pub final_softcap: Option<f32>,
+    /// The FFN's gate activation.
+    pub ffn_act: FfnAct,
+}
+
+/// The gated FFN's activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FfnAct {
+    /// SwiGLU (Llama family).
+    Silu,
+    /// GeGLU with the tanh GELU (Gemma).
+    GeluTanh,
 }
 
 /// Caps on hyper-parameters: a hostile file must not make us allocate terabytes.
@@ -194,6 +228,54 @@ impl Config {
             }
         };
         let sliding_window = opt("attention.sliding_window", MAX_CTX)?;
+        let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
+        // Which layers use the window: an explicit per-layer pattern if the file has one,
+        // else the architecture's default (llama.cpp's): Gemma 3 makes every 6th layer global,
+        // Gemma 2 every 2nd; Mistral applies the window everywhere.
+        let swa_layers = match sliding_window {
+            None => vec![false; n_layer],
+            Some(_) => {
+                let key_pat = key("attention.sliding_window_pattern");
+                let default_period = match arch {
+                    Arch::Gemma3 => 6,
+                    Arch::Gemma2 => 2,
+                    _ => 0,
+                };
+                match md.get(&key_pat) {
+                    Some(microllm_gguf::MetaValue::Array(_)) => {
+                        let pat = md.get_u32_array_lossless(&key_pat)?.unwrap_or_default();
+                        if pat.len() != n_layer {
+                            return Err(ModelError::BadConfig(format!(
+                                "{key_pat} has {} entries for {n_layer} layers",
+                                pat.len()
+                            )));
+                        }
+                        pat.into_iter().map(|v| v != 0).collect()
+                    }
+                    _ => {
+                        let period = md.get_u32(&key_pat)?.map_or(default_period, |p| p as usize);
+                        (0..n_layer)
+                            .map(|il| period == 0 || il % period < period - 1)
+                            .collect()
+                    }
+                }
+            }
+        };
+        let rope_base_swa = if gemma && sliding_window.is_some() {
+            Some(md.get_f32(&key("rope.freq_base_swa"))?.unwrap_or(10_000.0))
+        } else {
+            None
+        };
+        let softcap = |k: &str| -> Result<Option<f32>, ModelError> {
+            Ok(md.get_f32(&key(k))?.filter(|v| *v != 0.0))
+        };
+        // Gemma scales queries by 1/sqrt(head_dim) before attention (llama.cpp applies it as a
+        // separate op, so the attention's own scale is 1).
+        let (q_scale, kq_scale) = if gemma {
+            (Some(1.0 / (head_dim as f32).sqrt()), 1.0)
+        } else {
+            (None, 1.0 / (head_dim as f32).sqrt())
+        };
         Ok(Config {
             arch,
             name: md.get_str("general.name")?.map(str::to_string),
@@ -214,6 +296,26 @@ impl Config {
                 scaling,
             },
             sliding_window,
+            swa_layers,
+            rope_base_swa,
+            embed_scale: gemma.then(|| (n_embd as f32).sqrt()),
+            q_scale,
+            kq_scale,
+            attn_softcap: if arch == Arch::Gemma2 {
+                softcap("attn_logit_softcapping")?
+            } else {
+                None
+            },
+            final_softcap: if gemma {
+                softcap("final_logit_softcapping")?
+            } else {
+                None
+            },
+            ffn_act: if gemma {
+                FfnAct::GeluTanh
+            } else {
+                FfnAct::Silu
+            },
         })
     }
 

@@ -22,7 +22,7 @@ use microllm_kernels::pool::ThreadPool;
 use microllm_kernels::Kernels;
 
 pub use config::{Arch, Config, RopeScaling, RopeStyle};
-pub use state::{State, StateOptions};
+pub use state::{Scratch, State, StateOptions};
 pub use weights::{QMatrix, Weights};
 
 use ops::{Ctx, QuantizedInput};
@@ -105,8 +105,10 @@ pub struct Model {
     file: GgufFile,
     kernels: Kernels,
     pool: ThreadPool,
-    /// How RoPE angles are computed.
+    /// How RoPE angles are computed (global layers).
     rope: ops::RopeTables,
+    /// The same for sliding-window layers with their own base (Gemma 3).
+    rope_swa: Option<ops::RopeTables>,
 }
 
 impl std::fmt::Debug for Model {
@@ -143,7 +145,10 @@ impl Model {
             opts.n_threads
         };
         let pool = ThreadPool::new(n_threads).map_err(ModelError::Threads)?;
-        let rope = rope_tables(&config, weights.rope_freqs.as_deref());
+        let rope = rope_tables(&config, config.rope.base, weights.rope_freqs.as_deref());
+        let rope_swa = config
+            .rope_base_swa
+            .map(|b| rope_tables(&config, b, weights.rope_freqs.as_deref()));
         let model = Model {
             config,
             weights,
@@ -151,6 +156,7 @@ impl Model {
             kernels,
             pool,
             rope,
+            rope_swa,
         };
         // Every matmul's activation format must exist on this kernel path.
         for l in &model.weights.layers {
@@ -182,9 +188,14 @@ impl Model {
         self.file.tensors().iter().map(|t| t.n_bytes).sum()
     }
 
-    /// A fresh sequence state (activations + KV cache).
+    /// A fresh sequence state (KV cache + its own activations for [`Model::forward`]).
     pub fn new_state(&self, opts: StateOptions) -> Result<State, ModelError> {
         State::new(self, opts)
+    }
+
+    /// Activations for [`Model::forward_batch`] calls of up to `n_rows` token rows in all.
+    pub fn new_scratch(&self, n_rows: usize) -> Result<Scratch, ModelError> {
+        Scratch::new(self, n_rows)
     }
 
     pub(crate) fn ctx(&self) -> Ctx<'_> {
@@ -204,6 +215,69 @@ impl Model {
         mut logits: Logits<'_>,
     ) -> Result<(), ModelError> {
         let n_vocab = self.config.n_vocab;
+        self.check_seq(state, tokens, &logits)?;
+        let n_batch = state.scratch.n_rows;
+        let n_chunks = tokens.len().div_ceil(n_batch);
+        // The state's own scratch serves this call; taking it out leaves an empty (not
+        // allocated) one behind, so the state can be borrowed as a sequence alongside it.
+        let mut scratch = std::mem::take(&mut state.scratch);
+        let mut result = Ok(());
+        for (i, chunk) in tokens.chunks(n_batch).enumerate() {
+            let last = i + 1 == n_chunks;
+            let chunk_logits = match &mut logits {
+                Logits::None => Logits::None,
+                Logits::Last if last => Logits::Last,
+                Logits::Last => Logits::None,
+                Logits::All(buf) => {
+                    let off = i * n_batch * n_vocab;
+                    Logits::All(&mut buf[off..off + chunk.len() * n_vocab])
+                }
+            };
+            let mut seqs = [SeqBatch {
+                state: &mut *state,
+                tokens: chunk,
+                logits: chunk_logits,
+            }];
+            result = self.forward_rows(&mut scratch, &mut seqs);
+            if result.is_err() {
+                break;
+            }
+        }
+        state.scratch = scratch;
+        result
+    }
+
+    /// Evaluates several sequences in one pass: every matmul multiplies the rows of all of
+    /// them at once, so the weights are read once per call whatever the number of sequences
+    /// (continuous batching). Each sequence appends its tokens to its own KV cache. The total
+    /// number of tokens must fit `scratch.n_rows()`.
+    pub fn forward_batch(
+        &self,
+        scratch: &mut Scratch,
+        seqs: &mut [SeqBatch<'_>],
+    ) -> Result<(), ModelError> {
+        let mut total = 0;
+        for sb in seqs.iter() {
+            self.check_seq(sb.state, sb.tokens, &sb.logits)?;
+            total += sb.tokens.len();
+        }
+        if total > scratch.n_rows {
+            return Err(ModelError::BadOptions(format!(
+                "{total} tokens in one batched call, more than the scratch's {} rows",
+                scratch.n_rows
+            )));
+        }
+        self.forward_rows(scratch, seqs)
+    }
+
+    /// Checks token ids, room in the context and the logits buffer of one sequence.
+    fn check_seq(
+        &self,
+        state: &State,
+        tokens: &[u32],
+        logits: &Logits<'_>,
+    ) -> Result<(), ModelError> {
+        let n_vocab = self.config.n_vocab;
         if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
             return Err(ModelError::BadToken { id, n_vocab });
         }
@@ -214,7 +288,7 @@ impl Model {
                 n_ctx: state.n_ctx,
             });
         }
-        if let Logits::All(buf) = &logits {
+        if let Logits::All(buf) = logits {
             if buf.len() < tokens.len() * n_vocab {
                 return Err(ModelError::LogitsBuffer {
                     expected: tokens.len() * n_vocab,
@@ -222,34 +296,56 @@ impl Model {
                 });
             }
         }
-        let n_batch = state.n_batch;
-        let n_chunks = tokens.len().div_ceil(n_batch);
-        for (i, chunk) in tokens.chunks(n_batch).enumerate() {
-            let last = i + 1 == n_chunks;
-            let mut chunk_logits = match &mut logits {
-                Logits::None => Logits::None,
-                Logits::Last if last => Logits::Last,
-                Logits::Last => Logits::None,
-                Logits::All(buf) => {
-                    let off = i * n_batch * n_vocab;
-                    Logits::All(&mut buf[off..off + chunk.len() * n_vocab])
-                }
-            };
-            match self.config.arch {
-                Arch::Llama | Arch::Qwen2 | Arch::Mistral => {
-                    arch::llama::forward(self, state, chunk, &mut chunk_logits)?
-                }
+        Ok(())
+    }
+
+    /// One forward over the rows of `seqs` (already checked to fit `scratch`).
+    fn forward_rows(
+        &self,
+        scratch: &mut Scratch,
+        seqs: &mut [SeqBatch<'_>],
+    ) -> Result<(), ModelError> {
+        let mut n_tok = 0;
+        for (si, sb) in seqs.iter().enumerate() {
+            for i in 0..sb.tokens.len() {
+                scratch.rows[n_tok] = state::Row {
+                    seq: si,
+                    pos: sb.state.n_past + i,
+                };
+                n_tok += 1;
             }
-            state.n_past += chunk.len();
+        }
+        if n_tok == 0 {
+            return Ok(());
+        }
+        match self.config.arch {
+            Arch::Llama | Arch::Qwen2 | Arch::Mistral => {
+                arch::llama::forward(self, scratch, seqs, n_tok)?
+            }
+            Arch::Gemma2 | Arch::Gemma3 => arch::gemma::forward(self, scratch, seqs, n_tok)?,
+        }
+        for sb in seqs.iter_mut() {
+            sb.state.n_past += sb.tokens.len();
         }
         Ok(())
     }
 }
 
-fn rope_tables(c: &Config, factors: Option<&[f32]>) -> ops::RopeTables {
+/// One sequence's part of a [`Model::forward_batch`] call.
+#[derive(Debug)]
+pub struct SeqBatch<'a> {
+    /// The sequence: its KV cache and position (its own scratch is not used).
+    pub state: &'a mut State,
+    /// Tokens to append.
+    pub tokens: &'a [u32],
+    /// Which of its logits to produce.
+    pub logits: Logits<'a>,
+}
+
+fn rope_tables(c: &Config, base: f32, factors: Option<&[f32]>) -> ops::RopeTables {
     ops::RopeTables {
         n_pairs: c.rope.n_rot / 2,
-        theta_scale: c.rope.base.powf(-2.0 / c.rope.n_rot as f32),
+        theta_scale: base.powf(-2.0 / c.rope.n_rot as f32),
         freq_scale: match c.rope.scaling {
             RopeScaling::None => 1.0,
             RopeScaling::Linear { factor } => 1.0 / factor,
@@ -258,17 +354,16 @@ fn rope_tables(c: &Config, factors: Option<&[f32]>) -> ops::RopeTables {
     }
 }
 
-/// Final norm and output projection for the last token or all tokens of a batch.
-#[allow(clippy::too_many_arguments)]
+/// Final norm and output projection for the rows that need logits: the last row of a
+/// sequence asking for `Last`, every row of one asking for `All`. Those rows are gathered,
+/// normalised and projected in column chunks that fit the matmul scratch.
 pub(crate) fn output_logits(
     model: &Model,
     x: &[f32],
-    xn: &mut [f32],
-    n_tok: usize,
+    gathered: &mut [f32],
     input: &mut QuantizedInput<'_>,
     scratch: &mut [f32],
-    last_logits: &mut [f32],
-    logits: &mut Logits<'_>,
+    seqs: &mut [SeqBatch<'_>],
 ) -> Result<(), ModelError> {
     let c = &model.config;
     let w = &model.weights;
@@ -276,44 +371,64 @@ pub(crate) fn output_logits(
     let n_vocab = c.n_vocab;
     let ctx = model.ctx();
     let act_ty = state::act_type(model, w.output.ty)?;
-    match logits {
-        Logits::None => {}
-        Logits::Last => {
-            let xl = &x[(n_tok - 1) * d..n_tok * d];
-            ops::rms_norm(xl, &w.output_norm, c.rms_eps, &mut xn[..d]);
+    // Gather.
+    let (mut n_out, mut r0) = (0, 0);
+    for sb in seqs.iter() {
+        let n = sb.tokens.len();
+        let (from, count) = match sb.logits {
+            Logits::None => (0, 0),
+            Logits::Last => (r0 + n - 1, 1),
+            Logits::All(_) => (r0, n),
+        };
+        gathered[n_out * d..(n_out + count) * d].copy_from_slice(&x[from * d..(from + count) * d]);
+        n_out += count;
+        r0 += n;
+    }
+    if n_out == 0 {
+        return Ok(());
+    }
+    let xs = &mut gathered[..n_out * d];
+    ops::rms_norm_in_place(xs, &w.output_norm, c.rms_eps);
+    // Project and scatter, `cols` rows at a time.
+    let cols = (scratch.len() / n_vocab).max(1);
+    let mut out_row = 0; // index into the gathered rows
+    for sb in seqs.iter_mut() {
+        let count = match sb.logits {
+            Logits::None => 0,
+            Logits::Last => 1,
+            Logits::All(_) => sb.tokens.len(),
+        };
+        let mut done = 0;
+        while done < count {
+            let nt = cols.min(count - done);
+            let src = &xs[(out_row + done) * d..(out_row + done + nt) * d];
             input.invalidate();
-            ops::matmul(
-                ctx,
-                &w.output,
-                act_ty,
-                &xn[..d],
-                1,
-                input,
-                scratch,
-                last_logits,
-            );
+            let dst: &mut [f32] = match &mut sb.logits {
+                Logits::All(buf) => &mut buf[done * n_vocab..(done + nt) * n_vocab],
+                _ => &mut sb.state.logits[..],
+            };
+            ops::matmul(ctx, &w.output, act_ty, src, nt, input, scratch, dst);
+            final_softcap(c, dst);
+            done += nt;
         }
-        Logits::All(buf) => {
-            ops::rms_norm(x, &w.output_norm, c.rms_eps, &mut xn[..n_tok * d]);
-            let cols = (scratch.len() / n_vocab).max(1);
-            let mut t0 = 0;
-            while t0 < n_tok {
-                let nt = cols.min(n_tok - t0);
-                input.invalidate();
-                ops::matmul(
-                    ctx,
-                    &w.output,
-                    act_ty,
-                    &xn[t0 * d..(t0 + nt) * d],
-                    nt,
-                    input,
-                    scratch,
-                    &mut buf[t0 * n_vocab..(t0 + nt) * n_vocab],
-                );
-                t0 += nt;
+        if let Logits::All(buf) = &sb.logits {
+            if count > 0 {
+                sb.state
+                    .logits
+                    .copy_from_slice(&buf[(count - 1) * n_vocab..count * n_vocab]);
             }
-            last_logits.copy_from_slice(&buf[(n_tok - 1) * n_vocab..n_tok * n_vocab]);
         }
+        out_row += count;
     }
     Ok(())
+}
+
+/// Gemma 2's final soft-capping, `cap * tanh(x / cap)` as llama.cpp evaluates it.
+fn final_softcap(c: &Config, logits: &mut [f32]) {
+    if let Some(cap) = c.final_softcap {
+        let inv = 1.0 / cap;
+        for v in logits.iter_mut() {
+            *v = (*v * inv).tanh() * cap;
+        }
+    }
 }

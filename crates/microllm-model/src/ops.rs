@@ -7,7 +7,9 @@ use microllm_kernels::pool::ThreadPool;
 use microllm_kernels::Kernels;
 
 use crate::config::RopeStyle;
+use crate::state::Row;
 use crate::weights::QMatrix;
+use crate::SeqBatch;
 
 /// What a forward needs besides weights and state.
 #[derive(Clone, Copy)]
@@ -165,6 +167,26 @@ pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// RMSNorm of each row of `x` in place, times `w` (rows of `w.len()`: per head for Q/K norms).
+pub(crate) fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let n = w.len();
+    for xr in x.chunks_exact_mut(n) {
+        let ss: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
+        let mean = (ss / n as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for (v, &g) in xr.iter_mut().zip(w) {
+            *v = *v * scale * g;
+        }
+    }
+}
+
+/// `x *= s` elementwise (ggml_scale).
+pub(crate) fn scale_in_place(x: &mut [f32], s: f32) {
+    for v in x.iter_mut() {
+        *v *= s;
+    }
+}
+
 /// `x += y` elementwise.
 pub(crate) fn add_in_place(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
@@ -179,19 +201,13 @@ pub(crate) fn add_bias(x: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// Fills the cos/sin tables for positions `pos0..pos0+n_tok`. The angle of pair `i` is
+/// Fills the cos/sin tables for the positions of `rows`. The angle of pair `i` is
 /// `p · scale · base^(-2i/n_rot) / factor_i`, with the power built by repeated f32
 /// multiplication exactly as ggml does, so the rotated values match llama.cpp's bit for bit.
-pub(crate) fn rope_tables(
-    rope: &RopeTables,
-    pos0: usize,
-    n_tok: usize,
-    cos: &mut [f32],
-    sin: &mut [f32],
-) {
+pub(crate) fn rope_tables(rope: &RopeTables, rows: &[Row], cos: &mut [f32], sin: &mut [f32]) {
     let h = rope.n_pairs;
-    for t in 0..n_tok {
-        let mut theta = (pos0 + t) as f32;
+    for (t, row) in rows.iter().enumerate() {
+        let mut theta = row.pos as f32;
         for i in 0..h {
             let ff = rope.factors.as_ref().map_or(1.0, |f| f[i]);
             let th = rope.freq_scale * (theta / ff);
@@ -257,19 +273,19 @@ pub(crate) struct AttnShape {
     pub scale: f32,
     /// A key at position j is visible from position p when p - j < window.
     pub window: Option<usize>,
+    /// Score soft-capping (0 = off).
+    pub softcap: f32,
 }
 
-/// Causal attention of `n_tok` queries at positions `pos0..` over the cached keys/values of
-/// one layer (`k_cache`/`v_cache`: rows of `n_head_kv * head_dim`, positions 0..pos0+n_tok
-/// already written). Online softmax, so no score buffer is needed; one task per (token, head).
+/// Causal attention of every row's query over the cached keys/values of its own sequence in
+/// layer `il` (positions 0..=pos already written). One task per (row, head).
 pub(crate) fn attention(
     ctx: Ctx<'_>,
     sh: AttnShape,
     q: &[f32],
-    k_cache: &[f16],
-    v_cache: &[f16],
-    pos0: usize,
-    n_tok: usize,
+    rows: &[Row],
+    seqs: &[SeqBatch<'_>],
+    il: usize,
     out: &mut [f32],
 ) {
     let q_dim = sh.n_head * sh.head_dim;
@@ -277,12 +293,17 @@ pub(crate) fn attention(
     let v_dim = sh.n_head_kv * sh.head_dim_v;
     let n_rep = sh.n_head / sh.n_head_kv;
     let kernels = ctx.kernels;
+    let n_tok = rows.len();
     let out = &mut out[..n_tok * sh.n_head * sh.head_dim_v];
     ctx.pool.for_each_chunk_mut(out, sh.head_dim_v, |idx, o| {
         let t = idx / sh.n_head;
         let h = idx % sh.n_head;
         let g = h / n_rep;
-        let p = pos0 + t;
+        let Row { seq, pos: p } = rows[t];
+        let state = &*seqs[seq].state;
+        let n_ctx = state.n_ctx;
+        let k_cache = &state.k_cache[il * n_ctx * k_dim..(il + 1) * n_ctx * k_dim];
+        let v_cache = &state.v_cache[il * n_ctx * v_dim..(il + 1) * n_ctx * v_dim];
         let start = match sh.window {
             Some(w) => (p + 1).saturating_sub(w),
             None => 0,
@@ -302,7 +323,58 @@ pub(crate) fn attention(
             v_dim,
             n_kv,
             sh.scale,
+            sh.softcap,
             o,
         );
     });
+}
+
+/// Writes the keys and values of every row into its sequence's cache for layer `il`.
+pub(crate) fn store_kv(
+    kernels: &Kernels,
+    seqs: &mut [SeqBatch<'_>],
+    il: usize,
+    k: &[f32],
+    v: &[f32],
+    k_dim: usize,
+    v_dim: usize,
+) {
+    let mut r0 = 0;
+    for sb in seqs.iter_mut() {
+        let n = sb.tokens.len();
+        let st = &mut *sb.state;
+        let (n_ctx, p0) = (st.n_ctx, st.n_past);
+        let kc = &mut st.k_cache[il * n_ctx * k_dim..(il + 1) * n_ctx * k_dim];
+        kernels.f32_to_f16(
+            &k[r0 * k_dim..(r0 + n) * k_dim],
+            &mut kc[p0 * k_dim..(p0 + n) * k_dim],
+        );
+        let vc = &mut st.v_cache[il * n_ctx * v_dim..(il + 1) * n_ctx * v_dim];
+        kernels.f32_to_f16(
+            &v[r0 * v_dim..(r0 + n) * v_dim],
+            &mut vc[p0 * v_dim..(p0 + n) * v_dim],
+        );
+        r0 += n;
+    }
+}
+
+/// Token embeddings of every row (dequantized rows of `token_embd`).
+pub(crate) fn embed(
+    kernels: &Kernels,
+    file: &GgufFile,
+    w: &QMatrix,
+    seqs: &[SeqBatch<'_>],
+    x: &mut [f32],
+) -> Result<(), crate::ModelError> {
+    let d = w.n_cols;
+    let rb = w.row_bytes;
+    let data = w.data(file);
+    let toks = seqs.iter().flat_map(|s| s.tokens.iter());
+    for (t, &tok) in toks.enumerate() {
+        let row = &data[tok as usize * rb..(tok as usize + 1) * rb];
+        kernels
+            .dequantize_row(w.ty, row, &mut x[t * d..(t + 1) * d])
+            .map_err(|e| crate::ModelError::Kernel(e.to_string()))?;
+    }
+    Ok(())
 }

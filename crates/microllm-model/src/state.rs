@@ -1,10 +1,11 @@
-//! Everything a forward pass writes: activations, scratch and the KV cache, allocated once when
-//! the state is built so that the decode loop never touches the heap.
+//! Everything a forward pass writes, allocated once so that the decode loop never touches the
+//! heap: per sequence a [`State`] (its KV cache and position), per forward call a [`Scratch`]
+//! (activations for up to `n_rows` token rows). A single-sequence `State` carries its own
+//! scratch; a batched forward over many sequences shares one scratch among them.
 
 use half::f16;
 use microllm_gguf::GgmlType;
 
-use crate::weights::Weights;
 use crate::{Model, ModelError};
 
 /// Sizes of a [`State`].
@@ -12,7 +13,8 @@ use crate::{Model, ModelError};
 pub struct StateOptions {
     /// Context length (KV cache positions).
     pub n_ctx: usize,
-    /// Most tokens evaluated in one forward call (larger prompts are split).
+    /// Most tokens evaluated in one forward call through this state (larger prompts are
+    /// split). A state that is only ever advanced by `Model::forward_batch` can use 1.
     pub n_batch: usize,
 }
 
@@ -25,35 +27,101 @@ impl Default for StateOptions {
     }
 }
 
-/// Activations and KV cache of one sequence.
+/// Activations of one forward call over up to `n_rows` token rows.
+#[derive(Default)]
+pub struct Scratch {
+    pub(crate) n_rows: usize,
+    pub(crate) x: Vec<f32>,        // (n_rows, n_embd) residual stream
+    pub(crate) xn: Vec<f32>,       // (n_rows, n_embd) normalised input of a sub-block
+    pub(crate) q: Vec<f32>,        // (n_rows, q_dim)
+    pub(crate) k: Vec<f32>,        // (n_rows, k_dim)
+    pub(crate) v: Vec<f32>,        // (n_rows, v_dim)
+    pub(crate) attn: Vec<f32>,     // (n_rows, n_head * head_dim_v)
+    pub(crate) gate: Vec<f32>,     // (n_rows, n_ff)
+    pub(crate) up: Vec<f32>,       // (n_rows, n_ff)
+    pub(crate) act_q: Vec<u8>,     // (n_rows, activation row bytes) quantized matmul input
+    pub(crate) scratch: Vec<f32>,  // matmul output transposed per row chunk
+    pub(crate) rope_cos: Vec<f32>, // (2, n_rows, n_rot/2): global layers, then sliding-window layers
+    pub(crate) rope_sin: Vec<f32>, // (2, n_rows, n_rot/2)
+    pub(crate) rows: Vec<Row>,     // (n_rows) which sequence and position each row is
+    pub(crate) out_rows: Vec<f32>, // (n_rows, n_embd) hidden states of the rows needing logits
+}
+
+/// One token row of a batched forward.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Row {
+    pub seq: usize,
+    pub pos: usize,
+}
+
+impl std::fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scratch")
+            .field("n_rows", &self.n_rows)
+            .finish()
+    }
+}
+
+impl Scratch {
+    pub(crate) fn new(model: &Model, n_rows: usize) -> Result<Self, ModelError> {
+        let c = &model.config;
+        if n_rows == 0 {
+            return Err(ModelError::BadOptions(
+                "a forward call needs room for at least one token".into(),
+            ));
+        }
+        let act_row = max_act_row_bytes(model)?;
+        let widest = [c.n_embd, c.q_dim(), c.k_dim(), c.v_dim(), c.n_ff]
+            .into_iter()
+            .max()
+            .unwrap_or(1);
+        // Scratch holds one matmul's output; the output projection is done in column chunks
+        // that fit (at least one column of n_vocab).
+        let scratch = (n_rows * widest).max(c.n_vocab);
+        let half_rot = c.rope.n_rot / 2;
+        Ok(Scratch {
+            n_rows,
+            x: vec![0.0; n_rows * c.n_embd],
+            xn: vec![0.0; n_rows * c.n_embd],
+            q: vec![0.0; n_rows * c.q_dim()],
+            k: vec![0.0; n_rows * c.k_dim()],
+            v: vec![0.0; n_rows * c.v_dim()],
+            attn: vec![0.0; n_rows * c.n_head * c.head_dim_v],
+            gate: vec![0.0; n_rows * c.n_ff],
+            up: vec![0.0; n_rows * c.n_ff],
+            act_q: vec![0; n_rows * act_row],
+            scratch: vec![0.0; scratch],
+            rope_cos: vec![0.0; 2 * n_rows * half_rot],
+            rope_sin: vec![0.0; 2 * n_rows * half_rot],
+            rows: vec![Row::default(); n_rows],
+            out_rows: vec![0.0; n_rows * c.n_embd],
+        })
+    }
+
+    /// Token rows one forward call can hold.
+    pub fn n_rows(&self) -> usize {
+        self.n_rows
+    }
+}
+
+/// One sequence: its KV cache, how much of it is filled, and its last logits.
 pub struct State {
     pub(crate) n_ctx: usize,
-    pub(crate) n_batch: usize,
     /// Tokens already in the KV cache.
     pub(crate) n_past: usize,
-    pub(crate) x: Vec<f32>,        // (n_batch, n_embd) residual stream
-    pub(crate) xn: Vec<f32>,       // (n_batch, n_embd) normalised input of a sub-block
-    pub(crate) q: Vec<f32>,        // (n_batch, q_dim)
-    pub(crate) k: Vec<f32>,        // (n_batch, k_dim)
-    pub(crate) v: Vec<f32>,        // (n_batch, v_dim)
-    pub(crate) attn: Vec<f32>,     // (n_batch, n_head * head_dim_v)
-    pub(crate) gate: Vec<f32>,     // (n_batch, n_ff)
-    pub(crate) up: Vec<f32>,       // (n_batch, n_ff)
-    pub(crate) act_q: Vec<u8>,     // (n_batch, activation row bytes) quantized matmul input
-    pub(crate) scratch: Vec<f32>,  // matmul output transposed per row chunk
-    pub(crate) rope_cos: Vec<f32>, // (n_batch, n_rot/2)
-    pub(crate) rope_sin: Vec<f32>, // (n_batch, n_rot/2)
-    pub(crate) k_cache: Vec<f16>,  // (n_layer, n_ctx, k_dim)
-    pub(crate) v_cache: Vec<f16>,  // (n_layer, n_ctx, v_dim)
+    pub(crate) k_cache: Vec<f16>, // (n_layer, n_ctx, k_dim)
+    pub(crate) v_cache: Vec<f16>, // (n_layer, n_ctx, v_dim)
     /// Logits of the last evaluated token (n_vocab).
     pub(crate) logits: Vec<f32>,
+    /// This sequence's own activations for `Model::forward`.
+    pub(crate) scratch: Scratch,
 }
 
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("State")
             .field("n_ctx", &self.n_ctx)
-            .field("n_batch", &self.n_batch)
+            .field("n_batch", &self.scratch.n_rows)
             .field("n_past", &self.n_past)
             .finish()
     }
@@ -68,36 +136,13 @@ impl State {
             ));
         }
         let n_batch = opts.n_batch.min(opts.n_ctx);
-        let act_row = max_act_row_bytes(model, &model.weights)?;
-        let widest = [c.n_embd, c.q_dim(), c.k_dim(), c.v_dim(), c.n_ff]
-            .into_iter()
-            .max()
-            .unwrap_or(1);
-        // Scratch holds one matmul's output; the output projection is done in column chunks
-        // that fit (at least one column of n_vocab).
-        let scratch = (n_batch * widest).max(c.n_vocab);
-        let kv_k = c.n_layer * opts.n_ctx * c.k_dim();
-        let kv_v = c.n_layer * opts.n_ctx * c.v_dim();
-        let half_rot = c.rope.n_rot / 2;
         Ok(State {
             n_ctx: opts.n_ctx,
-            n_batch,
             n_past: 0,
-            x: vec![0.0; n_batch * c.n_embd],
-            xn: vec![0.0; n_batch * c.n_embd],
-            q: vec![0.0; n_batch * c.q_dim()],
-            k: vec![0.0; n_batch * c.k_dim()],
-            v: vec![0.0; n_batch * c.v_dim()],
-            attn: vec![0.0; n_batch * c.n_head * c.head_dim_v],
-            gate: vec![0.0; n_batch * c.n_ff],
-            up: vec![0.0; n_batch * c.n_ff],
-            act_q: vec![0; n_batch * act_row],
-            scratch: vec![0.0; scratch],
-            rope_cos: vec![0.0; n_batch * half_rot],
-            rope_sin: vec![0.0; n_batch * half_rot],
-            k_cache: vec![f16::ZERO; kv_k],
-            v_cache: vec![f16::ZERO; kv_v],
+            k_cache: vec![f16::ZERO; c.n_layer * opts.n_ctx * c.k_dim()],
+            v_cache: vec![f16::ZERO; c.n_layer * opts.n_ctx * c.v_dim()],
             logits: vec![0.0; c.n_vocab],
+            scratch: Scratch::new(model, n_batch)?,
         })
     }
 
@@ -108,8 +153,9 @@ impl State {
     pub fn n_ctx(&self) -> usize {
         self.n_ctx
     }
+    /// Most tokens one `Model::forward` call evaluates at once.
     pub fn n_batch(&self) -> usize {
-        self.n_batch
+        self.scratch.n_rows
     }
     /// Logits of the last token evaluated with `Logits::Last`.
     pub fn logits(&self) -> &[f32] {
@@ -130,7 +176,8 @@ impl State {
 }
 
 /// Bytes of the largest quantized activation row any matmul of the model needs.
-fn max_act_row_bytes(model: &Model, w: &Weights) -> Result<usize, ModelError> {
+fn max_act_row_bytes(model: &Model) -> Result<usize, ModelError> {
+    let w = &model.weights;
     let mut mats = vec![&w.output];
     for l in &w.layers {
         mats.extend([&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]);

@@ -42,11 +42,15 @@ pub struct LayerWeights {
     pub bq: Option<Vec<f32>>, // (q_dim)               blk.{i}.attn_q.bias (qwen2)
     pub bk: Option<Vec<f32>>, // (k_dim)               blk.{i}.attn_k.bias
     pub bv: Option<Vec<f32>>, // (v_dim)               blk.{i}.attn_v.bias
+    pub q_norm: Option<Vec<f32>>, // (head_dim)        blk.{i}.attn_q_norm.weight (gemma3)
+    pub k_norm: Option<Vec<f32>>, // (head_dim)        blk.{i}.attn_k_norm.weight (gemma3)
     pub wo: QMatrix,          // (n_embd, n_head*head_dim_v) blk.{i}.attn_output.weight
+    pub attn_post_norm: Option<Vec<f32>>, // (n_embd)  blk.{i}.post_attention_norm.weight (gemma)
     pub ffn_norm: Vec<f32>,   // (n_embd)              blk.{i}.ffn_norm.weight
     pub w_gate: QMatrix,      // (n_ff, n_embd)        blk.{i}.ffn_gate.weight
     pub w_up: QMatrix,        // (n_ff, n_embd)        blk.{i}.ffn_up.weight
     pub w_down: QMatrix,      // (n_embd, n_ff)        blk.{i}.ffn_down.weight
+    pub ffn_post_norm: Option<Vec<f32>>, // (n_embd)   blk.{i}.post_ffw_norm.weight (gemma)
 }
 
 #[derive(Clone, Debug)]
@@ -173,6 +177,15 @@ const ALL_TYPES: &[GgmlType] = &[
 impl Weights {
     pub(crate) fn load(l: &Loader<'_>, c: &Config) -> Result<Self, ModelError> {
         let token_embd = l.matrix("token_embd.weight", c.n_vocab, c.n_embd)?;
+        let gemma = matches!(c.arch, crate::Arch::Gemma2 | crate::Arch::Gemma3);
+        // Gemma's post-norms are required there and absent elsewhere.
+        let post = |l: &Loader<'_>, name: &str| -> Result<Option<Vec<f32>>, ModelError> {
+            if gemma {
+                l.vector(name, c.n_embd).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
         let mut layers = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let p = |s: &str| format!("blk.{i}.{s}");
@@ -184,11 +197,15 @@ impl Weights {
                 bq: l.opt_vector(&p("attn_q.bias"), c.q_dim())?,
                 bk: l.opt_vector(&p("attn_k.bias"), c.k_dim())?,
                 bv: l.opt_vector(&p("attn_v.bias"), c.v_dim())?,
+                q_norm: l.opt_vector(&p("attn_q_norm.weight"), c.head_dim)?,
+                k_norm: l.opt_vector(&p("attn_k_norm.weight"), c.head_dim)?,
                 wo: l.matrix(&p("attn_output.weight"), c.n_embd, c.n_head * c.head_dim_v)?,
+                attn_post_norm: post(l, &p("post_attention_norm.weight"))?,
                 ffn_norm: l.vector(&p("ffn_norm.weight"), c.n_embd)?,
                 w_gate: l.matrix(&p("ffn_gate.weight"), c.n_ff, c.n_embd)?,
                 w_up: l.matrix(&p("ffn_up.weight"), c.n_ff, c.n_embd)?,
                 w_down: l.matrix(&p("ffn_down.weight"), c.n_embd, c.n_ff)?,
+                ffn_post_norm: post(l, &p("post_ffw_norm.weight"))?,
             });
         }
         let output_norm = l.vector("output_norm.weight", c.n_embd)?;

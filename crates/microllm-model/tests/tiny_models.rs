@@ -164,3 +164,79 @@ fn bad_tokens_and_full_context_are_errors() {
         .unwrap_err();
     assert!(e.to_string().contains("context is full"), "{e}");
 }
+
+#[test]
+fn batched_sequences_equal_sequences_alone() {
+    use microllm_model::SeqBatch;
+    for (name, spec) in specs() {
+        let model = load(&spec, 2, Kernels::detect());
+        let n_vocab = model.config.n_vocab;
+        let opts = StateOptions {
+            n_ctx: 64,
+            n_batch: 1,
+        };
+        // Three sequences at different depths: prefixes evaluated alone first.
+        let prefixes: [Vec<u32>; 3] =
+            [prompt(5, n_vocab), vec![], prompt(9, n_vocab)[3..].to_vec()];
+        let news: [Vec<u32>; 3] = [vec![7], prompt(6, n_vocab), vec![3, 4]];
+        let mut alone = Vec::new();
+        let mut states = Vec::new();
+        for (p, n) in prefixes.iter().zip(&news) {
+            let mut st = model
+                .new_state(StateOptions {
+                    n_ctx: 64,
+                    n_batch: 16,
+                })
+                .unwrap();
+            if !p.is_empty() {
+                model.forward(&mut st, p, Logits::None).unwrap();
+            }
+            let mut out = vec![0.0; n.len() * n_vocab];
+            model.forward(&mut st, n, Logits::All(&mut out)).unwrap();
+            alone.push(out);
+            let mut bst = model.new_state(opts).unwrap();
+            if !p.is_empty() {
+                let mut scratch = model.new_scratch(16).unwrap();
+                let mut one = [SeqBatch {
+                    state: &mut bst,
+                    tokens: p,
+                    logits: Logits::None,
+                }];
+                model.forward_batch(&mut scratch, &mut one).unwrap();
+            }
+            states.push(bst);
+        }
+        let mut scratch = model.new_scratch(16).unwrap();
+        let mut outs: Vec<Vec<f32>> = news.iter().map(|n| vec![0.0; n.len() * n_vocab]).collect();
+        {
+            let mut it = states.iter_mut().zip(outs.iter_mut()).zip(&news);
+            let ((s0, o0), n0) = it.next().unwrap();
+            let ((s1, o1), n1) = it.next().unwrap();
+            let ((s2, o2), n2) = it.next().unwrap();
+            let mut seqs = [
+                SeqBatch {
+                    state: s0,
+                    tokens: n0,
+                    logits: Logits::All(o0),
+                },
+                SeqBatch {
+                    state: s1,
+                    tokens: n1,
+                    logits: Logits::All(o1),
+                },
+                SeqBatch {
+                    state: s2,
+                    tokens: n2,
+                    logits: Logits::All(o2),
+                },
+            ];
+            model.forward_batch(&mut scratch, &mut seqs).unwrap();
+        }
+        for (i, (a, b)) in alone.iter().zip(&outs).enumerate() {
+            assert_eq!(a, b, "{name}: sequence {i} differs when batched");
+        }
+        for (st, (p, n)) in states.iter().zip(prefixes.iter().zip(&news)) {
+            assert_eq!(st.n_past(), p.len() + n.len());
+        }
+    }
+}

@@ -15,7 +15,9 @@ use crate::info::ModelInfo;
 use crate::name::validate_component;
 use crate::progress::Progress;
 use crate::sign::require_valid;
-use crate::store::{is_sha256_hex, make_read_only, sync_dir, Manifest, Store, MANIFEST_SCHEMA};
+use crate::store::{
+    is_sha256_hex, make_read_only, sync_dir, Manifest, RemoveOnDrop, Store, MANIFEST_SCHEMA,
+};
 use crate::verify;
 use ed25519_dalek::VerifyingKey;
 use sha2::{Digest, Sha256};
@@ -183,16 +185,22 @@ impl Store {
             path: path.to_path_buf(),
             reason,
         };
+        let unexpected = |name: &str, i: usize| {
+            bad(format!(
+                "unexpected entry {name:?} at position {i}; a bundle holds exactly {BUNDLE_MANIFEST}, {BUNDLE_SUMS} and blobs/sha256-<hex>, in that order"
+            ))
+        };
         let file = File::open(path).map_err(|e| StoreError::io("open", path, e))?;
         let mut archive = tar::Archive::new(BufReader::new(file));
-        let entries = archive
+        let mut entries = archive
             .entries()
             .map_err(|e| bad(format!("cannot read it as tar ({e})")))?;
-        let mut manifest: Option<(Manifest, String)> = None;
-        let mut sums_ok = false;
-        let mut blob: Option<(tempfile::TempPath, ModelInfo)> = None;
-        for (i, entry) in entries.enumerate() {
-            let mut entry = entry.map_err(|e| bad(format!("cannot read entry {i} ({e})")))?;
+        // The next entry: a regular file, with its name and size.
+        let mut next = |i: usize| -> Result<Option<(tar::Entry<'_, _>, String, u64)>, StoreError> {
+            let Some(entry) = entries.next() else {
+                return Ok(None);
+            };
+            let entry = entry.map_err(|e| bad(format!("cannot read entry {i} ({e})")))?;
             let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
             let ty = entry.header().entry_type();
             if ty != tar::EntryType::Regular {
@@ -205,60 +213,77 @@ impl Store {
                 .header()
                 .size()
                 .map_err(|e| bad(format!("entry {name:?} has a bad size ({e})")))?;
-            match (i, name.as_str(), &manifest) {
-                (0, BUNDLE_MANIFEST, _) => {
-                    if size > MAX_MANIFEST_BYTES {
-                        return Err(bad(format!("{BUNDLE_MANIFEST} is {size} bytes, too large")));
-                    }
-                    let mut text = Vec::new();
-                    entry
-                        .read_to_end(&mut text)
-                        .map_err(|e| bad(format!("cannot read {BUNDLE_MANIFEST} ({e})")))?;
-                    let m = parse_manifest(&text).map_err(bad)?;
-                    if let Some(k) = &opts.key {
-                        require_valid(&m, k)?;
-                    }
-                    manifest = Some((m, sha_hex(&text)));
-                }
-                (1, BUNDLE_SUMS, Some((m, manifest_sha))) => {
-                    if size > MAX_SUMS_BYTES {
-                        return Err(bad(format!("{BUNDLE_SUMS} is {size} bytes, too large")));
-                    }
-                    let mut text = String::new();
-                    entry
-                        .read_to_string(&mut text)
-                        .map_err(|e| bad(format!("cannot read {BUNDLE_SUMS} ({e})")))?;
-                    check_sums(&text, manifest_sha, &m.sha256).map_err(bad)?;
-                    sums_ok = true;
-                }
-                (2, n, Some((m, _))) if sums_ok && n == format!("blobs/sha256-{}", m.sha256) => {
-                    if size != m.size {
-                        return Err(bad(format!(
-                            "the model entry has {size} bytes, the manifest says {}",
-                            m.size
-                        )));
-                    }
-                    blob = Some(self.receive_blob(&mut entry, m, path, progress)?);
-                }
-                _ => {
-                    return Err(bad(format!(
-                        "unexpected entry {name:?} at position {i}; a bundle holds exactly {BUNDLE_MANIFEST}, {BUNDLE_SUMS} and blobs/sha256-<hex>, in that order"
-                    )))
-                }
-            }
-        }
-        let (Some((mut m, _)), Some((tmp, info))) = (manifest, blob) else {
-            return Err(bad(format!(
-                "it is incomplete; a bundle holds {BUNDLE_MANIFEST}, {BUNDLE_SUMS} and blobs/sha256-<hex>"
-            )));
+            Ok(Some((entry, name, size)))
         };
-        m.info = Some(info);
+        let incomplete = || {
+            bad(format!(
+                "it is incomplete; a bundle holds {BUNDLE_MANIFEST}, {BUNDLE_SUMS} and blobs/sha256-<hex>"
+            ))
+        };
 
-        self.with_name_lock(&m.name, &m.tag, || {
+        // 1. The manifest: validated (and its signature checked) before anything else.
+        let (mut entry, name, size) = next(0)?.ok_or_else(incomplete)?;
+        if name != BUNDLE_MANIFEST {
+            return Err(unexpected(&name, 0));
+        }
+        if size > MAX_MANIFEST_BYTES {
+            return Err(bad(format!("{BUNDLE_MANIFEST} is {size} bytes, too large")));
+        }
+        let mut text = Vec::new();
+        entry
+            .read_to_end(&mut text)
+            .map_err(|e| bad(format!("cannot read {BUNDLE_MANIFEST} ({e})")))?;
+        drop(entry);
+        let mut m = parse_manifest(&text).map_err(bad)?;
+        if let Some(k) = &opts.key {
+            require_valid(&m, k)?;
+        }
+        let manifest_sha = sha_hex(&text);
+
+        // The rest under the name's lock: the temporary file is named after the model, so
+        // an import killed mid-way leaves at most one, reused by the next import or pull.
+        let display = m.display_name();
+        self.with_name_lock(&m.name.clone(), &m.tag.clone(), || {
+            // 2. The checksums.
+            let (mut entry, name, size) = next(1)?.ok_or_else(incomplete)?;
+            if name != BUNDLE_SUMS {
+                return Err(unexpected(&name, 1));
+            }
+            if size > MAX_SUMS_BYTES {
+                return Err(bad(format!("{BUNDLE_SUMS} is {size} bytes, too large")));
+            }
+            let mut sums = String::new();
+            entry
+                .read_to_string(&mut sums)
+                .map_err(|e| bad(format!("cannot read {BUNDLE_SUMS} ({e})")))?;
+            drop(entry);
+            check_sums(&sums, &manifest_sha, &m.sha256).map_err(bad)?;
+
+            // 3. The model, into tmp/, hashed and parsed.
+            let (mut entry, name, size) = next(2)?.ok_or_else(incomplete)?;
+            if name != format!("blobs/sha256-{}", m.sha256) {
+                return Err(unexpected(&name, 2));
+            }
+            if size != m.size {
+                return Err(bad(format!(
+                    "the model entry has {size} bytes, the manifest says {}",
+                    m.size
+                )));
+            }
+            let tmp = self
+                .tmp_dir()
+                .join(format!("import-{}@{}.tmp", m.name, m.tag));
+            let mut guard = RemoveOnDrop(Some(tmp.clone()));
+            m.info = Some(self.receive_blob(&mut entry, &m, &tmp, path, progress)?);
+            drop(entry);
+            if let Some((_, name, _)) = next(3)? {
+                return Err(unexpected(&name, 3));
+            }
+
             if let Ok(Some(old)) = self.read_manifest(&m.name, &m.tag) {
                 if old.sha256 != m.sha256 && !opts.force {
                     return Err(StoreError::Conflict {
-                        name: m.display_name(),
+                        name: display.clone(),
                         existing: old.sha256,
                         incoming: m.sha256.clone(),
                     });
@@ -272,9 +297,10 @@ impl Store {
                 sync_dir(&self.home().join("blobs"))?;
                 verify::forget(self, &m.sha256);
                 self.save_manifest(&m)
-            })
+            })?;
+            guard.0 = None;
+            Ok(())
         })?;
-        let _ = tmp.keep();
         Ok(m)
     }
 
@@ -283,25 +309,21 @@ impl Store {
         &self,
         entry: &mut dyn Read,
         m: &Manifest,
+        tmp: &Path,
         bundle: &Path,
         progress: &mut dyn Progress,
-    ) -> Result<(tempfile::TempPath, ModelInfo), StoreError> {
-        let tmp_dir = self.tmp_dir();
-        let mut tmp = tempfile::Builder::new()
-            .prefix("import-")
-            .tempfile_in(&tmp_dir)
-            .map_err(|e| StoreError::io("create a temporary file in", &tmp_dir, e))?;
+    ) -> Result<ModelInfo, StoreError> {
+        let mut out = File::create(tmp).map_err(|e| StoreError::io("create", tmp, e))?;
         progress.start(&format!("importing {}", m.display_name()), Some(m.size));
         let mut reader = HashingReader {
             inner: entry.take(m.size),
             hasher: Sha256::new(),
             progress,
         };
-        let copied =
-            std::io::copy(&mut reader, tmp.as_file_mut()).map_err(|e| StoreError::BadBundle {
-                path: bundle.to_path_buf(),
-                reason: format!("cannot read the model entry ({e})"),
-            })?;
+        let copied = std::io::copy(&mut reader, &mut out).map_err(|e| StoreError::BadBundle {
+            path: bundle.to_path_buf(),
+            reason: format!("cannot read the model entry ({e})"),
+        })?;
         let got = hex::encode(reader.hasher.finalize());
         progress.finish();
         if copied != m.size {
@@ -317,17 +339,15 @@ impl Store {
                 got,
             });
         }
-        tmp.as_file()
-            .sync_all()
-            .map_err(|e| StoreError::io("sync", tmp.path().to_path_buf(), e))?;
-        let info = ModelInfo::read(tmp.path()).map_err(|e| match e {
+        out.sync_all().map_err(|e| StoreError::io("sync", tmp, e))?;
+        drop(out);
+        ModelInfo::read(tmp).map_err(|e| match e {
             StoreError::NotGguf { message, .. } => StoreError::NotGguf {
                 what: format!("{} in bundle {}", m.display_name(), bundle.display()),
                 message,
             },
             other => other,
-        })?;
-        Ok((tmp.into_temp_path(), info))
+        })
     }
 }
 

@@ -37,6 +37,9 @@ pub(crate) struct Download<'a> {
     /// Progress label, e.g. `downloading model.gguf`.
     pub what: &'a str,
     pub expect: Expect<'a>,
+    /// Keep the complete file in `tmp/` after `finish` (parts of a multi-part model, so a
+    /// retry need not fetch them again); the caller removes it with [`remove_part`].
+    pub keep: bool,
 }
 
 /// A complete, checked download (valid during the `finish` step of [`fetch`]).
@@ -87,10 +90,7 @@ pub(crate) fn fetch<T>(
     finish: impl FnOnce(&Fetched<'_>, &mut dyn Progress) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     let (part, side) = part_paths(d.tmp_dir, d.url);
-    let lock_path = d.locks_dir.join(format!(
-        "{}.lock",
-        part.file_stem().and_then(|s| s.to_str()).unwrap_or("dl")
-    ));
+    let lock_path = lock_path(d.locks_dir, &part);
     let lock_file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -114,13 +114,9 @@ pub(crate) fn fetch<T>(
                     },
                     progress,
                 );
-                if r.is_err() {
-                    // The bytes were complete and matched every digest we had, but the
-                    // caller rejected them (not a model, bad wheel): they are no use later.
+                if r.is_err() || !d.keep {
+                    // Rejected by the caller (not a model, bad wheel), or used up.
                     discard(&part, &side);
-                } else {
-                    let _ = fs::remove_file(&side);
-                    let _ = fs::remove_file(&part);
                 }
                 return r;
             }
@@ -138,6 +134,32 @@ pub(crate) fn fetch<T>(
             }
         }
     }
+}
+
+/// Removes the kept download of `url` (taking its lock, so no pull is using it).
+pub(crate) fn remove_part(tmp_dir: &Path, locks_dir: &Path, url: &str) {
+    let (part, side) = part_paths(tmp_dir, url);
+    let lock_path = lock_path(locks_dir, &part);
+    if let Ok(f) = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+    {
+        let mut lock = fd_lock::RwLock::new(f);
+        let guard = lock.write();
+        if guard.is_ok() {
+            discard(&part, &side);
+        }
+        drop(guard);
+    }
+}
+
+fn lock_path(locks_dir: &Path, part: &Path) -> PathBuf {
+    locks_dir.join(format!(
+        "{}.lock",
+        part.file_stem().and_then(|s| s.to_str()).unwrap_or("dl")
+    ))
 }
 
 fn discard(part: &Path, side: &Path) {
@@ -236,13 +258,12 @@ fn attempt(
     }
     let resumed = have > 0;
 
-    if let Some(sc) = prev
+    if prev
         .as_ref()
-        .filter(|sc| sc.complete && sc.total == Some(have))
+        .is_some_and(|sc| sc.complete && sc.total == Some(have))
     {
         // Complete earlier (a later step failed): no request needed if it checks out.
         let sha = hex::encode(hasher.finalize());
-        let _ = sc;
         return Ok(match d.expect.sha256 {
             Some(want) if want != sha => Outcome::Restart,
             _ => Outcome::Done {

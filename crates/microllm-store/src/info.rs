@@ -303,7 +303,11 @@ pub fn check_fit(
     if est.total <= available.bytes {
         return Ok(());
     }
-    let max_ctx = shape.and_then(|s| largest_ctx(file_size, s, available.bytes, est.n_ctx));
+    // Never suggest more than the model was trained for.
+    let max_ctx = shape.and_then(|s| {
+        largest_ctx(file_size, s, available.bytes, est.n_ctx)
+            .map(|c| c.min(s.context_length as usize))
+    });
     let smaller = catalog()
         .iter()
         .filter(|e| e.size < file_size)
@@ -509,6 +513,16 @@ mod tests {
         let msg = err.to_string();
         for want in ["needs about", "KV cache", "200.0 MiB", "--ctx", "--force"] {
             assert!(msg.contains(want), "{want:?} not in {msg}");
+        }
+        // Asked beyond the trained context: the suggestion stops at the trained context.
+        let big = estimate_memory(98_362_432, Some(&s), 1 << 20);
+        let avail = AvailableMemory {
+            bytes: 1 << 30,
+            source: "test".into(),
+        };
+        match check_fit("smollm2", 98_362_432, Some(&s), &big, &avail).unwrap_err() {
+            StoreError::DoesNotFit(r) => assert_eq!(r.max_ctx, Some(8192)),
+            other => panic!("{other:?}"),
         }
         let roomy = AvailableMemory {
             bytes: 1 << 40,

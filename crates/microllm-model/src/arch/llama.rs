@@ -3,72 +3,33 @@
 //! optional tensors, so one function reads top to bottom for all three.
 
 use crate::ops::{self, tap, AttnShape, QuantizedInput};
-use crate::state::{act_type, State};
-use crate::{Logits, Model, ModelError};
+use crate::state::{act_type, Scratch};
+use crate::{Model, ModelError, SeqBatch};
 
-/// Evaluates `tokens` (at most `state.n_batch`) at positions `state.n_past..`, appending
-/// their keys/values to the cache and writing the requested logits.
+/// Evaluates the tokens of every sequence in `seqs` (at most `s.n_rows` in all, rows laid out
+/// sequence after sequence as `s.rows` says), appending their keys/values to each sequence's
+/// cache and writing the requested logits.
 pub(crate) fn forward(
     model: &Model,
-    state: &mut State,
-    tokens: &[u32],
-    logits: &mut Logits<'_>,
+    s: &mut Scratch,
+    seqs: &mut [SeqBatch<'_>],
+    n_tok: usize,
 ) -> Result<(), ModelError> {
     let c = &model.config;
     let w = &model.weights;
     let ctx = model.ctx();
-    let n_tok = tokens.len();
-    let pos0 = state.n_past;
     let (d, dq, dk, dv, dff) = (c.n_embd, c.q_dim(), c.k_dim(), c.v_dim(), c.n_ff);
     let dattn = c.n_head * c.head_dim_v;
+    let rows = &s.rows[..n_tok];
+    let x = &mut s.x[..n_tok * d];
+    let xn = &mut s.xn[..n_tok * d];
+    let scratch = &mut s.scratch[..];
+    let mut input = QuantizedInput::new(&mut s.act_q);
 
-    let State {
-        n_ctx,
-        x,
-        xn,
-        q,
-        k,
-        v,
-        attn,
-        gate,
-        up,
-        act_q,
-        scratch,
-        rope_cos,
-        rope_sin,
-        k_cache,
-        v_cache,
-        logits: last_logits,
-        ..
-    } = state;
-    let n_ctx = *n_ctx;
-    let x = &mut x[..n_tok * d];
-    let xn = &mut xn[..n_tok * d];
-    let mut input = QuantizedInput::new(act_q);
-
-    // Token embeddings.
-    for (t, &tok) in tokens.iter().enumerate() {
-        let rb = w.token_embd.row_bytes;
-        let row = &w.token_embd.data(ctx.file)[tok as usize * rb..(tok as usize + 1) * rb];
-        model
-            .kernels
-            .dequantize_row(w.token_embd.ty, row, &mut x[t * d..(t + 1) * d])
-            .map_err(|e| ModelError::Kernel(e.to_string()))?;
-    }
-    let half_rot = c.rope.n_rot / 2;
-    let (cos, sin) = (
-        &mut rope_cos[..n_tok * half_rot],
-        &mut rope_sin[..n_tok * half_rot],
-    );
-    ops::rope_tables(&model.rope, pos0, n_tok, cos, sin);
-    let shape = AttnShape {
-        n_head: c.n_head,
-        n_head_kv: c.n_head_kv,
-        head_dim: c.head_dim,
-        head_dim_v: c.head_dim_v,
-        scale: 1.0 / (c.head_dim as f32).sqrt(),
-        window: c.sliding_window,
-    };
+    ops::embed(&model.kernels, ctx.file, &w.token_embd, seqs, x)?;
+    let h = c.rope.n_rot / 2;
+    let (cos, sin) = (&mut s.rope_cos[..n_tok * h], &mut s.rope_sin[..n_tok * h]);
+    ops::rope_tables(&model.rope, rows, cos, sin);
 
     for (il, lw) in w.layers.iter().enumerate() {
         // Attention block.
@@ -76,9 +37,9 @@ pub(crate) fn forward(
         tap("attn_norm", il, xn);
         input.invalidate();
         let (q, k, v) = (
-            &mut q[..n_tok * dq],
-            &mut k[..n_tok * dk],
-            &mut v[..n_tok * dv],
+            &mut s.q[..n_tok * dq],
+            &mut s.k[..n_tok * dk],
+            &mut s.v[..n_tok * dv],
         );
         ops::matmul(
             ctx,
@@ -124,18 +85,20 @@ pub(crate) fn forward(
         tap("Vcur", il, v);
         ops::rope(q, n_tok, c.n_head, c.head_dim, c.rope.style, cos, sin);
         ops::rope(k, n_tok, c.n_head_kv, c.head_dim, c.rope.style, cos, sin);
-        let layer_k = &mut k_cache[il * n_ctx * dk..(il + 1) * n_ctx * dk];
-        let layer_v = &mut v_cache[il * n_ctx * dv..(il + 1) * n_ctx * dv];
-        model
-            .kernels
-            .f32_to_f16(k, &mut layer_k[pos0 * dk..(pos0 + n_tok) * dk]);
-        model
-            .kernels
-            .f32_to_f16(v, &mut layer_v[pos0 * dv..(pos0 + n_tok) * dv]);
-        let attn = &mut attn[..n_tok * dattn];
         tap("Qrope", il, q);
         tap("Krope", il, k);
-        ops::attention(ctx, shape, q, layer_k, layer_v, pos0, n_tok, attn);
+        ops::store_kv(&model.kernels, seqs, il, k, v, dk, dv);
+        let shape = AttnShape {
+            n_head: c.n_head,
+            n_head_kv: c.n_head_kv,
+            head_dim: c.head_dim,
+            head_dim_v: c.head_dim_v,
+            scale: c.kq_scale,
+            window: c.sliding_window.filter(|_| c.swa_layers[il]),
+            softcap: 0.0,
+        };
+        let attn = &mut s.attn[..n_tok * dattn];
+        ops::attention(ctx, shape, q, rows, seqs, il, attn);
         tap("kqv_out", il, attn);
         input.invalidate();
         ops::matmul(
@@ -153,7 +116,7 @@ pub(crate) fn forward(
         // Feed-forward block (SwiGLU).
         ops::rms_norm(x, &lw.ffn_norm, c.rms_eps, xn);
         input.invalidate();
-        let (gate, up) = (&mut gate[..n_tok * dff], &mut up[..n_tok * dff]);
+        let (gate, up) = (&mut s.gate[..n_tok * dff], &mut s.up[..n_tok * dff]);
         ops::matmul(
             ctx,
             &lw.w_gate,
@@ -191,15 +154,5 @@ pub(crate) fn forward(
         tap("l_out", il, x);
     }
 
-    // Output head.
-    crate::output_logits(
-        model,
-        x,
-        xn,
-        n_tok,
-        &mut input,
-        scratch,
-        last_logits,
-        logits,
-    )
+    crate::output_logits(model, x, &mut s.out_rows, &mut input, scratch, seqs)
 }

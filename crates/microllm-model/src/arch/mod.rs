@@ -1,1 +1,2 @@
+pub mod gemma;
 pub mod llama;

@@ -284,6 +284,8 @@ pub struct Logged {
 pub struct Behaviour {
     /// Cut the next file body after this many bytes (then forget the setting).
     pub cut_after: Option<u64>,
+    /// Only cut bodies of this path.
+    pub cut_only: Option<String>,
     /// Answer every request with the whole file (200), as servers without ranges do.
     pub ignore_range: bool,
     /// Send bodies in chunks of this many bytes with this many ms between them.
@@ -507,7 +509,8 @@ fn serve_one(
                 return;
             }
             let mut data = &body[start as usize..];
-            if let Some(cut) = b.cut_after {
+            let cut_here = b.cut_only.as_deref().is_none_or(|p| path.starts_with(p));
+            if let Some(cut) = b.cut_after.filter(|_| cut_here) {
                 behaviour.lock().unwrap().cut_after = None;
                 data = &data[..(cut as usize).min(data.len())];
             }
