@@ -176,11 +176,16 @@ pub fn kernels() -> Result<Kernels> {
 /// Loads the model named by `args`.
 pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
     let path = model_path(args)?;
+    load_path(&path, args)
+}
+
+/// Loads the model file at `path` with the options of `args`.
+pub fn load_path(path: &std::path::Path, args: &ModelArgs) -> Result<LoadedModel> {
     let opts = ModelOptions {
         n_threads: args.threads.unwrap_or(0),
         kernels: kernels()?,
     };
-    LoadedModel::load(&path, opts).with_context(|| format!("loading {}", path.display()))
+    LoadedModel::load(path, opts).with_context(|| format!("loading {}", path.display()))
 }
 
 fn tokenize(a: TokenizeArgs) -> Result<()> {

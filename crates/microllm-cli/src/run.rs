@@ -67,6 +67,9 @@ pub struct RunArgs {
     /// Print one JSON object (prompt ids, generated ids, text, timings) instead of streaming.
     #[arg(long)]
     pub json: bool,
+    /// Load even when the memory estimate says the model and context will not fit.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Serialize)]
@@ -110,7 +113,9 @@ impl RunArgs {
 pub fn run(a: RunArgs) -> Result<()> {
     let sampler = a.sampler();
     sampler.validate()?;
-    let lm = crate::load(&a.model)?;
+    let path = crate::model_path(&a.model)?;
+    crate::store_cmds::check_fit_for_load(&path, a.ctx, a.force)?;
+    let lm = crate::load_path(&path, &a.model)?;
     let template = match &a.chat_template {
         Some(p) => {
             let src = std::fs::read_to_string(p)

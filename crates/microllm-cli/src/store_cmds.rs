@@ -157,7 +157,6 @@ pub fn resolve_auto(name: &str) -> Result<String> {
 /// Refuses to load the model at `path` if it will not fit at `n_ctx` (default
 /// min(4096, trained)), unless `force`. For `run`/`serve` once the context is known:
 /// `crate::store_cmds::check_fit_for_load(&path, a.ctx, a.force)?` before loading.
-#[allow(dead_code)] // until run/serve call it
 pub fn check_fit_for_load(path: &Path, n_ctx: Option<usize>, force: bool) -> Result<()> {
     if force {
         return Ok(());

@@ -682,8 +682,29 @@ fn client_disconnect_cancels_and_full_queue_refuses() {
     wait_for("slots idle", || {
         metric(&srv, "microllm_slots_active") == 0.0
     });
-    // Neither ran to its 900 tokens.
-    assert!(metric(&srv, "microllm_generated_tokens_total") < 1800.0);
+    // A non-streamed request whose client gives up is cancelled too.
+    let impatient: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(2)))
+        .build()
+        .into();
+    let mut plain = long.clone();
+    plain["stream"] = json!(false);
+    let r = impatient
+        .post(&url)
+        .header("Content-Type", "application/json")
+        .send(plain.to_string());
+    assert!(r.is_err(), "900 tokens cannot come back within 2 s");
+    wait_for("non-streamed request cancelled", || {
+        metric(
+            &srv,
+            "microllm_generations_finished_total{reason=\"cancelled\"}",
+        ) >= 3.0
+    });
+    wait_for("slots idle again", || {
+        metric(&srv, "microllm_slots_active") == 0.0
+    });
+    // None ran to its 900 tokens.
+    assert!(metric(&srv, "microllm_generated_tokens_total") < 2700.0);
     assert_eq!(
         metric(
             &srv,

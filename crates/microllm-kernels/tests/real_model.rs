@@ -119,3 +119,69 @@ fn real_matvec_against_dequantized_dot() {
         }
     }
 }
+
+const GEMMA: &str = "/root/.cache/microllm-ref/gemma-3-270m-q4_k_m.gguf";
+
+/// Gemma 3 270M Q4_K_M's K-quant tensors (written by llama-quantize): every path dequantizes
+/// them identically to plausible trained weights, and the matvec of a real row agrees with
+/// the f64 dot of the dequantized operands on every path (bit-identical across paths).
+#[test]
+fn gemma_k_quant_rows() {
+    let path = Path::new(GEMMA);
+    if !path.exists() {
+        eprintln!("SKIP: reference model {GEMMA} is absent (CI fetches it)");
+        return;
+    }
+    let f = GgufFile::open(path).expect("reference model opens");
+    let paths = all_paths();
+    let mut rng = Rng::new(21);
+    for (name, ty, k) in [
+        ("blk.0.ffn_down.weight", GgmlType::Q6_K, 2048),
+        ("blk.2.ffn_down.weight", GgmlType::Q4_K, 2048),
+        ("blk.0.attn_output.weight", GgmlType::Q4_K, 1024),
+    ] {
+        let t = f.tensor(name).unwrap_or_else(|| panic!("{name} missing"));
+        assert_eq!((t.ty, t.row_len() as usize), (ty, k), "{name}");
+        let data = f.tensor_data(t);
+        let rs = row_size(ty, k);
+        let n_rows = 32;
+        let x = rng.vec(k, 1.0);
+        let a = quant(GgmlType::Q8_K, &x);
+        let ad = dequant(GgmlType::Q8_K, &a, k);
+        let mut outs = Vec::new();
+        for kern in &paths {
+            let mut out = vec![0f32; n_rows];
+            kern.gemm(ty, k, &data[..n_rows * rs], n_rows, &a, 1, &mut out, n_rows);
+            outs.push(out);
+        }
+        for r in 0..n_rows {
+            let row = &data[r * rs..(r + 1) * rs];
+            let y = dequant(ty, row, k);
+            for kern in &paths {
+                let mut y2 = vec![0f32; k];
+                kern.dequantize_row(ty, row, &mut y2).unwrap();
+                assert_eq!(y2, y, "{name} row {r} on {}", kern.path());
+            }
+            let mean_abs = y.iter().map(|v| v.abs()).sum::<f32>() / k as f32;
+            assert!(
+                y.iter().all(|v| v.is_finite() && v.abs() < 16.0)
+                    && (1e-3..1.0).contains(&mean_abs),
+                "{name} row {r}: implausible values (mean |w| {mean_abs})"
+            );
+            let exact: f64 = y.iter().zip(&ad).map(|(p, q)| *p as f64 * *q as f64).sum();
+            let tol = 1e-5 * abs_dot(&y, &ad);
+            for out in &outs {
+                assert_eq!(
+                    out[r].to_bits(),
+                    outs[0][r].to_bits(),
+                    "{name} row {r}: paths differ"
+                );
+                assert!(
+                    (out[r] as f64 - exact).abs() <= tol,
+                    "{name} row {r}: {} vs {exact}",
+                    out[r]
+                );
+            }
+        }
+    }
+}

@@ -13,12 +13,13 @@ pub enum Arch {
     Mistral,
     Gemma2,
     Gemma3,
+    Phi3,
 }
 
 impl Arch {
     /// Every supported `general.architecture` value, for error messages and `inspect`.
     pub const SUPPORTED: &'static [&'static str] =
-        &["llama", "qwen2", "mistral", "gemma2", "gemma3"];
+        &["llama", "qwen2", "mistral", "gemma2", "gemma3", "phi3"];
 
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
@@ -27,6 +28,7 @@ impl Arch {
             "mistral" => Some(Arch::Mistral),
             "gemma2" => Some(Arch::Gemma2),
             "gemma3" => Some(Arch::Gemma3),
+            "phi3" => Some(Arch::Phi3),
             _ => None,
         }
     }
@@ -38,6 +40,7 @@ impl Arch {
             Arch::Mistral => "mistral",
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
+            Arch::Phi3 => "phi3",
         }
     }
 
@@ -46,7 +49,7 @@ impl Arch {
         match self {
             // The llama converter permutes Q/K rows so that pairs are adjacent.
             Arch::Llama | Arch::Mistral => RopeStyle::Normal,
-            Arch::Qwen2 | Arch::Gemma2 | Arch::Gemma3 => RopeStyle::Neox,
+            Arch::Qwen2 | Arch::Gemma2 | Arch::Gemma3 | Arch::Phi3 => RopeStyle::Neox,
         }
     }
 }
@@ -78,6 +81,8 @@ pub struct RopeConfig {
     /// Rotated dimensions per head (`rope.dimension_count`, default head_dim).
     pub n_rot: usize,
     pub scaling: RopeScaling,
+    /// Multiplies cos/sin (`rope.scaling.attn_factor`, Phi-3 long-context models; 1 = none).
+    pub attn_factor: f32,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -227,7 +232,12 @@ impl Config {
                 )))
             }
         };
-        let sliding_window = opt("attention.sliding_window", MAX_CTX)?;
+        // llama.cpp disables Phi-3's sliding window (its converters store it inconsistently);
+        // we follow, so that results match.
+        let sliding_window = match arch {
+            Arch::Phi3 => None,
+            _ => opt("attention.sliding_window", MAX_CTX)?,
+        };
         let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
         // Which layers use the window: an explicit per-layer pattern if the file has one,
         // else the architecture's default (llama.cpp's): Gemma 3 makes every 6th layer global,
@@ -269,9 +279,9 @@ impl Config {
         let softcap = |k: &str| -> Result<Option<f32>, ModelError> {
             Ok(md.get_f32(&key(k))?.filter(|v| *v != 0.0))
         };
-        // Gemma scales queries by 1/sqrt(head_dim) before attention (llama.cpp applies it as a
-        // separate op, so the attention's own scale is 1).
-        let (q_scale, kq_scale) = if gemma {
+        // Gemma and Phi-3 scale queries by 1/sqrt(head_dim) before attention (llama.cpp applies
+        // it as a separate op, so the attention's own scale is 1).
+        let (q_scale, kq_scale) = if gemma || arch == Arch::Phi3 {
             (Some(1.0 / (head_dim as f32).sqrt()), 1.0)
         } else {
             (None, 1.0 / (head_dim as f32).sqrt())
@@ -294,6 +304,10 @@ impl Config {
                 base,
                 n_rot,
                 scaling,
+                attn_factor: md
+                    .get_f32(&key("rope.scaling.attn_factor"))?
+                    .filter(|v| v.is_finite() && *v > 0.0)
+                    .unwrap_or(1.0),
             },
             sliding_window,
             swa_layers,

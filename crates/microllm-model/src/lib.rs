@@ -319,7 +319,7 @@ impl Model {
             return Ok(());
         }
         match self.config.arch {
-            Arch::Llama | Arch::Qwen2 | Arch::Mistral => {
+            Arch::Llama | Arch::Qwen2 | Arch::Mistral | Arch::Phi3 => {
                 arch::llama::forward(self, scratch, seqs, n_tok)?
             }
             Arch::Gemma2 | Arch::Gemma3 => arch::gemma::forward(self, scratch, seqs, n_tok)?,
@@ -346,6 +346,7 @@ fn rope_tables(c: &Config, base: f32, factors: Option<&[f32]>) -> ops::RopeTable
     ops::RopeTables {
         n_pairs: c.rope.n_rot / 2,
         theta_scale: base.powf(-2.0 / c.rope.n_rot as f32),
+        mscale: c.rope.attn_factor,
         freq_scale: match c.rope.scaling {
             RopeScaling::None => 1.0,
             RopeScaling::Linear { factor } => 1.0 / factor,

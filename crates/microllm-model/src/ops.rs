@@ -211,8 +211,8 @@ pub(crate) fn rope_tables(rope: &RopeTables, rows: &[Row], cos: &mut [f32], sin:
         for i in 0..h {
             let ff = rope.factors.as_ref().map_or(1.0, |f| f[i]);
             let th = rope.freq_scale * (theta / ff);
-            cos[t * h + i] = th.cos();
-            sin[t * h + i] = th.sin();
+            cos[t * h + i] = th.cos() * rope.mscale;
+            sin[t * h + i] = th.sin() * rope.mscale;
             theta *= rope.theta_scale;
         }
     }
@@ -226,6 +226,8 @@ pub(crate) struct RopeTables {
     pub theta_scale: f32,
     /// 1 / linear scaling factor.
     pub freq_scale: f32,
+    /// Multiplies cos and sin (1 unless the model sets an attention factor).
+    pub mscale: f32,
     /// Per-pair divisors (`rope_freqs.weight`, llama3-style scaling).
     pub factors: Option<Vec<f32>>,
 }

@@ -75,9 +75,10 @@ impl Scratch {
             .into_iter()
             .max()
             .unwrap_or(1);
-        // Scratch holds one matmul's output; the output projection is done in column chunks
-        // that fit (at least one column of n_vocab).
-        let scratch = (n_rows * widest).max(c.n_vocab);
+        // Scratch holds one matmul's output. The output projection runs in column chunks that
+        // fit it: room for up to 32 columns of n_vocab, so that computing every position's
+        // logits (perplexity) reads the output matrix once per 32 tokens, not once per token.
+        let scratch = (n_rows * widest).max(n_rows.min(32) * c.n_vocab);
         let half_rot = c.rope.n_rot / 2;
         Ok(Scratch {
             n_rows,

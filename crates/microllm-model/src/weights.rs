@@ -19,6 +19,22 @@ pub struct QMatrix {
 }
 
 impl QMatrix {
+    /// Rows `r0..r0+n_rows` of this matrix as a matrix of their own (a view of the same
+    /// bytes): how fused tensors (Phi-3's attn_qkv, ffn_up holding gate and up) are split.
+    pub(crate) fn rows(&self, r0: usize, n_rows: usize) -> QMatrix {
+        let mut info = self.info.clone();
+        info.offset += (r0 * self.row_bytes) as u64;
+        info.n_bytes = (n_rows * self.row_bytes) as u64;
+        info.dims = vec![self.n_cols as u64, n_rows as u64];
+        QMatrix {
+            ty: self.ty,
+            n_rows,
+            n_cols: self.n_cols,
+            row_bytes: self.row_bytes,
+            info,
+        }
+    }
+
     /// The raw bytes (all rows) inside `file`.
     #[inline]
     pub fn data<'f>(&self, file: &'f GgufFile) -> &'f [u8] {
@@ -189,11 +205,40 @@ impl Weights {
         let mut layers = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let p = |s: &str| format!("blk.{i}.{s}");
+            // Q/K/V and gate/up are separate tensors, or fused ones split into row ranges.
+            let (wq, wk, wv) = if l.has(&p("attn_qkv.weight")) {
+                let qkv = l.matrix(
+                    &p("attn_qkv.weight"),
+                    c.q_dim() + c.k_dim() + c.v_dim(),
+                    c.n_embd,
+                )?;
+                (
+                    qkv.rows(0, c.q_dim()),
+                    qkv.rows(c.q_dim(), c.k_dim()),
+                    qkv.rows(c.q_dim() + c.k_dim(), c.v_dim()),
+                )
+            } else {
+                (
+                    l.matrix(&p("attn_q.weight"), c.q_dim(), c.n_embd)?,
+                    l.matrix(&p("attn_k.weight"), c.k_dim(), c.n_embd)?,
+                    l.matrix(&p("attn_v.weight"), c.v_dim(), c.n_embd)?,
+                )
+            };
+            let (w_gate, w_up) = if l.has(&p("ffn_gate.weight")) {
+                (
+                    l.matrix(&p("ffn_gate.weight"), c.n_ff, c.n_embd)?,
+                    l.matrix(&p("ffn_up.weight"), c.n_ff, c.n_embd)?,
+                )
+            } else {
+                // ffn_up holds [gate; up] (silu of the first half times the second).
+                let fused = l.matrix(&p("ffn_up.weight"), 2 * c.n_ff, c.n_embd)?;
+                (fused.rows(0, c.n_ff), fused.rows(c.n_ff, c.n_ff))
+            };
             layers.push(LayerWeights {
                 attn_norm: l.vector(&p("attn_norm.weight"), c.n_embd)?,
-                wq: l.matrix(&p("attn_q.weight"), c.q_dim(), c.n_embd)?,
-                wk: l.matrix(&p("attn_k.weight"), c.k_dim(), c.n_embd)?,
-                wv: l.matrix(&p("attn_v.weight"), c.v_dim(), c.n_embd)?,
+                wq,
+                wk,
+                wv,
                 bq: l.opt_vector(&p("attn_q.bias"), c.q_dim())?,
                 bk: l.opt_vector(&p("attn_k.bias"), c.k_dim())?,
                 bv: l.opt_vector(&p("attn_v.bias"), c.v_dim())?,
@@ -202,8 +247,8 @@ impl Weights {
                 wo: l.matrix(&p("attn_output.weight"), c.n_embd, c.n_head * c.head_dim_v)?,
                 attn_post_norm: post(l, &p("post_attention_norm.weight"))?,
                 ffn_norm: l.vector(&p("ffn_norm.weight"), c.n_embd)?,
-                w_gate: l.matrix(&p("ffn_gate.weight"), c.n_ff, c.n_embd)?,
-                w_up: l.matrix(&p("ffn_up.weight"), c.n_ff, c.n_embd)?,
+                w_gate,
+                w_up,
                 w_down: l.matrix(&p("ffn_down.weight"), c.n_embd, c.n_ff)?,
                 ffn_post_norm: post(l, &p("post_ffw_norm.weight"))?,
             });
@@ -214,7 +259,12 @@ impl Weights {
         } else {
             (token_embd.clone(), true)
         };
-        let rope_freqs = l.opt_vector("rope_freqs.weight", c.rope.n_rot / 2)?;
+        // llama3-style factors, or Phi-3's short-context factors (we run within the original
+        // context, where llama.cpp uses the short ones).
+        let rope_freqs = match l.opt_vector("rope_freqs.weight", c.rope.n_rot / 2)? {
+            Some(f) => Some(f),
+            None => l.opt_vector("rope_factors_short.weight", c.rope.n_rot / 2)?,
+        };
         Ok(Weights {
             token_embd,
             layers,

@@ -265,6 +265,14 @@ impl Metrics {
             "Bytes allocated for the KV caches.",
             self.kv_bytes.load(Relaxed) as f64,
         );
+        if let Some(rss) = resident_bytes() {
+            gauge(
+                &mut o,
+                "process_resident_memory_bytes",
+                "Resident memory of the server process (VmRSS).",
+                rss as f64,
+            );
+        }
         counter(
             &mut o,
             "microllm_decode_steps_total",
@@ -279,6 +287,14 @@ impl Metrics {
         );
         o
     }
+}
+
+/// The process's resident set size, from `/proc/self/status` (Linux; `None` elsewhere).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 #[cfg(test)]

@@ -613,7 +613,7 @@ pub fn quantize_q2_k(x: &[f32], y: &mut [BlockQ2_K], qw: Option<&[f32]>) {
             let dm = dmin.to_f32() * (yb.scales[j] >> 4) as f32;
             for ii in 0..16 {
                 let li = nearest_int((xb[16 * j + ii] + dm) / dd);
-                l[16 * j + ii] = li.min(3).max(0) as u8;
+                l[16 * j + ii] = li.clamp(0, 3) as u8;
             }
         }
         pack_2bit(&l, &mut yb.qs);
@@ -646,7 +646,7 @@ pub fn quantize_q3_k(x: &[f32], y: &mut [BlockQ3_K], qw: Option<&[f32]>) {
                     let iscale = -32.0 / max_scale;
                     for j in 0..16 {
                         // C: int8_t l = nearest_int(...); clamp; + 32.
-                        let lv = (nearest_int(iscale * scales[j]) as i8).min(31).max(-32) + 32;
+                        let lv = (nearest_int(iscale * scales[j]) as i8).clamp(-32, 31) + 32;
                         set_scale_q3_k(&mut yb.scales, j, lv as u8);
                     }
                     yb.d = F16Le::from_f32(1.0 / iscale);
@@ -684,7 +684,7 @@ pub fn quantize_q3_k(x: &[f32], y: &mut [BlockQ3_K], qw: Option<&[f32]>) {
                 continue;
             }
             for ii in 0..16 {
-                let li = nearest_int(xb[16 * j + ii] / dd).min(3).max(-4);
+                let li = nearest_int(xb[16 * j + ii] / dd).clamp(-4, 3);
                 l[16 * j + ii] = (li + 4) as i8;
             }
         }
@@ -904,7 +904,7 @@ pub fn quantize_q6_k(x: &[f32], y: &mut [BlockQ6_K], qw: Option<&[f32]>) {
                 continue;
             }
             for ii in 0..16 {
-                let li = nearest_int(xb[16 * j + ii] / dd).min(31).max(-32);
+                let li = nearest_int(xb[16 * j + ii] / dd).clamp(-32, 31);
                 l[16 * j + ii] = (li + 32) as i8;
             }
         }
@@ -1080,9 +1080,10 @@ fn q6(b: &BlockQ6_K, e: usize) -> u8 {
 ///
 /// - `VecDot` — `ggml_vec_dot_q{2,3,5,6}_K_q8_K` (matmuls with fewer than 8 columns): eight
 ///   i32 lanes per super-block, lane `l` holding the elements `32V + 4l .. 32V + 4l + 4` of
-///   every 32-element chunk `V` times their group scale (Q6_K: minus `32 * (sc[2l] * bsum[2l]
-///   + sc[2l+1] * bsum[2l+1])`), each lane accumulated as `acc[l] = fma(da*dw, f32(lane),
-///   acc[l])` and the lanes summed at the end as `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`.
+///   every 32-element chunk `V` times their group scale (Q6_K: minus
+///   `32 * (sc[2l] * bsum[2l] + sc[2l+1] * bsum[2l+1])`), each lane accumulated as
+///   `acc[l] = fma(da*dw, f32(lane), acc[l])` and the lanes summed at the end as
+///   `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`.
 ///   Minimums: Q2_K first adds `fma(-da*dmin, f32(m[2l]*bsum[2l] + m[2l+1]*bsum[2l+1]))` per
 ///   lane, Q5_K keeps a scalar `s = fma(-da*dmin, f32(sum m*bsum), s)` added after the lanes.
 /// - `Tiled` — ggml-cpu's tiled K-quant matmul (`tiled_run_microtile_avx2`, 8 or more

@@ -87,6 +87,27 @@ pub(super) fn hsum_epi32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
+/// Sum the 8 i32 lanes of each of up to 4 vectors: lane `r` of the result is the total of
+/// `v[r]` (lanes `r >= R` are 0). Integer adds, so the result is exact.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn reduce_rows<const R: usize>(v: &[__m256i; R]) -> __m128i {
+    let z = _mm256_setzero_si256();
+    let g = |i: usize| if i < R { v[i] } else { z };
+    let h01 = _mm256_hadd_epi32(g(0), g(1));
+    let h23 = _mm256_hadd_epi32(g(2), g(3));
+    let h = _mm256_hadd_epi32(h01, h23);
+    _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
+}
+
+/// Up to 4 floats as a 128-bit vector (missing lanes 0).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn f4<const R: usize>(v: &[f32; R]) -> __m128 {
+    let g = |i: usize| if i < R { v[i] } else { 0.0 };
+    _mm_setr_ps(g(0), g(1), g(2), g(3))
+}
+
 /// f16 bits -> f32 (exact).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -282,7 +303,11 @@ fn tile_q<const W: u8, const R: usize, const C: usize>(
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); C]; R];
     let mut summs = [[0.0f32; C]; R];
+    // Q4_0 (repacked in llama.cpp): per column, rows in 128-bit lanes.
+    let mut acc4 = [_mm_setzero_ps(); C];
     for b in 0..nb {
+        let mut blk_sum = [[_mm256_setzero_si256(); C]; R];
+        let mut blk_d = [0.0f32; R];
         let mut aq = [_mm256_setzero_si256(); C];
         let mut ad = [_mm256_setzero_ps(); C];
         // s_a of Q8_1 (d_a * sum(q_a)); the m_w * s_a terms are summed as scalars and added
@@ -318,7 +343,9 @@ fn tile_q<const W: u8, const R: usize, const C: usize>(
                     let p32 = _mm256_madd_epi16(p16, ones);
                     let scale = _mm256_mul_ps(dw, ad[c]);
                     acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[r][c]);
-                    summs[r][c] += mw * asum[c];
+                    // ggml-cpu (built with -mfma) contracts `summs += m * s` into an fma; the
+                    // product of two f16 values is exact in f32, so either way is the same.
+                    summs[r][c] = mw.mul_add(asum[c], summs[r][c]);
                 }
             } else {
                 // Sign trick: |w| (as u8, 128 for -128) times a with w's sign; pair sums are
@@ -327,24 +354,40 @@ fn tile_q<const W: u8, const R: usize, const C: usize>(
                 for c in 0..C {
                     let p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(aq[c], wq));
                     let p32 = _mm256_madd_epi16(p16, ones);
-                    let scale = _mm256_mul_ps(dw, ad[c]);
                     if W == W_Q4_0 {
-                        // llama.cpp repacks Q4_0 on AVX2 (ggml_gemv/gemm_q4_0_8x8_q8_0): one
-                        // fma of the block's whole integer sum per block, lanes = rows.
-                        let s = hsum_epi32(p32) as f32;
-                        summs[r][c] = s.mul_add(_mm256_cvtss_f32(scale), summs[r][c]);
+                        blk_sum[r][c] = p32;
+                        blk_d[r] = _mm_cvtss_f32(dm);
                     } else {
+                        let scale = _mm256_mul_ps(dw, ad[c]);
                         acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc[r][c]);
                     }
                 }
             }
         }
+        if W == W_Q4_0 {
+            // llama.cpp repacks Q4_0 on AVX2 (ggml_gemv/gemm_q4_0_8x8_q8_0): per block one
+            // fma of the block's whole integer sum, `acc = fma(f32(S), d_w * d_a, acc)`.
+            let dw4 = f4(&blk_d);
+            for c in 0..C {
+                let col: [__m256i; R] = core::array::from_fn(|r| blk_sum[r][c]);
+                let s4 = _mm_cvtepi32_ps(reduce_rows(&col));
+                let scale = _mm_mul_ps(dw4, _mm256_castps256_ps128(ad[c]));
+                acc4[c] = _mm_fmadd_ps(s4, scale, acc4[c]);
+            }
+        }
     }
     let mut out = [[0.0f32; C]; R];
+    let mut q40 = [[0.0f32; 4]; C];
+    if W == W_Q4_0 {
+        for c in 0..C {
+            // SAFETY: 4 writable floats.
+            unsafe { _mm_storeu_ps(q40[c].as_mut_ptr(), acc4[c]) };
+        }
+    }
     for r in 0..R {
         for c in 0..C {
             out[r][c] = if W == W_Q4_0 {
-                summs[r][c]
+                q40[c][r]
             } else {
                 hsum_ps(acc[r][c]) + summs[r][c]
             };

@@ -18,7 +18,7 @@
 //! columns, as llama.cpp does ([`k_order_fmt`]); a tile never mixes two orders.
 
 use super::avx2::{f16x2, h2f, hsum_epi32, hsum_ps, prefetch_ahead, prefetch_distance, rd16, rd32};
-use super::avx2::{COLS, ROWS};
+use super::avx2::{f4, reduce_rows, COLS, ROWS};
 use crate::blocks::QK_K;
 use crate::format::Fmt;
 use crate::reference::{k_order_fmt, KOrder};
@@ -78,15 +78,17 @@ const fn order_of(w: u8, sec: bool) -> KOrder {
     }
 }
 
-/// Byte shuffles picking the scales of chunk `V`: group `2V` for the first 16 elements,
-/// `2V + 1` for the next 16.
-static SC_SHUF: [[u8; 16]; 8] = {
-    let mut t = [[0u8; 16]; 8];
+/// Byte shuffles building the i16 scale vector of chunk `V` from a vector holding 8 group
+/// scales (as i16) in both 128-bit halves: lanes 0..8 get group `2V`, lanes 8..16 group
+/// `2V + 1` (indices mod 8; chunks 0..4 read groups 0..8, chunks 4..8 groups 8..16).
+static SCV_SHUF: [[u8; 32]; 4] = {
+    let mut t = [[0u8; 32]; 4];
     let mut v = 0;
-    while v < 8 {
+    while v < 4 {
         let mut i = 0;
-        while i < 16 {
-            t[v][i] = (2 * v + i / 8) as u8;
+        while i < 32 {
+            let e = 2 * v + i / 16; // group index within the half-table
+            t[v][i] = (2 * e + i % 2) as u8;
             i += 1;
         }
         v += 1;
@@ -199,7 +201,6 @@ fn srl16(v: __m256i, n: usize) -> __m256i {
 unsafe fn chunks<const W: u8>(p: *const u8, g: usize) -> [__m256i; 4] {
     let m4 = _mm256_set1_epi8(0x0f);
     let m3 = _mm256_set1_epi8(3);
-    let one = _mm256_set1_epi8(1);
     let z = _mm256_setzero_si256();
     // Every load below stays inside the block (offsets from crate::blocks, g bounded).
     match W {
@@ -216,11 +217,19 @@ unsafe fn chunks<const W: u8>(p: *const u8, g: usize) -> [__m256i; 4] {
                     _mm256_loadu_si256(p.add(32 + 32 * g).cast()),
                 )
             };
+            // Third bits of chunk 4g + k at bit k of `hs`; moved to bit 2 with an immediate
+            // shift per chunk.
+            let hs = srl16(hm, 4 * g);
+            let b2 = _mm256_set1_epi8(4);
+            let hb = [
+                _mm256_and_si256(_mm256_slli_epi16::<2>(hs), b2),
+                _mm256_and_si256(_mm256_slli_epi16::<1>(hs), b2),
+                _mm256_and_si256(hs, b2),
+                _mm256_and_si256(_mm256_srli_epi16::<1>(hs), b2),
+            ];
             [0, 1, 2, 3].map(|k| {
                 let low = _mm256_and_si256(srl16(raw, 2 * k), m3);
-                let hb = _mm256_and_si256(srl16(hm, 4 * g + k), one);
-                let q = _mm256_or_si256(low, _mm256_slli_epi16::<2>(hb));
-                _mm256_sub_epi8(q, _mm256_set1_epi8(4))
+                _mm256_sub_epi8(_mm256_or_si256(low, hb[k]), _mm256_set1_epi8(4))
             })
         }
         K4 => {
@@ -241,13 +250,14 @@ unsafe fn chunks<const W: u8>(p: *const u8, g: usize) -> [__m256i; 4] {
                     _mm256_loadu_si256(p.add(48 + 32 * g).cast()),
                 )
             };
-            let hi = |v: usize| _mm256_slli_epi16::<4>(_mm256_and_si256(srl16(qh, v), one));
+            // Fifth bits of chunks 2g and 2g + 1 at bits 0 and 1 of `hs`, moved to bit 4.
+            let hs = srl16(qh, 2 * g);
+            let b4 = _mm256_set1_epi8(0x10);
+            let hi0 = _mm256_and_si256(_mm256_slli_epi16::<4>(hs), b4);
+            let hi1 = _mm256_and_si256(_mm256_slli_epi16::<3>(hs), b4);
             [
-                _mm256_or_si256(_mm256_and_si256(raw, m4), hi(2 * g)),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4),
-                    hi(2 * g + 1),
-                ),
+                _mm256_or_si256(_mm256_and_si256(raw, m4), hi0),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4), hi1),
                 z,
                 z,
             ]
@@ -270,27 +280,6 @@ unsafe fn chunks<const W: u8>(p: *const u8, g: usize) -> [__m256i; 4] {
             ]
         }
     }
-}
-
-/// Sum the 8 i32 lanes of each of up to 4 vectors: lane `r` of the result is the total of
-/// `v[r]` (lanes `r >= R` are 0). Integer adds, so the result is exact.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn reduce_rows<const R: usize>(v: &[__m256i; R]) -> __m128i {
-    let z = _mm256_setzero_si256();
-    let g = |i: usize| if i < R { v[i] } else { z };
-    let h01 = _mm256_hadd_epi32(g(0), g(1));
-    let h23 = _mm256_hadd_epi32(g(2), g(3));
-    let h = _mm256_hadd_epi32(h01, h23);
-    _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
-}
-
-/// Up to 4 floats as a 128-bit vector (missing lanes 0).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn f4<const R: usize>(v: &[f32; R]) -> __m128 {
-    let g = |i: usize| if i < R { v[i] } else { 0.0 };
-    _mm_setr_ps(g(0), g(1), g(2), g(3))
 }
 
 /// Dot products of R weight rows (`w`, `w_row` bytes apart, `nb` super-blocks each) with C
@@ -380,25 +369,41 @@ fn tile<const W: u8, const R: usize, const C: usize, const SEC: bool>(
                 }
             }
         }
+        // Group scales as i16, each half-table in both 128-bit lanes (for in-lane shuffles).
+        let mut sc_tab = [[zi; 2]; R];
+        for r in 0..R {
+            let sc16 = _mm256_cvtepi8_epi16(hd[r].sc8);
+            sc_tab[r] = [
+                _mm256_permute2x128_si256::<0x00>(sc16, sc16),
+                _mm256_permute2x128_si256::<0x11>(sc16, sc16),
+            ];
+        }
         let mut acc = [[zi; C]; R];
         for g in 0..8 / g_n {
+            // The group's activation chunks, loaded once for all rows.
+            let mut av = [[zi; 4]; C];
+            for c in 0..C {
+                for k in 0..g_n {
+                    // SAFETY: qs of column c's block: bytes 4 + 32v .. 36 + 32v < 260.
+                    av[c][k] =
+                        unsafe { _mm256_loadu_si256(apb[c].add(4 + 32 * (g * g_n + k)).cast()) };
+                }
+            }
             for r in 0..R {
                 // SAFETY: row r's super-block is readable (above) and g < 8 / group(W).
                 let ws = unsafe { chunks::<W>(wpb[r], g) };
                 for (k, &wv) in ws.iter().enumerate().take(g_n) {
                     let v = g * g_n + k;
-                    // SAFETY: SC_SHUF[v] is a 16-byte static (v < 8).
-                    let shuf = unsafe { _mm_loadu_si128(SC_SHUF[v].as_ptr().cast()) };
-                    let scv = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(hd[r].sc8, shuf));
+                    // SAFETY: SCV_SHUF[v % 4] is a 32-byte static.
+                    let shuf = unsafe { _mm256_loadu_si256(SCV_SHUF[v % 4].as_ptr().cast()) };
+                    let scv = _mm256_shuffle_epi8(sc_tab[r][v / 4], shuf);
                     let wabs = _mm256_sign_epi8(wv, wv);
                     for c in 0..C {
-                        // SAFETY: qs of column c's block: bytes 4 + 32v .. 36 + 32v < 260.
-                        let av = unsafe { _mm256_loadu_si256(apb[c].add(4 + 32 * v).cast()) };
                         let p16 = if W == K3 {
                             // Signed levels: |w| times a with w's sign (exact, |w| <= 4).
-                            _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(av, wv))
+                            _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(av[c][k], wv))
                         } else {
-                            _mm256_maddubs_epi16(wv, av)
+                            _mm256_maddubs_epi16(wv, av[c][k])
                         };
                         acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(p16, scv));
                     }

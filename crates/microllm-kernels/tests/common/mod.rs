@@ -30,6 +30,17 @@ pub const ROW_TYPES: [GgmlType; 9] = [
     GgmlType::Q8_1,
 ];
 
+/// The K-quant weight formats (Q8_K activations).
+pub const K_TYPES: [GgmlType; 5] = [
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+/// Row lengths for the K-quants: 256 x {1, 2, 3, 7, 9} super-blocks.
+pub const K_LENS: [usize; 5] = [256, 512, 768, 256 * 7, 256 * 9];
+
 /// Row lengths for the block formats (multiples of 32, odd block counts included).
 pub const BLOCK_LENS: [usize; 6] = [32, 64, 96, 32 * 7, 32 * 17, 32 * 33];
 /// Lengths for the element-wise helpers: every tail length of an 8/32-wide loop.
@@ -137,12 +148,18 @@ pub fn abs_dot(a: &[f32], b: &[f32]) -> f64 {
 /// exercises every nibble/qh bit pattern, including -128 in Q8_0.
 pub fn random_weight_bytes(rng: &mut Rng, ty: GgmlType, n: usize) -> Vec<u8> {
     let mut b = rng.bytes(row_size(ty, n));
-    let (bs, scale_fields) = match ty {
-        GgmlType::Q4_0 => (18, 1),
-        GgmlType::Q4_1 => (20, 2),
-        GgmlType::Q5_0 => (22, 1),
-        GgmlType::Q5_1 => (24, 2),
-        GgmlType::Q8_0 => (34, 1),
+    // (block bytes, byte offsets of the f16 scale fields)
+    let (bs, fields): (usize, &[usize]) = match ty {
+        GgmlType::Q4_0 => (18, &[0]),
+        GgmlType::Q4_1 => (20, &[0, 2]),
+        GgmlType::Q5_0 => (22, &[0]),
+        GgmlType::Q5_1 => (24, &[0, 2]),
+        GgmlType::Q8_0 => (34, &[0]),
+        GgmlType::Q2_K => (84, &[80, 82]),
+        GgmlType::Q3_K => (110, &[108]),
+        GgmlType::Q4_K => (144, &[0, 2]),
+        GgmlType::Q5_K => (176, &[0, 2]),
+        GgmlType::Q6_K => (210, &[208]),
         GgmlType::F16 | GgmlType::BF16 | GgmlType::F32 => {
             // Float weights: random normals rather than random bit patterns (NaN/Inf).
             let v = rng.vec(n, 0.5);
@@ -151,9 +168,9 @@ pub fn random_weight_bytes(rng: &mut Rng, ty: GgmlType, n: usize) -> Vec<u8> {
         _ => unreachable!(),
     };
     for blk in b.chunks_exact_mut(bs) {
-        for f in 0..scale_fields {
+        for &f in fields {
             let v = half::f16::from_f32(rng.uniform() * 0.05);
-            blk[2 * f..2 * f + 2].copy_from_slice(&v.to_bits().to_le_bytes());
+            blk[f..f + 2].copy_from_slice(&v.to_bits().to_le_bytes());
         }
     }
     b

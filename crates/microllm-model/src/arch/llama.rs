@@ -1,5 +1,6 @@
 //! The Llama-family forward pass: `llama` (SmolLM2, TinyLlama, Llama 3.x), `qwen2` (q/k/v
-//! bias, NeoX RoPE) and `mistral` (sliding window). The differences are config fields and
+//! bias, NeoX RoPE), `mistral` (sliding window) and `phi3` (fused QKV and gate/up tensors,
+//! split at load; pre-scaled queries). The differences are config fields and
 //! optional tensors, so one function reads top to bottom for all three.
 
 use crate::ops::{self, tap, AttnShape, QuantizedInput};
@@ -85,6 +86,9 @@ pub(crate) fn forward(
         tap("Vcur", il, v);
         ops::rope(q, n_tok, c.n_head, c.head_dim, c.rope.style, cos, sin);
         ops::rope(k, n_tok, c.n_head_kv, c.head_dim, c.rope.style, cos, sin);
+        if let Some(qs) = c.q_scale {
+            ops::scale_in_place(q, qs);
+        }
         tap("Qrope", il, q);
         tap("Krope", il, k);
         ops::store_kv(&model.kernels, seqs, il, k, v, dk, dv);
