@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use microllm_gguf::GgufFile;
-pub use microllm_model::{Logits, Model, ModelError, ModelOptions, State, StateOptions};
+pub use microllm_model::{
+    Logits, Model, ModelError, ModelOptions, Scratch, SeqBatch, State, StateOptions,
+};
 pub use microllm_sample::{Sampler, SamplerConfig};
 pub use microllm_tokenizer::{ChatMessage, ChatTemplate, StreamDecoder, Tokenizer, TokenizerError};
 
@@ -339,4 +341,29 @@ impl<'m> Session<'m> {
             decode_time,
         })
     }
+}
+
+/// Appends one token to each session and computes all their next logits in ONE batched
+/// forward: every weight matrix is read once for the whole batch (continuous batching).
+/// `scratch` must hold `batch.len()` rows (`lm.model.new_scratch(n)`); the sessions must
+/// belong to `lm`.
+pub fn step_many(
+    lm: &LoadedModel,
+    scratch: &mut Scratch,
+    batch: &mut [(&mut Session<'_>, u32)],
+) -> Result<(), EngineError> {
+    let mut seqs: Vec<SeqBatch<'_>> = Vec::with_capacity(batch.len());
+    for (session, token) in batch.iter_mut() {
+        seqs.push(SeqBatch {
+            state: &mut session.state,
+            tokens: std::slice::from_ref(token),
+            logits: Logits::Last,
+        });
+    }
+    lm.model.forward_batch(scratch, &mut seqs)?;
+    drop(seqs);
+    for (session, token) in batch.iter_mut() {
+        session.history.push(*token);
+    }
+    Ok(())
 }

@@ -5,7 +5,7 @@
 //! ggml's reference quantizers and generic dot products; [`Kernels`] is a small `Copy` value
 //! built once ([`Kernels::detect`], [`Kernels::with_path`], or [`Kernels::from_env`] for
 //! binaries and tests) that routes every call to either that reference or the AVX2+FMA+F16C
-//! code in `x86/avx2.rs`. No `target-cpu=native` is needed: one release binary runs
+//! code in `x86/avx2.rs` (`x86/avx2_k.rs` for the K-quants). No `target-cpu=native` is needed: one release binary runs
 //! everywhere, and `MICROLLM_KERNELS=scalar` forces the reference for debugging. Every SIMD
 //! function is tested against the reference at awkward lengths.
 //!
@@ -204,7 +204,9 @@ impl Kernels {
     }
 
     /// Quantize or convert `x` into `out` (exactly the row size of `x.len()` elements of
-    /// `ty`). The AVX2 path speeds up Q8_0/Q8_1 (activations), F16 and BF16, with the same
+    /// `ty`). Weight formats follow ggml's reference quantizers (`llama-quantize` without an
+    /// importance matrix; see [`Kernels::quantize_row_weighted`] for one). The AVX2 path
+    /// speeds up Q8_0/Q8_1/Q8_K (activations), F16 and BF16, with the same
     /// bytes as the reference for finite input (for NaN/Inf the bytes are unspecified and may
     /// differ between paths, but nothing is read or written out of bounds).
     pub fn quantize_row(&self, ty: GgmlType, x: &[f32], out: &mut [u8]) -> Result<(), KernelError> {

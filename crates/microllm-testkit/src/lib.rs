@@ -10,6 +10,11 @@
 //! compute a reference forward pass without parsing anything.
 //!
 //! No `rand` dependency: reproducibility across crate versions matters more than quality.
+//!
+//! Every architecture microllm runs has a spec here ([`TinySpec::llama`], `qwen2`, `mistral`,
+//! `gemma2`, `gemma3`, `phi3`), mirroring the tensor names, shapes and metadata keys of
+//! llama.cpp's loader for it; tests/fixtures/tiny/ holds llama.cpp's logits on each
+//! (tools/fixtures/gen_tiny.sh), pinned to the file bytes by SHA-256.
 
 #![forbid(unsafe_code)]
 
@@ -19,10 +24,24 @@ mod vocab;
 
 pub use model::{
     tiny_metadata, tiny_model_bytes, tiny_model_bytes_with, tiny_tensors, write_tiny_model,
-    EncodeFn, TinyArch, TinySpec, TinyTensor,
+    EncodeFn, LongRope, TinyArch, TinySpec, TinyTensor, TinyVocab,
 };
 pub use rng::SplitMix64;
 pub use vocab::{
-    gpt2_byte_order, gpt2_byte_to_unicode, tiny_gpt2_vocab, CHATML_TEMPLATE, ENDOFTEXT_ID,
-    FIRST_BYTE_ID, IM_END_ID, IM_START_ID, SPECIAL_TOKENS, TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL,
+    gpt2_byte_order, gpt2_byte_to_unicode, phi3_added_token_id, tiny_gpt2_vocab, tiny_phi3_vocab,
+    tiny_spm_vocab, CHATML_TEMPLATE, ENDOFTEXT_ID, FIRST_BYTE_ID, IM_END_ID, IM_START_ID,
+    PHI3_ADDED_TOKENS, PHI3_BOS_ID, PHI3_EOS_ID, PHI3_FIRST_BYTE_ID, PHI3_TEMPLATE, PHI3_UNK_ID,
+    SPECIAL_TOKENS, SPM_BOS_ID, SPM_EOS_ID, SPM_FIRST_BYTE_ID, SPM_PAD_ID, SPM_SPACE,
+    SPM_SPECIAL_TOKENS, SPM_UNK_ID, TOKEN_TYPE_BYTE, TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL,
+    TOKEN_TYPE_UNKNOWN,
 };
+
+/// SHA-256 of `bytes` as 64 lowercase hex digits: how a differential fixture pins the exact
+/// GGUF bytes llama.cpp was run on.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

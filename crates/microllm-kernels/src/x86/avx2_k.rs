@@ -380,15 +380,6 @@ fn tile<const W: u8, const R: usize, const C: usize, const SEC: bool>(
         }
         let mut acc = [[zi; C]; R];
         for g in 0..8 / g_n {
-            // The group's activation chunks, loaded once for all rows.
-            let mut av = [[zi; 4]; C];
-            for c in 0..C {
-                for k in 0..g_n {
-                    // SAFETY: qs of column c's block: bytes 4 + 32v .. 36 + 32v < 260.
-                    av[c][k] =
-                        unsafe { _mm256_loadu_si256(apb[c].add(4 + 32 * (g * g_n + k)).cast()) };
-                }
-            }
             for r in 0..R {
                 // SAFETY: row r's super-block is readable (above) and g < 8 / group(W).
                 let ws = unsafe { chunks::<W>(wpb[r], g) };
@@ -399,11 +390,15 @@ fn tile<const W: u8, const R: usize, const C: usize, const SEC: bool>(
                     let scv = _mm256_shuffle_epi8(sc_tab[r][v / 4], shuf);
                     let wabs = _mm256_sign_epi8(wv, wv);
                     for c in 0..C {
+                        // SAFETY: qs of column c's block: bytes 4 + 32v .. 36 + 32v < 260. (A
+                        // load per use: it folds into the multiply, and keeping the chunks in
+                        // registers across rows spills.)
+                        let av = unsafe { _mm256_loadu_si256(apb[c].add(4 + 32 * v).cast()) };
                         let p16 = if W == K3 {
                             // Signed levels: |w| times a with w's sign (exact, |w| <= 4).
-                            _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(av[c][k], wv))
+                            _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(av, wv))
                         } else {
-                            _mm256_maddubs_epi16(wv, av[c][k])
+                            _mm256_maddubs_epi16(wv, av)
                         };
                         acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(p16, scv));
                     }
