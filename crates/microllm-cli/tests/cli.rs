@@ -172,3 +172,16 @@ fn bad_model_files_get_clear_errors() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("xllm0") && err.contains("supported"), "{err}");
 }
+
+#[test]
+fn a_context_that_cannot_fit_is_refused_before_loading() {
+    let out = bin()
+        .args(["run", "-m", MODEL, "--ctx", "50000000", "--raw", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in ["KV cache", "available", "--ctx", "--force"] {
+        assert!(err.contains(want), "refusal lacks {want:?}: {err}");
+    }
+}
