@@ -476,6 +476,9 @@ fn llama_cpp_runs_tiny_models() {
         ("run-llama", TinySpec::llama()),
         ("run-qwen2", TinySpec::qwen2()),
         ("run-mistral", TinySpec::mistral()),
+        ("run-gemma2", TinySpec::gemma2()),
+        ("run-gemma3", TinySpec::gemma3()),
+        ("run-phi3", TinySpec::phi3()),
     ] {
         let path = temp_model(&spec, tag);
         let out = Command::new(&bin)
@@ -489,4 +492,283 @@ fn llama_cpp_runs_tiny_models() {
         assert!(out.status.success(), "{tag}: {stderr}");
         assert!(stderr.contains("decoded 4 tokens"), "{tag}: {stderr}");
     }
+}
+
+// ---- Gemma 2, Gemma 3, Phi-3 ----
+
+/// Tensor names and ggml dims llama.cpp's loaders (src/models/<arch>.cpp) create.
+fn expected_tensors(spec: &TinySpec) -> Vec<(String, Vec<u64>)> {
+    let (e, hd, nv, ff) = (
+        spec.n_embd as u64,
+        spec.head_dim() as u64,
+        spec.n_vocab() as u64,
+        spec.n_ff as u64,
+    );
+    let (q, kv) = (spec.n_head as u64 * hd, spec.n_head_kv as u64 * hd);
+    let mut v: Vec<(String, Vec<u64>)> = Vec::new();
+    if spec.long_rope.is_some() {
+        v.push(("rope_factors_long.weight".into(), vec![hd / 2]));
+        v.push(("rope_factors_short.weight".into(), vec![hd / 2]));
+    }
+    v.push(("token_embd.weight".into(), vec![e, nv]));
+    for i in 0..spec.n_layer {
+        let mut blk: Vec<(&str, Vec<u64>)> = vec![("attn_norm.weight", vec![e])];
+        match spec.arch {
+            TinyArch::Phi3 => blk.push(("attn_qkv.weight", vec![e, q + 2 * kv])),
+            _ => {
+                blk.push(("attn_q.weight", vec![e, q]));
+                blk.push(("attn_k.weight", vec![e, kv]));
+                blk.push(("attn_v.weight", vec![e, kv]));
+            }
+        }
+        if spec.arch == TinyArch::Gemma3 {
+            blk.push(("attn_q_norm.weight", vec![hd]));
+            blk.push(("attn_k_norm.weight", vec![hd]));
+        }
+        blk.push(("attn_output.weight", vec![q, e]));
+        if spec.arch.is_gemma() {
+            blk.push(("post_attention_norm.weight", vec![e]));
+        }
+        blk.push(("ffn_norm.weight", vec![e]));
+        if spec.arch == TinyArch::Phi3 {
+            blk.push(("ffn_up.weight", vec![e, 2 * ff]));
+        } else {
+            blk.push(("ffn_gate.weight", vec![e, ff]));
+            blk.push(("ffn_up.weight", vec![e, ff]));
+        }
+        blk.push(("ffn_down.weight", vec![ff, e]));
+        if spec.arch.is_gemma() {
+            blk.push(("post_ffw_norm.weight", vec![e]));
+        }
+        v.extend(blk.into_iter().map(|(n, d)| (format!("blk.{i}.{n}"), d)));
+    }
+    v.push(("output_norm.weight".into(), vec![e]));
+    if !spec.tied_output {
+        v.push(("output.weight".into(), vec![e, nv]));
+    }
+    v
+}
+
+fn check_tensors(spec: &TinySpec) {
+    let f = parse(spec);
+    let got: Vec<(String, Vec<u64>)> = f
+        .tensors()
+        .iter()
+        .map(|t| (t.name.clone(), t.dims.clone()))
+        .collect();
+    assert_eq!(got, expected_tensors(spec), "{:?}", spec.arch);
+    for t in tiny_tensors(spec) {
+        let info = f.tensor(&t.name).unwrap();
+        let stored: Vec<f32> = f
+            .tensor_data(info)
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(stored, t.values, "{}", t.name);
+    }
+}
+
+#[test]
+fn gemma2_layout_and_metadata() {
+    let spec = TinySpec::gemma2();
+    check_tensors(&spec);
+    let f = parse(&spec);
+    let m = f.metadata();
+    assert_eq!(f.architecture(), Some("gemma2"));
+    assert_eq!(m.get_u32("gemma2.attention.key_length").unwrap(), Some(32));
+    assert_eq!(
+        m.get_u32("gemma2.attention.value_length").unwrap(),
+        Some(32)
+    );
+    assert_eq!(
+        m.get_u32("gemma2.attention.sliding_window").unwrap(),
+        Some(4)
+    );
+    assert_eq!(
+        m.get_f32("gemma2.attn_logit_softcapping").unwrap(),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.get_f32("gemma2.final_logit_softcapping").unwrap(),
+        Some(2.0)
+    );
+    assert_eq!(
+        m.get_f32("gemma2.attention.layer_norm_rms_epsilon")
+            .unwrap(),
+        Some(1e-6)
+    );
+    // As real Gemma 2 conversions: no rope keys, no vocab_size.
+    assert!(m.get("gemma2.rope.freq_base").is_none());
+    assert!(m.get("gemma2.rope.dimension_count").is_none());
+    assert!(m.get("gemma2.vocab_size").is_none());
+    assert_eq!(m.get_str("tokenizer.ggml.model").unwrap(), Some("llama"));
+    assert_eq!(m.get_str("tokenizer.ggml.pre").unwrap(), Some("default"));
+    assert_eq!(
+        m.get_u32("tokenizer.ggml.bos_token_id").unwrap(),
+        Some(SPM_BOS_ID)
+    );
+    assert_eq!(
+        m.get_bool("tokenizer.ggml.add_bos_token").unwrap(),
+        Some(true)
+    );
+    let (tokens, scores, types) = tiny_spm_vocab();
+    assert_eq!(
+        m.get_str_array("tokenizer.ggml.tokens").unwrap(),
+        Some(&tokens[..])
+    );
+    assert_eq!(
+        m.get_f32_array("tokenizer.ggml.scores").unwrap(),
+        Some(&scores[..])
+    );
+    assert_eq!(
+        m.get_i32_array("tokenizer.ggml.token_type").unwrap(),
+        Some(&types[..])
+    );
+}
+
+#[test]
+fn gemma3_layout_and_metadata() {
+    let spec = TinySpec::gemma3();
+    check_tensors(&spec);
+    let f = parse(&spec);
+    let m = f.metadata();
+    assert_eq!(f.architecture(), Some("gemma3"));
+    assert_eq!(m.get_u32("gemma3.block_count").unwrap(), Some(6));
+    assert_eq!(
+        m.get_u32("gemma3.attention.head_count_kv").unwrap(),
+        Some(1)
+    );
+    assert_eq!(m.get_f32("gemma3.rope.freq_base").unwrap(), Some(1e6));
+    // Like the real 270M file: no base for the local layers (llama.cpp's default 10000),
+    // no soft-capping, no explicit window pattern (llama.cpp's default: every 6th global).
+    assert!(m.get("gemma3.rope.freq_base_swa").is_none());
+    assert!(m.get("gemma3.final_logit_softcapping").is_none());
+    assert!(m.get("gemma3.attention.sliding_window_pattern").is_none());
+    assert_eq!(
+        m.get_u32("gemma3.attention.sliding_window").unwrap(),
+        Some(4)
+    );
+}
+
+#[test]
+fn phi3_layout_and_metadata() {
+    let spec = TinySpec::phi3();
+    check_tensors(&spec);
+    let f = parse(&spec);
+    let m = f.metadata();
+    assert_eq!(f.architecture(), Some("phi3"));
+    assert_eq!(m.get_u32("phi3.context_length").unwrap(), Some(8192));
+    assert_eq!(
+        m.get_u32("phi3.rope.scaling.original_context_length")
+            .unwrap(),
+        Some(1024)
+    );
+    let af = m.get_f32("phi3.rope.scaling.attn_factor").unwrap().unwrap();
+    assert!((af - (1.0f32 + 8f32.ln() / 1024f32.ln()).sqrt()).abs() < 1e-6);
+    assert_eq!(m.get_u32("phi3.rope.dimension_count").unwrap(), Some(16));
+    let t = tiny_tensors(&spec);
+    let factors = |n: &str| t.iter().find(|x| x.name == n).unwrap().values.clone();
+    assert!(factors("rope_factors_short.weight")
+        .iter()
+        .all(|v| (1.0..=1.5).contains(v)));
+    assert!(factors("rope_factors_long.weight")
+        .iter()
+        .all(|v| (1.0..=40.0).contains(v)));
+    // Phi-3's vocabulary layout: llama.cpp looks these up by text for Phi-3 models.
+    let (tokens, _, types) = tiny_phi3_vocab();
+    for special in [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<|endoftext|>",
+        "<|end|>",
+        "<|user|>",
+    ] {
+        assert!(tokens.iter().any(|t| t == special), "{special}");
+    }
+    assert_eq!(tokens[PHI3_BOS_ID as usize], "<s>");
+    assert_eq!(types[PHI3_UNK_ID as usize], TOKEN_TYPE_UNKNOWN);
+    assert_eq!(
+        m.get_u32("tokenizer.ggml.eos_token_id").unwrap(),
+        phi3_added_token_id("<|endoftext|>")
+    );
+    assert!(m
+        .get_str("tokenizer.chat_template")
+        .unwrap()
+        .unwrap()
+        .contains("<|assistant|>"));
+}
+
+#[test]
+fn spm_vocabularies_are_consistent() {
+    for (tokens, scores, types, first_byte) in [
+        {
+            let (a, b, c) = tiny_spm_vocab();
+            (a, b, c, SPM_FIRST_BYTE_ID)
+        },
+        {
+            let (a, b, c) = tiny_phi3_vocab();
+            (a, b, c, PHI3_FIRST_BYTE_ID)
+        },
+    ] {
+        assert!((300..=400).contains(&tokens.len()), "{}", tokens.len());
+        assert_eq!(tokens.len(), scores.len());
+        assert_eq!(tokens.len(), types.len());
+        let unique: HashSet<&String> = tokens.iter().collect();
+        assert_eq!(unique.len(), tokens.len(), "duplicate tokens");
+        for b in 0..=255u32 {
+            let id = (first_byte + b) as usize;
+            assert_eq!(tokens[id], format!("<0x{b:02X}>"));
+            assert_eq!(types[id], TOKEN_TYPE_BYTE);
+        }
+        // Every merged piece is the concatenation of two earlier pieces (SentencePiece BPE
+        // merges pairs of adjacent symbols), and outscores the single characters.
+        let pieces: Vec<usize> = (0..tokens.len())
+            .filter(|&i| types[i] == TOKEN_TYPE_NORMAL)
+            .collect();
+        for &i in &pieces {
+            let t = &tokens[i];
+            if t.chars().count() == 1 {
+                continue;
+            }
+            let splits = t.char_indices().skip(1).any(|(k, _)| {
+                let known = |p: &str| pieces.iter().any(|&j| j != i && tokens[j] == p);
+                known(&t[..k]) && known(&t[k..])
+            });
+            assert!(splits, "piece {t} is not a merge of two pieces");
+            let best_char = pieces
+                .iter()
+                .filter(|&&j| tokens[j].chars().count() == 1)
+                .map(|&j| scores[j])
+                .fold(f32::MIN, f32::max);
+            assert!(scores[i] > best_char, "{t}");
+        }
+        assert!(tokens.iter().any(|t| t == "▁the"));
+    }
+    assert_eq!(tiny_spm_vocab().0[..4], SPM_SPECIAL_TOKENS);
+}
+
+#[test]
+fn named_specs() {
+    for name in ["llama", "qwen2", "mistral", "gemma2", "gemma3", "phi3"] {
+        let spec = TinySpec::named(name).unwrap();
+        assert!(spec.validate().is_ok(), "{name}");
+    }
+    assert_eq!(
+        TinySpec::named("gemma3-q8_0").unwrap().weight_type,
+        GgmlType::Q8_0
+    );
+    assert_eq!(
+        TinySpec::named("llama-F16").unwrap().weight_type,
+        GgmlType::F16
+    );
+    assert!(TinySpec::named("gpt9").is_none());
+    assert!(TinySpec::named("llama-q9_9").is_none());
+    let mut bad = TinySpec::phi3();
+    bad.key_length = Some(32);
+    assert!(bad.validate().unwrap_err().contains("n_head * head_dim"));
+    assert_eq!(
+        sha256_hex(b"abc"),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
 }
