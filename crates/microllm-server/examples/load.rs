@@ -3,10 +3,10 @@
 //! ```text
 //! cargo run --release -p microllm-server --example load -- \
 //!     --url http://127.0.0.1:8080 --concurrency 32 --seconds 60 [--max-tokens 32]
-//!     [--ignore-eos] [--stream] [--api-key KEY]
+//!     [--ignore-eos] [--stream] [--temperature 0.7] [--api-key KEY]
 //! ```
 //! Each of `concurrency` threads sends chat completions back to back (different prompts,
-//! temperature 0.7) for `seconds`; a 429 is counted and retried after 100 ms. At the end it
+//! temperature 0.7 unless told otherwise) for `seconds`; a 429 is counted and retried after 100 ms. At the end it
 //! prints the count per status, latency percentiles, the server's generated tokens per second
 //! (from /metrics) and the server's resident memory (process_resident_memory_bytes) sampled
 //! every 5 s. It exits non-zero if any answer was a 5xx or a transport error.
@@ -24,6 +24,7 @@ struct Args {
     max_tokens: usize,
     ignore_eos: bool,
     stream: bool,
+    temperature: f32,
     api_key: Option<String>,
 }
 
@@ -35,6 +36,7 @@ fn parse_args() -> Result<Args, String> {
         max_tokens: 32,
         ignore_eos: false,
         stream: false,
+        temperature: 0.7,
         api_key: None,
     };
     let mut it = std::env::args().skip(1);
@@ -45,6 +47,7 @@ fn parse_args() -> Result<Args, String> {
             "--concurrency" => a.concurrency = val()?.parse().map_err(|e| format!("{e}"))?,
             "--seconds" => a.seconds = val()?.parse().map_err(|e| format!("{e}"))?,
             "--max-tokens" => a.max_tokens = val()?.parse().map_err(|e| format!("{e}"))?,
+            "--temperature" => a.temperature = val()?.parse().map_err(|e| format!("{e}"))?,
             "--api-key" => a.api_key = Some(val()?),
             "--ignore-eos" => a.ignore_eos = true,
             "--stream" => a.stream = true,
@@ -155,7 +158,7 @@ fn main() {
                 let body = serde_json::json!({
                     "messages": [{"role": "user", "content": format!("Tell me about {topic}. ({i})")}],
                     "max_tokens": a.max_tokens,
-                    "temperature": 0.7,
+                    "temperature": a.temperature,
                     "ignore_eos": a.ignore_eos,
                     "stream": a.stream,
                 })

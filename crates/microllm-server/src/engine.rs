@@ -8,8 +8,8 @@
 //!    longest prefix with the new prompt (the prefix cache), least recently used on a tie;
 //! 3. prefills at most `n_prefill_chunk` prompt tokens, oldest request first, so a long prompt
 //!    delays the running decodes by one chunk per step rather than by its whole length;
-//! 4. advances every decoding sequence by one token through [`decode_step`], the one seam a
-//!    batched forward replaces, then samples each sequence's next token.
+//! 4. advances every decoding sequence by one token in one batched forward ([`decode_step`]),
+//!    then samples each sequence's next token.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use microllm_engine::{EngineError, LoadedModel, Sampler, SamplerConfig, Session, StateOptions};
+use microllm_engine::{
+    step_many, EngineError, LoadedModel, Sampler, SamplerConfig, Scratch, Session, StateOptions,
+};
 use microllm_sample::log_softmax_top;
 use microllm_tokenizer::StreamDecoder;
 use tokio::sync::{mpsc as tmpsc, oneshot};
@@ -211,6 +213,21 @@ impl Engine {
         &self.cfg
     }
 
+    /// Refuses early (429 / 503) when a job would be refused now, so a handler can skip
+    /// templating and tokenizing for a request that cannot be queued. [`Engine::submit`]
+    /// still decides.
+    pub(crate) fn check_capacity(&self) -> Result<(), AppError> {
+        if self.shared.shutdown.load(Relaxed) {
+            return Err(AppError::ShuttingDown);
+        }
+        if self.shared.metrics.queue_depth.load(Relaxed) >= self.cfg.max_queue as u64 {
+            return Err(AppError::QueueFull {
+                max_queue: self.cfg.max_queue,
+            });
+        }
+        Ok(())
+    }
+
     /// Queues a job; refuses at once when the queue is full (429) or the engine is stopping.
     pub(crate) fn submit(&self, job: Job) -> Result<(), AppError> {
         if self.shared.shutdown.load(Relaxed) {
@@ -295,6 +312,8 @@ struct Scheduler<'m> {
     rx: Receiver<Job>,
     shared: Arc<Shared>,
     embedder: Box<dyn Embedder>,
+    /// Activations of one batched decode step (`n_parallel` rows).
+    scratch: Scratch,
     tick: u64,
     next_id: u64,
 }
@@ -302,18 +321,25 @@ struct Scheduler<'m> {
 /// THE decode seam: advances every sequence of `batch` by its pending token, so that each
 /// session's `logits()` then holds the distribution of its next token.
 ///
-/// Today it steps the sessions one after another (each step reads all the weights). A batched
-/// forward (one matmul per layer over all sequences, each attending to its own KV cache)
-/// replaces this body without changing the scheduler: same inputs, same postcondition, one
-/// result per sequence so a failing sequence does not take the others down.
+/// One batched forward ([`step_many`]): every weight matrix is read once per step for all
+/// decoding sequences, each attending to its own KV cache. If that call fails (a sequence's
+/// token or context is refused before anything is computed), the sequences are stepped one by
+/// one so that only the failing one ends; one result per sequence either way.
 fn decode_step(
-    _lm: &LoadedModel,
+    lm: &LoadedModel,
+    scratch: &mut Scratch,
     batch: &mut [(&mut Session<'_>, u32)],
 ) -> Vec<Result<(), EngineError>> {
-    batch
-        .iter_mut()
-        .map(|(session, token)| session.step(*token))
-        .collect()
+    match step_many(lm, scratch, batch) {
+        Ok(()) => batch.iter().map(|_| Ok(())).collect(),
+        Err(e) if batch.len() == 1 => vec![Err(e)],
+        // A failed batched call leaves every history untouched and rewrites the same KV
+        // positions when retried.
+        Err(_) => batch
+            .iter_mut()
+            .map(|(session, token)| session.step(*token))
+            .collect(),
+    }
 }
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
@@ -343,6 +369,7 @@ impl<'m> Scheduler<'m> {
                 seq: None,
             });
         }
+        let scratch = lm.model.new_scratch(cfg.n_parallel)?;
         let m = &shared.metrics;
         m.slots_total.store(cfg.n_parallel as u64, Relaxed);
         m.kv_tokens_capacity
@@ -355,6 +382,7 @@ impl<'m> Scheduler<'m> {
             rx,
             shared,
             embedder,
+            scratch,
             tick: 0,
             next_id: 0,
         })
@@ -553,7 +581,7 @@ impl<'m> Scheduler<'m> {
         m.decode_steps.fetch_add(1, Relaxed);
         m.decode_step_sequences
             .fetch_add(batch.len() as u64, Relaxed);
-        let results = decode_step(self.lm, &mut batch);
+        let results = decode_step(self.lm, &mut self.scratch, &mut batch);
         drop(batch);
         for (i, r) in idx.into_iter().zip(results) {
             match r {

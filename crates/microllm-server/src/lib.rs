@@ -8,7 +8,8 @@
 //! the sequence at the next step. The engine ([`Engine`]) keeps `--parallel` slots, each a
 //! `Session` with its own KV cache, and runs continuous batching over them: requests join
 //! between steps, prompts are prefilled in chunks, every decoding sequence advances one token
-//! per step through a single `decode_step` seam (where a batched forward plugs in), and a new
+//! per step in ONE batched forward (`microllm_engine::step_many`: the weights are read once
+//! per step for all of them, each sequence attending to its own KV cache), and a new
 //! request takes the free slot whose cached tokens share the longest prefix with its prompt
 //! (the prefix cache: a shared system prompt is evaluated once).
 //!

@@ -262,6 +262,9 @@ pub(crate) async fn chat(
         };
         msgs.push(ChatMessage::new(role, content));
     }
+    // Templating and tokenizing cost more than everything above: skip them when the queue
+    // would refuse the request anyway.
+    st.engine().check_capacity()?;
     let lm = st.lm();
     let rendered = lm.render_chat(None, &msgs, true).map_err(|e| {
         AppError::bad_param(
@@ -305,23 +308,25 @@ pub(crate) async fn completions(
     }
     let top = api::completion_logprobs(req.logprobs)?;
     let v = api::validate(&req.sampling, top, st.engine().config().n_ctx, fresh_seed())?;
+    let Some(prompt) = req.prompt else {
+        return Err(AppError::bad_param(
+            "prompt",
+            "prompt is missing: give a string",
+        ));
+    };
+    // Tokenizing costs more than everything above: skip it when the queue would refuse.
+    st.engine().check_capacity()?;
     let lm = st.lm();
     let tokenize = |t: &str| {
         lm.tokenize(t)
             .map_err(|e| AppError::bad_param("prompt", format!("could not tokenize: {e}")))
     };
-    let ids = match req.prompt {
-        None => {
-            return Err(AppError::bad_param(
-                "prompt",
-                "prompt is missing: give a string",
-            ))
-        }
-        Some(PromptIn::Text(t)) => tokenize(&t)?,
-        Some(PromptIn::Texts(v)) if v.len() == 1 => tokenize(&v[0])?,
-        Some(PromptIn::Tokens(ids)) => st.check_ids("prompt", &ids)?,
-        Some(PromptIn::TokenLists(l)) if l.len() == 1 => st.check_ids("prompt", &l[0])?,
-        Some(_) => {
+    let ids = match prompt {
+        PromptIn::Text(t) => tokenize(&t)?,
+        PromptIn::Texts(v) if v.len() == 1 => tokenize(&v[0])?,
+        PromptIn::Tokens(ids) => st.check_ids("prompt", &ids)?,
+        PromptIn::TokenLists(l) if l.len() == 1 => st.check_ids("prompt", &l[0])?,
+        _ => {
             return Err(AppError::bad_param(
                 "prompt",
                 "one prompt per request: give a string (or one token list)",
