@@ -94,7 +94,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let model_type = format!(
         "{} {} {}",
         c.arch.name(),
-        human_params(lm.model.n_params()),
+        microllm_store::human_params(lm.model.n_params()),
         quant
     );
     let cpu_info = cpu_name();
@@ -165,7 +165,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     "| {} | {:.2} MiB | {} | {} | {} | {} | {:.2} ± {:.2} |",
                     r.model_type,
                     r.model_size as f64 / (1024.0 * 1024.0),
-                    human_params(r.model_n_params),
+                    microllm_store::human_params(r.model_n_params),
                     r.kernels,
                     r.n_threads,
                     r.test,
@@ -225,7 +225,7 @@ pub fn main_quant(lm: &LoadedModel) -> String {
         .get_u32("general.file_type")
         .ok()
         .flatten()
-        .and_then(file_type_name)
+        .and_then(microllm_gguf::file_type_name)
     {
         return ft.to_string();
     }
@@ -234,40 +234,6 @@ pub fn main_quant(lm: &LoadedModel) -> String {
         .max_by_key(|(_, b)| *b)
         .map(|(n, _)| n.to_string())
         .unwrap_or_default()
-}
-
-/// llama.cpp's `general.file_type` names (LLAMA_FTYPE_*).
-fn file_type_name(ft: u32) -> Option<&'static str> {
-    Some(match ft {
-        0 => "F32",
-        1 => "F16",
-        2 => "Q4_0",
-        3 => "Q4_1",
-        7 => "Q8_0",
-        8 => "Q5_0",
-        9 => "Q5_1",
-        10 => "Q2_K",
-        11 => "Q3_K_S",
-        12 => "Q3_K_M",
-        13 => "Q3_K_L",
-        14 => "Q4_K_S",
-        15 => "Q4_K_M",
-        16 => "Q5_K_S",
-        17 => "Q5_K_M",
-        18 => "Q6_K",
-        32 => "BF16",
-        _ => return None,
-    })
-}
-
-pub fn human_params(n: u64) -> String {
-    if n >= 1_000_000_000 {
-        format!("{:.2}B", n as f64 / 1e9)
-    } else if n >= 1_000_000 {
-        format!("{:.0}M", n as f64 / 1e6)
-    } else {
-        format!("{:.1}K", n as f64 / 1e3)
-    }
 }
 
 fn cpu_name() -> String {

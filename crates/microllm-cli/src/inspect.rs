@@ -6,8 +6,9 @@ use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
 
-use crate::bench::{human_params, main_quant};
+use crate::bench::main_quant;
 use crate::ModelArgs;
+use microllm_store::human_params;
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {

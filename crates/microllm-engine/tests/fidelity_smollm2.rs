@@ -9,19 +9,8 @@ mod common;
 
 use std::ops::ControlFlow;
 
-use microllm_engine::{
-    ChatMessage, GenerateOptions, LoadedModel, ModelOptions, SamplerConfig, Session, StateOptions,
-};
-use microllm_kernels::Kernels;
+use microllm_engine::{ChatMessage, Session, StateOptions};
 use serde::Deserialize;
-
-#[derive(Deserialize)]
-struct Greedy {
-    prompt: String,
-    prompt_ids: Vec<u32>,
-    generated_ids: Vec<u32>,
-    top5_per_step: Vec<Vec<(u32, f32)>>,
-}
 
 #[derive(Deserialize)]
 struct Chat {
@@ -32,117 +21,17 @@ struct Chat {
     generated_ids: Vec<u32>,
 }
 
-/// Largest allowed |our logit - llama.cpp's logit| for the reference's top-5 tokens.
-const LOGIT_TOL: f32 = 0.5;
-
-fn load(threads: usize) -> LoadedModel {
-    LoadedModel::load(
-        &common::smollm2(),
-        ModelOptions {
-            n_threads: threads,
-            kernels: Kernels::from_env().unwrap(),
-        },
-    )
-    .unwrap()
-}
-
-fn greedy_opts(n: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_tokens: n,
-        sampler: SamplerConfig::greedy(),
-        stop_at_eog: true,
-    }
-}
-
 #[test]
 fn greedy_and_teacher_forced_match_llama_cpp() {
-    let lm = load(2);
-    let cases: Vec<Greedy> = common::read_json("smollm2/greedy.json");
-    let mut session = Session::new(
-        &lm,
-        StateOptions {
-            n_ctx: 512,
-            n_batch: 512,
-        },
-    )
-    .unwrap();
-    let mut identical = 0;
-    let mut worst_logit = 0.0f32;
-    for c in &cases {
-        let ids = lm.tokenize(&c.prompt).unwrap();
-        assert_eq!(ids, c.prompt_ids, "prompt ids of {:?}", c.prompt);
-
-        session.reset();
-        let g = session
-            .generate(&ids, &greedy_opts(c.generated_ids.len()), None, |_| {
-                ControlFlow::Continue(())
-            })
-            .unwrap();
-        assert_eq!(
-            g.tokens.first(),
-            c.generated_ids.first(),
-            "first greedy token of {:?}",
-            c.prompt
-        );
-        match g
-            .tokens
-            .iter()
-            .zip(&c.generated_ids)
-            .position(|(a, b)| a != b)
-        {
-            None if g.tokens.len() == c.generated_ids.len() => identical += 1,
-            None => panic!(
-                "{:?}: lengths differ {} vs {}",
-                c.prompt,
-                g.tokens.len(),
-                c.generated_ids.len()
-            ),
-            Some(i) => {
-                let top = &c.top5_per_step[i];
-                let gap = top[0].1 - top[1].1;
-                assert!(
-                    gap < LOGIT_TOL,
-                    "{:?}: diverged at step {i} where llama.cpp's top-2 gap is {gap}",
-                    c.prompt
-                );
-                eprintln!("{:?}: diverged at step {i} (top-2 gap {gap:.3})", c.prompt);
-            }
-        }
-
-        // Teacher-forced: feed llama.cpp's tokens and compare the logits at every step.
-        session.reset();
-        session.prefill(&ids).unwrap();
-        for (step, top5) in c.top5_per_step.iter().enumerate() {
-            let logits = session.logits();
-            for &(tok, want) in top5 {
-                let got = logits[tok as usize];
-                let d = (got - want).abs();
-                worst_logit = worst_logit.max(d);
-                assert!(
-                    d <= LOGIT_TOL,
-                    "{:?} step {step}: logit of token {tok} is {got}, llama.cpp {want}",
-                    c.prompt
-                );
-            }
-            if step + 1 < c.top5_per_step.len() {
-                session.step(c.generated_ids[step]).unwrap();
-            }
-        }
-    }
-    eprintln!(
-        "{identical}/{} continuations identical; worst top-5 logit difference {worst_logit:.4}",
-        cases.len()
-    );
-    assert!(
-        identical * 10 >= cases.len() * 9,
-        "only {identical}/{} greedy continuations identical",
-        cases.len()
+    common::check_greedy_fixture(
+        &common::load_model(&common::smollm2(), 2),
+        "smollm2/greedy.json",
     );
 }
 
 #[test]
 fn chat_template_and_greedy_answer_match() {
-    let lm = load(2);
+    let lm = common::load_model(&common::smollm2(), 2);
     let cases: Vec<Chat> = common::read_json("smollm2/chat.json");
     let mut session = Session::new(
         &lm,
@@ -161,9 +50,12 @@ fn chat_template_and_greedy_answer_match() {
         assert_eq!(ids, c.prompt_ids);
         session.reset();
         let g = session
-            .generate(&ids, &greedy_opts(c.generated_ids.len()), None, |_| {
-                ControlFlow::Continue(())
-            })
+            .generate(
+                &ids,
+                &common::greedy_opts(c.generated_ids.len()),
+                None,
+                |_| ControlFlow::Continue(()),
+            )
             .unwrap();
         assert_eq!(g.tokens, c.generated_ids, "answer to {:?}", c.messages);
     }

@@ -27,7 +27,7 @@ mod writer;
 pub use error::GgufError;
 pub use metadata::{MetaArray, MetaValue, Metadata};
 pub use reader::{GgufFile, TensorInfo};
-pub use types::GgmlType;
+pub use types::{file_type_name, GgmlType};
 pub use writer::GgufWriter;
 
 /// Longest string (metadata key, value or tensor name) accepted, in bytes: 16 MiB.

