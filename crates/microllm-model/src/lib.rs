@@ -371,7 +371,6 @@ pub(crate) fn output_logits(
     let d = c.n_embd;
     let n_vocab = c.n_vocab;
     let ctx = model.ctx();
-    let act_ty = state::act_type(model, w.output.ty)?;
     // Gather.
     let (mut n_out, mut r0) = (0, 0);
     for sb in seqs.iter() {
@@ -408,7 +407,7 @@ pub(crate) fn output_logits(
                 Logits::All(buf) => &mut buf[done * n_vocab..(done + nt) * n_vocab],
                 _ => &mut sb.state.logits[..],
             };
-            ops::matmul(ctx, &w.output, act_ty, src, nt, input, scratch, dst);
+            ops::matmul(ctx, &w.output, src, nt, input, scratch, dst);
             final_softcap(c, dst);
             done += nt;
         }

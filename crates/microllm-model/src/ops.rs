@@ -84,7 +84,6 @@ impl<'s> QuantizedInput<'s> {
 pub(crate) fn matmul(
     ctx: Ctx<'_>,
     w: &QMatrix,
-    act_ty: GgmlType,
     x: &[f32],
     n_tok: usize,
     input: &mut QuantizedInput<'_>,
@@ -93,6 +92,11 @@ pub(crate) fn matmul(
 ) {
     let k = w.n_cols;
     let n_rows = w.n_rows;
+    // The activation format of this weight format (checked for every matrix at load).
+    let act_ty = ctx
+        .kernels
+        .vec_dot_type(w.ty)
+        .expect("activation format checked at load");
     let arow = input.ensure(ctx, act_ty, x, n_tok, k);
     let act = &input.buf[..n_tok * arow];
     let wdata = w.data(ctx.file);

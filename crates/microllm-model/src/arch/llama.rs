@@ -4,7 +4,7 @@
 //! optional tensors, so one function reads top to bottom for all three.
 
 use crate::ops::{self, tap, AttnShape, QuantizedInput};
-use crate::state::{act_type, Scratch};
+use crate::state::Scratch;
 use crate::{Model, ModelError, SeqBatch};
 
 /// Evaluates the tokens of every sequence in `seqs` (at most `s.n_rows` in all, rows laid out
@@ -42,36 +42,9 @@ pub(crate) fn forward(
             &mut s.k[..n_tok * dk],
             &mut s.v[..n_tok * dv],
         );
-        ops::matmul(
-            ctx,
-            &lw.wq,
-            act_type(model, lw.wq.ty)?,
-            xn,
-            n_tok,
-            &mut input,
-            scratch,
-            q,
-        );
-        ops::matmul(
-            ctx,
-            &lw.wk,
-            act_type(model, lw.wk.ty)?,
-            xn,
-            n_tok,
-            &mut input,
-            scratch,
-            k,
-        );
-        ops::matmul(
-            ctx,
-            &lw.wv,
-            act_type(model, lw.wv.ty)?,
-            xn,
-            n_tok,
-            &mut input,
-            scratch,
-            v,
-        );
+        ops::matmul(ctx, &lw.wq, xn, n_tok, &mut input, scratch, q);
+        ops::matmul(ctx, &lw.wk, xn, n_tok, &mut input, scratch, k);
+        ops::matmul(ctx, &lw.wv, xn, n_tok, &mut input, scratch, v);
         if let Some(b) = &lw.bq {
             ops::add_bias(q, b);
         }
@@ -105,54 +78,18 @@ pub(crate) fn forward(
         ops::attention(ctx, shape, q, rows, seqs, il, attn);
         tap("kqv_out", il, attn);
         input.invalidate();
-        ops::matmul(
-            ctx,
-            &lw.wo,
-            act_type(model, lw.wo.ty)?,
-            attn,
-            n_tok,
-            &mut input,
-            scratch,
-            xn,
-        );
+        ops::matmul(ctx, &lw.wo, attn, n_tok, &mut input, scratch, xn);
         ops::add_in_place(x, xn);
 
         // Feed-forward block (SwiGLU).
         ops::rms_norm(x, &lw.ffn_norm, c.rms_eps, xn);
         input.invalidate();
         let (gate, up) = (&mut s.gate[..n_tok * dff], &mut s.up[..n_tok * dff]);
-        ops::matmul(
-            ctx,
-            &lw.w_gate,
-            act_type(model, lw.w_gate.ty)?,
-            xn,
-            n_tok,
-            &mut input,
-            scratch,
-            gate,
-        );
-        ops::matmul(
-            ctx,
-            &lw.w_up,
-            act_type(model, lw.w_up.ty)?,
-            xn,
-            n_tok,
-            &mut input,
-            scratch,
-            up,
-        );
+        ops::matmul(ctx, &lw.w_gate, xn, n_tok, &mut input, scratch, gate);
+        ops::matmul(ctx, &lw.w_up, xn, n_tok, &mut input, scratch, up);
         model.kernels.swiglu(gate, up);
         input.invalidate();
-        ops::matmul(
-            ctx,
-            &lw.w_down,
-            act_type(model, lw.w_down.ty)?,
-            gate,
-            n_tok,
-            &mut input,
-            scratch,
-            xn,
-        );
+        ops::matmul(ctx, &lw.w_down, gate, n_tok, &mut input, scratch, xn);
         tap("ffn_out", il, xn);
         ops::add_in_place(x, xn);
         tap("l_out", il, x);
