@@ -25,6 +25,30 @@ pub use config::{Arch, Config, RopeScaling, RopeStyle};
 pub use state::{Scratch, State, StateOptions};
 pub use weights::{QMatrix, Weights};
 
+/// Watches a forward pass from inside: what the compression tools (importance matrix, layer
+/// pruning) and pooled embeddings read. Every method has an empty default; a forward without
+/// an observer pays one virtual call per matmul, nothing else.
+pub trait Observer {
+    /// The f32 input of a matmul, `n_tok` rows of `w.n_cols`, just before it is multiplied by
+    /// `w` (named by [`QMatrix::name`]; Phi-3's fused tensors report their parts under the
+    /// fused name).
+    fn matmul_input(&mut self, _w: &QMatrix, _x: &[f32], _n_tok: usize) {}
+    /// The residual stream entering block `layer` (`n_tok` rows of `n_embd`); called once more
+    /// with `layer == n_layer` after the last block.
+    fn hidden(&mut self, _layer: usize, _x: &[f32], _n_tok: usize) {}
+    /// Whether [`Observer::final_hidden`] is wanted (it costs a norm over every row).
+    fn wants_final_hidden(&self) -> bool {
+        false
+    }
+    /// Every row's final hidden state after the output norm (`n_tok` rows of `n_embd`): what
+    /// the output projection turns into logits.
+    fn final_hidden(&mut self, _x: &[f32], _n_tok: usize) {}
+}
+
+/// The observer of a plain forward: watches nothing.
+pub(crate) struct NoObserver;
+impl Observer for NoObserver {}
+
 use ops::{Ctx, QuantizedInput};
 
 #[derive(Debug, thiserror::Error)]
@@ -212,7 +236,18 @@ impl Model {
         &self,
         state: &mut State,
         tokens: &[u32],
+        logits: Logits<'_>,
+    ) -> Result<(), ModelError> {
+        self.forward_observed(state, tokens, logits, &mut NoObserver)
+    }
+
+    /// [`Model::forward`] with an [`Observer`] watching every batch.
+    pub fn forward_observed(
+        &self,
+        state: &mut State,
+        tokens: &[u32],
         mut logits: Logits<'_>,
+        obs: &mut dyn Observer,
     ) -> Result<(), ModelError> {
         let n_vocab = self.config.n_vocab;
         self.check_seq(state, tokens, &logits)?;
@@ -238,7 +273,7 @@ impl Model {
                 tokens: chunk,
                 logits: chunk_logits,
             }];
-            result = self.forward_rows(&mut scratch, &mut seqs);
+            result = self.forward_rows(&mut scratch, &mut seqs, obs);
             if result.is_err() {
                 break;
             }
@@ -267,7 +302,7 @@ impl Model {
                 scratch.n_rows
             )));
         }
-        self.forward_rows(scratch, seqs)
+        self.forward_rows(scratch, seqs, &mut NoObserver)
     }
 
     /// Checks token ids, room in the context and the logits buffer of one sequence.
@@ -304,6 +339,7 @@ impl Model {
         &self,
         scratch: &mut Scratch,
         seqs: &mut [SeqBatch<'_>],
+        obs: &mut dyn Observer,
     ) -> Result<(), ModelError> {
         let mut n_tok = 0;
         for (si, sb) in seqs.iter().enumerate() {
@@ -320,9 +356,9 @@ impl Model {
         }
         match self.config.arch {
             Arch::Llama | Arch::Qwen2 | Arch::Mistral | Arch::Phi3 => {
-                arch::llama::forward(self, scratch, seqs, n_tok)?
+                arch::llama::forward(self, scratch, seqs, n_tok, obs)?
             }
-            Arch::Gemma2 | Arch::Gemma3 => arch::gemma::forward(self, scratch, seqs, n_tok)?,
+            Arch::Gemma2 | Arch::Gemma3 => arch::gemma::forward(self, scratch, seqs, n_tok, obs)?,
         }
         for sb in seqs.iter_mut() {
             sb.state.n_past += sb.tokens.len();
@@ -365,10 +401,17 @@ pub(crate) fn output_logits(
     input: &mut QuantizedInput<'_>,
     scratch: &mut [f32],
     seqs: &mut [SeqBatch<'_>],
+    obs: &mut dyn Observer,
 ) -> Result<(), ModelError> {
     let c = &model.config;
     let w = &model.weights;
     let d = c.n_embd;
+    obs.hidden(w.layers.len(), x, x.len() / d);
+    if obs.wants_final_hidden() {
+        let mut all = x.to_vec();
+        ops::rms_norm_in_place(&mut all, &w.output_norm, c.rms_eps);
+        obs.final_hidden(&all, x.len() / d);
+    }
     let n_vocab = c.n_vocab;
     let ctx = model.ctx();
     // Gather.
@@ -403,6 +446,7 @@ pub(crate) fn output_logits(
             let nt = cols.min(count - done);
             let src = &xs[(out_row + done) * d..(out_row + done + nt) * d];
             input.invalidate();
+            obs.matmul_input(&w.output, src, nt);
             let dst: &mut [f32] = match &mut sb.logits {
                 Logits::All(buf) => &mut buf[done * n_vocab..(done + nt) * n_vocab],
                 _ => &mut sb.state.logits[..],

@@ -7,13 +7,14 @@
 use crate::config::FfnAct;
 use crate::ops::{self, tap, AttnShape, QuantizedInput};
 use crate::state::Scratch;
-use crate::{Model, ModelError, SeqBatch};
+use crate::{Model, ModelError, Observer, SeqBatch};
 
 pub(crate) fn forward(
     model: &Model,
     s: &mut Scratch,
     seqs: &mut [SeqBatch<'_>],
     n_tok: usize,
+    obs: &mut dyn Observer,
 ) -> Result<(), ModelError> {
     let c = &model.config;
     let w = &model.weights;
@@ -45,6 +46,7 @@ pub(crate) fn forward(
     }
 
     for (il, lw) in w.layers.iter().enumerate() {
+        obs.hidden(il, x, n_tok);
         let swa = c.swa_layers[il];
         let (cos, sin): (&[f32], &[f32]) = if swa && model.rope_swa.is_some() {
             (cos_l, sin_l)
@@ -62,8 +64,11 @@ pub(crate) fn forward(
             &mut s.k[..n_tok * dk],
             &mut s.v[..n_tok * dv],
         );
+        obs.matmul_input(&lw.wq, xn, n_tok);
         ops::matmul(ctx, &lw.wq, xn, n_tok, &mut input, scratch, q);
+        obs.matmul_input(&lw.wk, xn, n_tok);
         ops::matmul(ctx, &lw.wk, xn, n_tok, &mut input, scratch, k);
+        obs.matmul_input(&lw.wv, xn, n_tok);
         ops::matmul(ctx, &lw.wv, xn, n_tok, &mut input, scratch, v);
         if let Some(qn) = &lw.q_norm {
             ops::rms_norm_in_place(q, qn, c.rms_eps);
@@ -93,6 +98,7 @@ pub(crate) fn forward(
         ops::attention(ctx, shape, q, rows, seqs, il, attn);
         tap("kqv_out", il, attn);
         input.invalidate();
+        obs.matmul_input(&lw.wo, attn, n_tok);
         ops::matmul(ctx, &lw.wo, attn, n_tok, &mut input, scratch, xn);
         if let Some(pn) = &lw.attn_post_norm {
             ops::rms_norm_in_place(xn, pn, c.rms_eps);
@@ -103,13 +109,16 @@ pub(crate) fn forward(
         ops::rms_norm(x, &lw.ffn_norm, c.rms_eps, xn);
         input.invalidate();
         let (gate, up) = (&mut s.gate[..n_tok * dff], &mut s.up[..n_tok * dff]);
+        obs.matmul_input(&lw.w_gate, xn, n_tok);
         ops::matmul(ctx, &lw.w_gate, xn, n_tok, &mut input, scratch, gate);
+        obs.matmul_input(&lw.w_up, xn, n_tok);
         ops::matmul(ctx, &lw.w_up, xn, n_tok, &mut input, scratch, up);
         match c.ffn_act {
             FfnAct::GeluTanh => model.kernels.geglu(gate, up),
             FfnAct::Silu => model.kernels.swiglu(gate, up),
         }
         input.invalidate();
+        obs.matmul_input(&lw.w_down, gate, n_tok);
         ops::matmul(ctx, &lw.w_down, gate, n_tok, &mut input, scratch, xn);
         tap("ffn_out", il, xn);
         if let Some(pn) = &lw.ffn_post_norm {
@@ -119,5 +128,5 @@ pub(crate) fn forward(
         tap("l_out", il, x);
     }
 
-    crate::output_logits(model, x, &mut s.out_rows, &mut input, scratch, seqs)
+    crate::output_logits(model, x, &mut s.out_rows, &mut input, scratch, seqs, obs)
 }

@@ -5,7 +5,7 @@
 
 use crate::ops::{self, tap, AttnShape, QuantizedInput};
 use crate::state::Scratch;
-use crate::{Model, ModelError, SeqBatch};
+use crate::{Model, ModelError, Observer, SeqBatch};
 
 /// Evaluates the tokens of every sequence in `seqs` (at most `s.n_rows` in all, rows laid out
 /// sequence after sequence as `s.rows` says), appending their keys/values to each sequence's
@@ -15,6 +15,7 @@ pub(crate) fn forward(
     s: &mut Scratch,
     seqs: &mut [SeqBatch<'_>],
     n_tok: usize,
+    obs: &mut dyn Observer,
 ) -> Result<(), ModelError> {
     let c = &model.config;
     let w = &model.weights;
@@ -33,6 +34,7 @@ pub(crate) fn forward(
     ops::rope_tables(&model.rope, rows, cos, sin);
 
     for (il, lw) in w.layers.iter().enumerate() {
+        obs.hidden(il, x, n_tok);
         // Attention block.
         ops::rms_norm(x, &lw.attn_norm, c.rms_eps, xn);
         tap("attn_norm", il, xn);
@@ -42,8 +44,11 @@ pub(crate) fn forward(
             &mut s.k[..n_tok * dk],
             &mut s.v[..n_tok * dv],
         );
+        obs.matmul_input(&lw.wq, xn, n_tok);
         ops::matmul(ctx, &lw.wq, xn, n_tok, &mut input, scratch, q);
+        obs.matmul_input(&lw.wk, xn, n_tok);
         ops::matmul(ctx, &lw.wk, xn, n_tok, &mut input, scratch, k);
+        obs.matmul_input(&lw.wv, xn, n_tok);
         ops::matmul(ctx, &lw.wv, xn, n_tok, &mut input, scratch, v);
         if let Some(b) = &lw.bq {
             ops::add_bias(q, b);
@@ -78,6 +83,7 @@ pub(crate) fn forward(
         ops::attention(ctx, shape, q, rows, seqs, il, attn);
         tap("kqv_out", il, attn);
         input.invalidate();
+        obs.matmul_input(&lw.wo, attn, n_tok);
         ops::matmul(ctx, &lw.wo, attn, n_tok, &mut input, scratch, xn);
         ops::add_in_place(x, xn);
 
@@ -85,15 +91,18 @@ pub(crate) fn forward(
         ops::rms_norm(x, &lw.ffn_norm, c.rms_eps, xn);
         input.invalidate();
         let (gate, up) = (&mut s.gate[..n_tok * dff], &mut s.up[..n_tok * dff]);
+        obs.matmul_input(&lw.w_gate, xn, n_tok);
         ops::matmul(ctx, &lw.w_gate, xn, n_tok, &mut input, scratch, gate);
+        obs.matmul_input(&lw.w_up, xn, n_tok);
         ops::matmul(ctx, &lw.w_up, xn, n_tok, &mut input, scratch, up);
         model.kernels.swiglu(gate, up);
         input.invalidate();
+        obs.matmul_input(&lw.w_down, gate, n_tok);
         ops::matmul(ctx, &lw.w_down, gate, n_tok, &mut input, scratch, xn);
         tap("ffn_out", il, xn);
         ops::add_in_place(x, xn);
         tap("l_out", il, x);
     }
 
-    crate::output_logits(model, x, &mut s.out_rows, &mut input, scratch, seqs)
+    crate::output_logits(model, x, &mut s.out_rows, &mut input, scratch, seqs, obs)
 }
