@@ -75,6 +75,10 @@ pub struct ModelArgs {
     /// Compute threads (default: physical cores).
     #[arg(short = 't', long = "threads")]
     pub threads: Option<usize>,
+    /// Reproduce llama.cpp's CPU arithmetic bit for bit (its x86 AVX2 kernels) instead of
+    /// microllm's faster batched kernels, which round differently (also MICROLLM_EXACT=1).
+    #[arg(long)]
+    pub exact: bool,
 }
 
 #[derive(Args, Debug)]
@@ -185,7 +189,12 @@ pub fn load_path(path: &std::path::Path, args: &ModelArgs) -> Result<LoadedModel
         n_threads: args.threads.unwrap_or(0),
         kernels: kernels()?,
     };
-    LoadedModel::load(path, opts).with_context(|| format!("loading {}", path.display()))
+    let mut lm =
+        LoadedModel::load(path, opts).with_context(|| format!("loading {}", path.display()))?;
+    if args.exact {
+        lm.model.set_exact(true);
+    }
+    Ok(lm)
 }
 
 fn tokenize(a: TokenizeArgs) -> Result<()> {

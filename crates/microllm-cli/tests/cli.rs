@@ -57,6 +57,7 @@ fn raw_greedy_run_matches_llama_cpp() {
         "run",
         "-m",
         MODEL,
+        "--exact",
         "--raw",
         "--temp",
         "0",
@@ -84,7 +85,9 @@ fn chat_run_matches_llama_cpp() {
         let user = msgs.last().unwrap()["content"].as_str().unwrap();
         // The reference stops at <|im_end|> (included in its ids) or after 32 tokens.
         let n = c["generated_ids"].as_array().unwrap().len().to_string();
-        let mut args = vec!["run", "-m", MODEL, "--temp", "0", "-n", &n, "--json"];
+        let mut args = vec![
+            "run", "-m", MODEL, "--exact", "--temp", "0", "-n", &n, "--json",
+        ];
         if let Some(sys) = msgs.iter().find(|m| m["role"] == "system") {
             args.extend(["--system", sys["content"].as_str().unwrap()]);
         }

@@ -35,6 +35,7 @@ pub use microllm_gguf::GgmlType;
 
 pub mod blocks;
 mod format;
+pub mod panel;
 pub mod pool;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
@@ -129,6 +130,53 @@ macro_rules! dispatch {
             KernelPath::Avx2 => unreachable!("the Avx2 path is never built off x86-64"),
         }
     };
+}
+
+/// The checks shared by the matmuls: panics (with `what`) if a slice is too short for the
+/// shape; `None` for an empty product; else the bytes of weights and activations and the
+/// floats of output the call uses.
+fn gemm_sizes(
+    what: &str,
+    w: &[u8],
+    w_row: usize,
+    n_rows: usize,
+    act: &[u8],
+    a_row: usize,
+    n_cols: usize,
+    out: &[f32],
+    out_stride: usize,
+) -> Option<(usize, usize, usize)> {
+    let w_need = n_rows.checked_mul(w_row).expect("weight size overflows");
+    let a_need = n_cols
+        .checked_mul(a_row)
+        .expect("activation size overflows");
+    assert!(
+        w.len() >= w_need,
+        "{what}: weights have {} bytes, need {w_need}",
+        w.len()
+    );
+    assert!(
+        act.len() >= a_need,
+        "{what}: activations have {} bytes, need {a_need}",
+        act.len()
+    );
+    if n_rows == 0 || n_cols == 0 {
+        return None;
+    }
+    assert!(
+        n_cols == 1 || out_stride >= n_rows,
+        "{what}: out_stride {out_stride} < n_rows {n_rows} would overlap columns"
+    );
+    let out_need = (n_cols - 1)
+        .checked_mul(out_stride)
+        .and_then(|v| v.checked_add(n_rows))
+        .expect("output size overflows");
+    assert!(
+        out.len() >= out_need,
+        "{what}: out has {} floats, need {out_need}",
+        out.len()
+    );
+    Some((w_need, a_need, out_need))
 }
 
 impl Kernels {
@@ -337,42 +385,89 @@ impl Kernels {
         out_stride: usize,
     ) {
         let s = DotShape::new(w_ty, k);
-        let w_need = n_rows
-            .checked_mul(s.w_row)
-            .expect("gemm: weight size overflows");
-        let a_need = n_cols
-            .checked_mul(s.a_row)
-            .expect("gemm: activation size overflows");
-        assert!(
-            w.len() >= w_need,
-            "gemm: weights have {} bytes, need {w_need}",
-            w.len()
-        );
-        assert!(
-            act.len() >= a_need,
-            "gemm: activations have {} bytes, need {a_need}",
-            act.len()
-        );
-        if n_rows == 0 || n_cols == 0 {
+        let Some((w_need, a_need, out_need)) = gemm_sizes(
+            "gemm", w, s.w_row, n_rows, act, s.a_row, n_cols, out, out_stride,
+        ) else {
             return;
-        }
-        assert!(
-            n_cols == 1 || out_stride >= n_rows,
-            "gemm: out_stride {out_stride} < n_rows {n_rows} would overlap columns"
-        );
-        let out_need = (n_cols - 1)
-            .checked_mul(out_stride)
-            .and_then(|v| v.checked_add(n_rows))
-            .expect("gemm: output size overflows");
-        assert!(
-            out.len() >= out_need,
-            "gemm: out has {} floats, need {out_need}",
-            out.len()
-        );
+        };
         let (w, act, out) = (&w[..w_need], &act[..a_need], &mut out[..out_need]);
         dispatch!(self,
             scalar => reference::gemm(w_ty, k, w, n_rows, act, n_cols, out, out_stride),
             avx2 => x86::avx2::gemm(s.w, k, w, s.w_row, n_rows, act, s.a_row, n_cols, out, out_stride),
+        )
+    }
+
+    /// Whether `w_ty` has a panel matmul ([`Kernels::gemm_panel`]).
+    pub fn panel_supports(&self, w_ty: GgmlType) -> bool {
+        Fmt::of(w_ty).and_then(panel::PanelShape::of).is_some()
+    }
+
+    /// Quantizes one activation row (`x.len()` a multiple of 32) into the panel layout
+    /// (`out.len() == panel::act_row_bytes(x.len())`). The same bytes on every path.
+    pub fn quantize_panel_act(&self, x: &[f32], out: &mut [u8]) -> Result<(), KernelError> {
+        if x.len() % blocks::QK != 0 {
+            return Err(KernelError::BadLength {
+                what: "panel activation row (a multiple of 32 elements)",
+                expected: x.len().next_multiple_of(blocks::QK),
+                got: x.len(),
+            });
+        }
+        if out.len() != panel::act_row_bytes(x.len()) {
+            return Err(KernelError::BadLength {
+                what: "panel activation bytes",
+                expected: panel::act_row_bytes(x.len()),
+                got: out.len(),
+            });
+        }
+        dispatch!(self,
+            scalar => panel::quantize_act_ref(x, out),
+            avx2 => x86::avx2_panel::quantize_act(x, out),
+        );
+        Ok(())
+    }
+
+    /// The panel matmul, microllm's fast path for batched matmuls (see [`panel`]):
+    /// `out[c * out_stride + r] = dot(w row r, act column c)` with `act` holding `n_cols`
+    /// rows written by [`Kernels::quantize_panel_act`]. Not bit-identical to llama.cpp (the
+    /// float order differs, and K-quant activations have finer scales); [`Kernels::gemm`]
+    /// is. The result does not depend on how rows are split across calls or on `n_cols`.
+    ///
+    /// # Panics
+    /// If `w_ty` has no panel kernel, `k` is not a multiple of its block size, a slice is
+    /// short, or `out_stride < n_rows` with more than one column.
+    pub fn gemm_panel(
+        &self,
+        w_ty: GgmlType,
+        k: usize,
+        w: &[u8],
+        n_rows: usize,
+        act: &[u8],
+        n_cols: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let f = Fmt::of(w_ty)
+            .filter(|f| panel::PanelShape::of(*f).is_some())
+            .unwrap_or_else(|| panic!("gemm_panel: no panel kernel for {}", w_ty.name()));
+        let s = DotShape::new(w_ty, k);
+        let a_row = panel::act_row_bytes(k);
+        let Some((w_need, a_need, out_need)) = gemm_sizes(
+            "gemm_panel",
+            w,
+            s.w_row,
+            n_rows,
+            act,
+            a_row,
+            n_cols,
+            out,
+            out_stride,
+        ) else {
+            return;
+        };
+        let (w, act, out) = (&w[..w_need], &act[..a_need], &mut out[..out_need]);
+        dispatch!(self,
+            scalar => panel::gemm_ref(f, k, w, s.w_row, n_rows, act, n_cols, out, out_stride),
+            avx2 => x86::avx2_panel::gemm(f, k, w, s.w_row, n_rows, act, n_cols, out, out_stride),
         )
     }
 
@@ -400,6 +495,56 @@ impl Kernels {
         dispatch!(self,
             scalar => reference::attention_f16(q16, keys, k_stride, values, v_stride, n_kv, scale, softcap, out),
             avx2 => x86::avx2::attention_f16(q16, keys, k_stride, values, v_stride, n_kv, scale, softcap, out),
+        )
+    }
+
+    /// Attention of several query rows sharing one KV head (microllm's fast path; see
+    /// [`reference::attention_rows`] for the exact definition): `q` holds `last.len()` rows
+    /// of `dk` f32, row `r` attends to keys `first..=last[r]` of `keys`/`values` (f16 rows
+    /// `k_stride`/`v_stride` apart; `first = last[r] + 1 - window` when `window > 0`, else
+    /// 0), and `out` gets `last.len()` rows of `dv`. Keys and values are converted once per
+    /// tile for all the rows; not bit-identical to llama.cpp (see
+    /// [`Kernels::attention_f16`] for that).
+    ///
+    /// # Panics
+    /// If a slice is too short for the rows, keys or values it must hold.
+    pub fn attention_rows(
+        &self,
+        q: &[f32],
+        dk: usize,
+        last: &[u32],
+        window: usize,
+        keys: &[f16],
+        k_stride: usize,
+        values: &[f16],
+        v_stride: usize,
+        scale: f32,
+        softcap: f32,
+        out: &mut [f32],
+        dv: usize,
+    ) {
+        let n = last.len();
+        assert!(q.len() >= n * dk, "attention_rows: q too short");
+        assert!(out.len() >= n * dv, "attention_rows: out too short");
+        if let Some(&hi) = last.iter().max() {
+            let hi = hi as usize;
+            assert!(
+                keys.len() >= hi * k_stride + dk,
+                "attention_rows: keys too short"
+            );
+            assert!(
+                values.len() >= hi * v_stride + dv,
+                "attention_rows: values too short"
+            );
+        }
+        let simd = dk % 8 == 0 && dv % 16 == 0 && dk > 0;
+        dispatch!(self,
+            scalar => reference::attention_rows(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, out, dv),
+            avx2 => if simd {
+                x86::avx2_attn::attention_rows(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, out, dv)
+            } else {
+                reference::attention_rows(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, out, dv)
+            },
         )
     }
 

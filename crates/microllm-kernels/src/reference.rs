@@ -845,6 +845,59 @@ pub fn attention_f16(
 /// A flash-attention score: `dot * scale`, or with soft-capping `cap * tanh(dot * (scale / cap))`
 /// (ggml folds 1/cap into the scale first).
 #[inline]
+/// Attention of several query rows (`q`: `last.len()` rows of `dk`) over shared f16 keys and
+/// values: row `r` sees keys `first..=last[r]` (`first = last[r] + 1 - window` when
+/// `window > 0`, else 0) and gets `softmax(softcap_score(q·k)) · v` in `out` (rows of `dv`).
+/// The specification of `Kernels::attention_rows`: plain f32 scores, a max-subtracted
+/// softmax, f32 sums. A row that sees no key gets zeros.
+pub fn attention_rows(
+    q: &[f32],
+    dk: usize,
+    last: &[u32],
+    window: usize,
+    keys: &[f16],
+    k_stride: usize,
+    values: &[f16],
+    v_stride: usize,
+    scale: f32,
+    softcap: f32,
+    out: &mut [f32],
+    dv: usize,
+) {
+    for (r, &l) in last.iter().enumerate() {
+        let l = l as usize;
+        let first = if window > 0 {
+            (l + 1).saturating_sub(window)
+        } else {
+            0
+        };
+        let qr = &q[r * dk..(r + 1) * dk];
+        let scores: Vec<f32> = (first..=l)
+            .map(|j| {
+                let k = &keys[j * k_stride..j * k_stride + dk];
+                let dot: f32 = qr.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum();
+                softcap_score(dot, scale, softcap)
+            })
+            .collect();
+        let m = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let o = &mut out[r * dv..(r + 1) * dv];
+        o.fill(0.0);
+        let mut sum = 0.0f32;
+        for (i, s) in scores.iter().enumerate() {
+            let p = (s - m).exp();
+            sum += p;
+            let v = &values[(first + i) * v_stride..(first + i) * v_stride + dv];
+            for (ov, vv) in o.iter_mut().zip(v) {
+                *ov += p * vv.to_f32();
+            }
+        }
+        let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+        for ov in o.iter_mut() {
+            *ov *= inv;
+        }
+    }
+}
+
 pub fn softcap_score(dot: f32, scale: f32, softcap: f32) -> f32 {
     if softcap != 0.0 {
         softcap * (dot * (scale / softcap)).tanh()

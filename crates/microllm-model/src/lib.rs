@@ -133,6 +133,9 @@ pub struct Model {
     rope: ops::RopeTables,
     /// The same for sliding-window layers with their own base (Gemma 3).
     rope_swa: Option<ops::RopeTables>,
+    /// Batched matmuls use llama.cpp's arithmetic (`Kernels::gemm`) instead of the faster
+    /// panel kernels (`Kernels::gemm_panel`); see [`Model::set_exact`].
+    exact: bool,
 }
 
 impl std::fmt::Debug for Model {
@@ -181,6 +184,7 @@ impl Model {
             pool,
             rope,
             rope_swa,
+            exact: std::env::var_os("MICROLLM_EXACT").is_some_and(|v| v != "0"),
         };
         // Every matmul's activation format must exist on this kernel path.
         for l in &model.weights.layers {
@@ -190,6 +194,19 @@ impl Model {
         }
         state::act_type(&model, model.weights.output.ty)?;
         Ok(model)
+    }
+
+    /// Makes every matmul reproduce llama.cpp's x86 AVX2 arithmetic bit for bit (on: what
+    /// the differential tests and tensor diffs need) or lets batched matmuls (prefill, several
+    /// decoding sequences) use microllm's faster panel kernels, which differ from llama.cpp
+    /// only in float rounding (off: the default). `MICROLLM_EXACT=1` turns it on at load.
+    pub fn set_exact(&mut self, exact: bool) {
+        self.exact = exact;
+    }
+
+    /// Whether matmuls are llama.cpp-exact (see [`Model::set_exact`]).
+    pub fn exact(&self) -> bool {
+        self.exact
     }
 
     pub fn gguf(&self) -> &GgufFile {
@@ -222,11 +239,13 @@ impl Model {
         Scratch::new(self, n_rows)
     }
 
-    pub(crate) fn ctx(&self) -> Ctx<'_> {
+    /// What the ops need; `exact` forces llama.cpp-exact arithmetic for this call.
+    pub(crate) fn ctx(&self, exact: bool) -> Ctx<'_> {
         Ctx {
             kernels: &self.kernels,
             pool: &self.pool,
             file: &self.file,
+            exact: self.exact || exact,
         }
     }
 
@@ -273,7 +292,7 @@ impl Model {
                 tokens: chunk,
                 logits: chunk_logits,
             }];
-            result = self.forward_rows(&mut scratch, &mut seqs, obs);
+            result = self.forward_rows(&mut scratch, &mut seqs, obs, false);
             if result.is_err() {
                 break;
             }
@@ -302,7 +321,12 @@ impl Model {
                 scratch.n_rows
             )));
         }
-        self.forward_rows(scratch, seqs, &mut NoObserver)
+        // Several sequences in one call (continuous batching): a sequence's results must not
+        // depend on which others share its batch, so this path keeps llama.cpp's arithmetic,
+        // whose per-row results do not depend on the batch for the legacy and float formats.
+        // (The panel kernels are batch-independent too, but switching to them by batch size
+        // would not be.)
+        self.forward_rows(scratch, seqs, &mut NoObserver, true)
     }
 
     /// Checks token ids, room in the context and the logits buffer of one sequence.
@@ -340,6 +364,7 @@ impl Model {
         scratch: &mut Scratch,
         seqs: &mut [SeqBatch<'_>],
         obs: &mut dyn Observer,
+        exact: bool,
     ) -> Result<(), ModelError> {
         let mut n_tok = 0;
         for (si, sb) in seqs.iter().enumerate() {
@@ -356,9 +381,11 @@ impl Model {
         }
         match self.config.arch {
             Arch::Llama | Arch::Qwen2 | Arch::Mistral | Arch::Phi3 => {
-                arch::llama::forward(self, scratch, seqs, n_tok, obs)?
+                arch::llama::forward(self, scratch, seqs, n_tok, obs, exact)?
             }
-            Arch::Gemma2 | Arch::Gemma3 => arch::gemma::forward(self, scratch, seqs, n_tok, obs)?,
+            Arch::Gemma2 | Arch::Gemma3 => {
+                arch::gemma::forward(self, scratch, seqs, n_tok, obs, exact)?
+            }
         }
         for sb in seqs.iter_mut() {
             sb.state.n_past += sb.tokens.len();
@@ -396,6 +423,7 @@ fn rope_tables(c: &Config, base: f32, factors: Option<&[f32]>) -> ops::RopeTable
 /// normalised and projected in column chunks that fit the matmul scratch.
 pub(crate) fn output_logits(
     model: &Model,
+    ctx: Ctx<'_>,
     x: &[f32],
     gathered: &mut [f32],
     input: &mut QuantizedInput<'_>,
@@ -413,7 +441,6 @@ pub(crate) fn output_logits(
         obs.final_hidden(&all, x.len() / d);
     }
     let n_vocab = c.n_vocab;
-    let ctx = model.ctx();
     // Gather.
     let (mut n_out, mut r0) = (0, 0);
     for sb in seqs.iter() {

@@ -17,6 +17,21 @@ pub(crate) struct Ctx<'a> {
     pub kernels: &'a Kernels,
     pub pool: &'a ThreadPool,
     pub file: &'a GgufFile,
+    /// llama.cpp-exact matmuls only (no panel kernels).
+    pub exact: bool,
+}
+
+/// Fewest activation rows for which a matmul uses the panel kernels (below, the per-pair
+/// kernels are as fast: the panel's unpacking is paid once per weight row).
+const PANEL_MIN_ROWS: usize = 4;
+
+/// The layout a [`QuantizedInput`] holds.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ActFormat {
+    /// A ggml activation type (Q8_0, Q8_1, Q8_K, F32...).
+    Ggml(GgmlType),
+    /// The panel kernels' layout (`microllm_kernels::panel`).
+    Panel,
 }
 
 /// Writes a named intermediate (`{name}-{layer}.bin`, raw little-endian f32) into
@@ -40,7 +55,7 @@ pub(crate) fn tap(_name: &str, _layer: usize, _x: &[f32]) {}
 pub(crate) struct QuantizedInput<'s> {
     pub buf: &'s mut [u8],
     /// `(format, row length)` currently held, if any.
-    held: Option<(GgmlType, usize)>,
+    held: Option<(ActFormat, usize)>,
 }
 
 impl<'s> QuantizedInput<'s> {
@@ -54,14 +69,22 @@ impl<'s> QuantizedInput<'s> {
     }
 
     /// Makes sure the buffer holds `x` (n_tok rows of `k`) in `ty`; returns the bytes per row.
-    fn ensure(&mut self, ctx: Ctx<'_>, ty: GgmlType, x: &[f32], n_tok: usize, k: usize) -> usize {
-        let row = ty.row_size(k as u64).expect("row length checked at load") as usize;
-        if self.held != Some((ty, k)) {
+    fn ensure(&mut self, ctx: Ctx<'_>, fmt: ActFormat, x: &[f32], n_tok: usize, k: usize) -> usize {
+        let row = match fmt {
+            ActFormat::Ggml(ty) => {
+                ty.row_size(k as u64).expect("row length checked at load") as usize
+            }
+            ActFormat::Panel => microllm_kernels::panel::act_row_bytes(k),
+        };
+        if self.held != Some((fmt, k)) {
             let dst = &mut self.buf[..n_tok * row];
             let quantize = |i: usize, out: &mut [u8]| {
-                ctx.kernels
-                    .quantize_activation(ty, &x[i * k..(i + 1) * k], out)
-                    .expect("activation format checked at load");
+                let x = &x[i * k..(i + 1) * k];
+                match fmt {
+                    ActFormat::Ggml(ty) => ctx.kernels.quantize_activation(ty, x, out),
+                    ActFormat::Panel => ctx.kernels.quantize_panel_act(x, out),
+                }
+                .expect("activation format checked at load");
             };
             if n_tok >= 4 {
                 ctx.pool.for_each_chunk_mut(dst, row, quantize);
@@ -70,7 +93,7 @@ impl<'s> QuantizedInput<'s> {
                     quantize(i, out);
                 }
             }
-            self.held = Some((ty, k));
+            self.held = Some((fmt, k));
         }
         row
     }
@@ -92,17 +115,39 @@ pub(crate) fn matmul(
 ) {
     let k = w.n_cols;
     let n_rows = w.n_rows;
+    let n_threads = ctx.pool.n_threads();
+    let kernels = ctx.kernels;
+    let wdata = w.data(ctx.file);
+    let rb = w.row_bytes;
+    if n_tok >= PANEL_MIN_ROWS && !ctx.exact && kernels.panel_supports(w.ty) {
+        let arow = input.ensure(ctx, ActFormat::Panel, x, n_tok, k);
+        let act = &input.buf[..n_tok * arow];
+        let chunk = chunk_rows(n_rows, n_threads * 4, microllm_kernels::panel::PANEL_ROWS);
+        let tmp = &mut scratch[..n_rows * n_tok];
+        ctx.pool.for_each_chunk_mut(tmp, chunk * n_tok, |ci, s| {
+            let r0 = ci * chunk;
+            let len = s.len() / n_tok;
+            kernels.gemm_panel(
+                w.ty,
+                k,
+                &wdata[r0 * rb..(r0 + len) * rb],
+                len,
+                act,
+                n_tok,
+                s,
+                len,
+            );
+        });
+        scatter(ctx, &scratch[..n_rows * n_tok], n_rows, n_tok, chunk, out);
+        return;
+    }
     // The activation format of this weight format (checked for every matrix at load).
     let act_ty = ctx
         .kernels
         .vec_dot_type(w.ty)
         .expect("activation format checked at load");
-    let arow = input.ensure(ctx, act_ty, x, n_tok, k);
+    let arow = input.ensure(ctx, ActFormat::Ggml(act_ty), x, n_tok, k);
     let act = &input.buf[..n_tok * arow];
-    let wdata = w.data(ctx.file);
-    let rb = w.row_bytes;
-    let n_threads = ctx.pool.n_threads();
-    let kernels = ctx.kernels;
     if n_tok == 1 {
         let chunk = chunk_rows(n_rows, n_threads * 8, 16);
         ctx.pool
@@ -138,7 +183,12 @@ pub(crate) fn matmul(
             len,
         );
     });
-    let tmp = &scratch[..n_rows * n_tok];
+    scatter(ctx, &scratch[..n_rows * n_tok], n_rows, n_tok, chunk, out);
+}
+
+/// Copies a matmul's output from `tmp` (per chunk of `chunk` rows: column-major
+/// `(n_tok, len)`) into `out` (row-major `(n_tok, n_rows)`).
+fn scatter(ctx: Ctx<'_>, tmp: &[f32], n_rows: usize, n_tok: usize, chunk: usize, out: &mut [f32]) {
     ctx.pool
         .for_each_chunk_mut(&mut out[..n_tok * n_rows], n_rows, |t, orow| {
             let mut r0 = 0;
@@ -333,6 +383,131 @@ pub(crate) fn attention(
             o,
         );
     });
+}
+
+/// Attention of a forward's rows: the tiled kernel for batches (unless `ctx.exact`), the
+/// llama.cpp-exact per-(row, head) one otherwise. `bufs` are free scratch of the forward.
+pub(crate) fn attention_any(
+    ctx: Ctx<'_>,
+    sh: AttnShape,
+    q: &[f32],
+    rows: &[Row],
+    seqs: &[SeqBatch<'_>],
+    il: usize,
+    bufs: AttnBufs<'_>,
+    out: &mut [f32],
+) {
+    if rows.len() >= 2 && !ctx.exact {
+        attention_rows(ctx, sh, q, rows, seqs, il, bufs, out);
+    } else {
+        attention(ctx, sh, q, rows, seqs, il, out);
+    }
+}
+
+/// Query rows per task of [`attention_rows`].
+const ATTN_TASK_ROWS: usize = 32;
+
+/// Buffers of [`attention_rows`], all parts of the forward's scratch that are free while
+/// attention runs.
+pub(crate) struct AttnBufs<'a> {
+    /// Queries regrouped by (sequence, KV head, token, head of the group): `n_tok * q_dim`.
+    pub qg: &'a mut [f32],
+    /// Outputs in the same order: `n_tok * n_head * head_dim_v`.
+    pub og: &'a mut [f32],
+    /// Per regrouped row: the last key it sees and its (sequence, KV head) group.
+    pub last: &'a mut [u32],
+    pub grp: &'a mut [u32],
+}
+
+/// Causal attention like [`attention`], microllm's fast path for batches: the query rows that
+/// share a sequence and a KV head go through `Kernels::attention_rows` together, so each key
+/// and value is converted once per tile for up to 32 rows, and the softmax is vectorized.
+/// Not llama.cpp-exact (see [`attention`]).
+pub(crate) fn attention_rows(
+    ctx: Ctx<'_>,
+    sh: AttnShape,
+    q: &[f32],
+    rows: &[Row],
+    seqs: &[SeqBatch<'_>],
+    il: usize,
+    b: AttnBufs<'_>,
+    out: &mut [f32],
+) {
+    let (dk, dv) = (sh.head_dim, sh.head_dim_v);
+    let q_dim = sh.n_head * dk;
+    let k_dim = sh.n_head_kv * dk;
+    let v_dim = sh.n_head_kv * dv;
+    let n_rep = sh.n_head / sh.n_head_kv;
+    let n_tok = rows.len();
+    let n = n_tok * sh.n_head;
+    // Regroup: sequence by sequence (their rows are consecutive), KV head, token, head.
+    let mut i = 0;
+    let mut t0 = 0;
+    while t0 < n_tok {
+        let seq = rows[t0].seq;
+        let t1 = t0 + rows[t0..].iter().take_while(|r| r.seq == seq).count();
+        for g in 0..sh.n_head_kv {
+            for t in t0..t1 {
+                let src = &q[t * q_dim + g * n_rep * dk..t * q_dim + (g + 1) * n_rep * dk];
+                b.qg[i * dk..(i + n_rep) * dk].copy_from_slice(src);
+                for r in 0..n_rep {
+                    b.last[i + r] = rows[t].pos as u32;
+                    b.grp[i + r] = (seq * sh.n_head_kv + g) as u32;
+                }
+                i += n_rep;
+            }
+        }
+        t0 = t1;
+    }
+    let (qg, last, grp) = (&*b.qg, &*b.last, &*b.grp);
+    let kernels = ctx.kernels;
+    ctx.pool
+        .for_each_chunk_mut(&mut b.og[..n * dv], ATTN_TASK_ROWS * dv, |ci, o| {
+            let r0 = ci * ATTN_TASK_ROWS;
+            let r1 = r0 + o.len() / dv;
+            let mut a = r0;
+            while a < r1 {
+                // Rows a..e share a (sequence, KV head).
+                let gid = grp[a];
+                let e = a + grp[a..r1].iter().take_while(|&&x| x == gid).count();
+                let (seq, g) = (gid as usize / sh.n_head_kv, gid as usize % sh.n_head_kv);
+                let state = &*seqs[seq].state;
+                let n_ctx = state.n_ctx;
+                let kc = &state.k_cache[il * n_ctx * k_dim..(il + 1) * n_ctx * k_dim];
+                let vc = &state.v_cache[il * n_ctx * v_dim..(il + 1) * n_ctx * v_dim];
+                kernels.attention_rows(
+                    &qg[a * dk..e * dk],
+                    dk,
+                    &last[a..e],
+                    sh.window.unwrap_or(0),
+                    &kc[g * dk..],
+                    k_dim,
+                    &vc[g * dv..],
+                    v_dim,
+                    sh.scale,
+                    sh.softcap,
+                    &mut o[(a - r0) * dv..(e - r0) * dv],
+                    dv,
+                );
+                a = e;
+            }
+        });
+    // Back to (token, head) order.
+    let og = &*b.og;
+    let mut i = 0;
+    let mut t0 = 0;
+    while t0 < n_tok {
+        let seq = rows[t0].seq;
+        let t1 = t0 + rows[t0..].iter().take_while(|r| r.seq == seq).count();
+        for g in 0..sh.n_head_kv {
+            for t in t0..t1 {
+                let dst = t * sh.n_head * dv + g * n_rep * dv;
+                out[dst..dst + n_rep * dv].copy_from_slice(&og[i * dv..(i + n_rep) * dv]);
+                i += n_rep;
+            }
+        }
+        t0 = t1;
+    }
 }
 
 /// Writes the keys and values of every row into its sequence's cache for layer `il`.

@@ -31,20 +31,23 @@ impl Default for StateOptions {
 #[derive(Default)]
 pub struct Scratch {
     pub(crate) n_rows: usize,
-    pub(crate) x: Vec<f32>,        // (n_rows, n_embd) residual stream
-    pub(crate) xn: Vec<f32>,       // (n_rows, n_embd) normalised input of a sub-block
-    pub(crate) q: Vec<f32>,        // (n_rows, q_dim)
-    pub(crate) k: Vec<f32>,        // (n_rows, k_dim)
-    pub(crate) v: Vec<f32>,        // (n_rows, v_dim)
-    pub(crate) attn: Vec<f32>,     // (n_rows, n_head * head_dim_v)
-    pub(crate) gate: Vec<f32>,     // (n_rows, n_ff)
-    pub(crate) up: Vec<f32>,       // (n_rows, n_ff)
-    pub(crate) act_q: Vec<u8>,     // (n_rows, activation row bytes) quantized matmul input
-    pub(crate) scratch: Vec<f32>,  // matmul output transposed per row chunk
+    pub(crate) x: Vec<f32>,         // (n_rows, n_embd) residual stream
+    pub(crate) xn: Vec<f32>,        // (n_rows, n_embd) normalised input of a sub-block
+    pub(crate) q: Vec<f32>,         // (n_rows, q_dim)
+    pub(crate) k: Vec<f32>,         // (n_rows, k_dim)
+    pub(crate) v: Vec<f32>,         // (n_rows, v_dim)
+    pub(crate) attn: Vec<f32>,      // (n_rows, n_head * head_dim_v)
+    pub(crate) gate: Vec<f32>,      // (n_rows, n_ff)
+    pub(crate) up: Vec<f32>,        // (n_rows, n_ff)
+    pub(crate) act_q: Vec<u8>,      // (n_rows, activation row bytes) quantized matmul input
+    pub(crate) scratch: Vec<f32>,   // matmul output transposed per row chunk
     pub(crate) rope_cos: Vec<f32>, // (2, n_rows, n_rot/2): global layers, then sliding-window layers
     pub(crate) rope_sin: Vec<f32>, // (2, n_rows, n_rot/2)
     pub(crate) rows: Vec<Row>,     // (n_rows) which sequence and position each row is
     pub(crate) out_rows: Vec<f32>, // (n_rows, n_embd) hidden states of the rows needing logits
+    pub(crate) attn_tmp: Vec<f32>, // (n_rows * n_head, head_dim_v) batched attention output, regrouped
+    pub(crate) attn_last: Vec<u32>, // (n_rows * n_head) last visible key per regrouped query row
+    pub(crate) attn_grp: Vec<u32>, // (n_rows * n_head) (sequence, KV head) of each regrouped row
 }
 
 /// One token row of a batched forward.
@@ -96,6 +99,9 @@ impl Scratch {
             rope_sin: vec![0.0; 2 * n_rows * half_rot],
             rows: vec![Row::default(); n_rows],
             out_rows: vec![0.0; n_rows * c.n_embd],
+            attn_tmp: vec![0.0; n_rows * c.n_head * c.head_dim_v],
+            attn_last: vec![0; n_rows * c.n_head],
+            attn_grp: vec![0; n_rows * c.n_head],
         })
     }
 
@@ -190,6 +196,9 @@ fn max_act_row_bytes(model: &Model) -> Result<usize, ModelError> {
             .row_size(m.n_cols as u64)
             .ok_or_else(|| ModelError::BadConfig(format!("bad row length for {}", m.name())))?;
         best = best.max(bytes as usize);
+        if model.kernels.panel_supports(m.ty) {
+            best = best.max(microllm_kernels::panel::act_row_bytes(m.n_cols));
+        }
     }
     Ok(best)
 }

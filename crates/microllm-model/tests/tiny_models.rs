@@ -23,9 +23,41 @@ fn specs() -> Vec<(&'static str, TinySpec)> {
     ]
 }
 
+/// A tiny model with llama.cpp-exact arithmetic: these tests are about batching, threads and
+/// paths agreeing under one arithmetic (the fast path is checked in `fast_prefill_...`).
 fn load(spec: &TinySpec, n_threads: usize, kernels: Kernels) -> Model {
     let file = GgufFile::from_bytes(tiny_model_bytes(spec)).expect("tiny model parses");
-    Model::from_gguf(file, ModelOptions { n_threads, kernels }).expect("tiny model loads")
+    let mut m =
+        Model::from_gguf(file, ModelOptions { n_threads, kernels }).expect("tiny model loads");
+    m.set_exact(true);
+    m
+}
+
+/// The default fast path (panel matmuls, tiled attention) prefills what the exact decode
+/// computes token by token, up to 8-bit activation and f16 rounding noise.
+#[test]
+fn fast_prefill_agrees_with_exact_stepwise_decode() {
+    const FAST_TOL: f32 = 2e-2;
+    for (name, spec) in specs() {
+        let mut model = load(&spec, 2, Kernels::detect());
+        let toks = prompt(20, model.config.n_vocab);
+        let exact = stepwise(&model, &toks);
+        model.set_exact(false);
+        let fast = batched(&model, &toks, 64);
+        let d = max_diff(&fast, &exact);
+        eprintln!("{name}: fast prefill vs exact decode {d}");
+        assert!(
+            d < FAST_TOL,
+            "{name}: fast prefill vs exact decode differ by {d}"
+        );
+        // The fast path does not depend on how the prompt is split.
+        let split = batched(&model, &toks, 7);
+        let d = max_diff(&fast, &split);
+        assert!(
+            d < 1e-5,
+            "{name}: fast prefill in one batch vs batches of 7 differ by {d}"
+        );
+    }
 }
 
 fn prompt(n: usize, n_vocab: usize) -> Vec<u32> {

@@ -728,6 +728,24 @@ unsafe fn quant_q8_block<const ACT: bool>(x: *const f32, q: *mut u8) -> (f32, i3
     (d, sum)
 }
 
+/// `expf8` for the other x86 modules.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn expf8_pub(x: __m256) -> __m256 {
+    expf8(x)
+}
+
+/// [`quant_q8_block`] with the activation rounding (ties to even, `127 / amax`).
+///
+/// # Safety
+/// As [`quant_q8_block`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quant_q8_act_block(x: *const f32, q: *mut u8) -> (f32, i32) {
+    // SAFETY: the caller's contract is quant_q8_block's.
+    unsafe { quant_q8_block::<true>(x, q) }
+}
+
 /// Fast quantize/convert for the formats that need it (activations, f16/bf16 rows). Returns
 /// false for formats left to the reference. `out` must be the exact row size (checked).
 ///

@@ -16,10 +16,11 @@ pub(crate) fn forward(
     seqs: &mut [SeqBatch<'_>],
     n_tok: usize,
     obs: &mut dyn Observer,
+    exact: bool,
 ) -> Result<(), ModelError> {
     let c = &model.config;
     let w = &model.weights;
-    let ctx = model.ctx();
+    let ctx = model.ctx(exact);
     let (d, dq, dk, dv, dff) = (c.n_embd, c.q_dim(), c.k_dim(), c.v_dim(), c.n_ff);
     let dattn = c.n_head * c.head_dim_v;
     let rows = &s.rows[..n_tok];
@@ -80,7 +81,13 @@ pub(crate) fn forward(
             softcap: 0.0,
         };
         let attn = &mut s.attn[..n_tok * dattn];
-        ops::attention(ctx, shape, q, rows, seqs, il, attn);
+        let bufs = ops::AttnBufs {
+            qg: &mut scratch[..n_tok * dq],
+            og: &mut s.attn_tmp[..],
+            last: &mut s.attn_last[..],
+            grp: &mut s.attn_grp[..],
+        };
+        ops::attention_any(ctx, shape, q, rows, seqs, il, bufs, attn);
         tap("kqv_out", il, attn);
         input.invalidate();
         obs.matmul_input(&lw.wo, attn, n_tok);
@@ -104,5 +111,14 @@ pub(crate) fn forward(
         tap("l_out", il, x);
     }
 
-    crate::output_logits(model, x, &mut s.out_rows, &mut input, scratch, seqs, obs)
+    crate::output_logits(
+        model,
+        ctx,
+        x,
+        &mut s.out_rows,
+        &mut input,
+        scratch,
+        seqs,
+        obs,
+    )
 }
