@@ -115,6 +115,8 @@ fn chunked_concurrent_generation_matches_one_shot_solo() {
             n_ctx: 200,
             n_prefill_chunk: 512,
             max_queue: 8,
+            prefix_cache_bytes: 0,
+            ..EngineConfig::default()
         },
     );
     let want: Vec<Value> = prompts.iter().map(|p| complete(&solo.base, p)).collect();
@@ -128,6 +130,9 @@ fn chunked_concurrent_generation_matches_one_shot_solo() {
             n_ctx: 200,
             n_prefill_chunk: 7,
             max_queue: 8,
+            // Small blocks, so that requests also copy prefixes from the block store.
+            prefix_block_tokens: 4,
+            ..EngineConfig::default()
         },
     );
     let handles: Vec<_> = prompts
@@ -148,5 +153,11 @@ fn chunked_concurrent_generation_matches_one_shot_solo() {
         .find(|l| l.starts_with("microllm_prefix_cache_hit_tokens_total "))
         .unwrap();
     assert_ne!(hits, "microllm_prefix_cache_hit_tokens_total 0", "{m}");
+    // Some of them came from the shared blocks rather than the request's own slot.
+    let copied = m
+        .lines()
+        .find(|l| l.starts_with("microllm_prefix_cache_copied_tokens_total "))
+        .unwrap();
+    assert_ne!(copied, "microllm_prefix_cache_copied_tokens_total 0", "{m}");
     assert!(!batched.state.engine().is_shutting_down());
 }
