@@ -829,8 +829,14 @@ fn prefix_blocks_are_shared_across_slots_and_change_nothing() {
         .unwrap()
         .len() as u64;
     assert!(n_system > 400, "{n_system}");
-    assert!(cached >= n_system - 32, "cached {cached} of a {n_system}-token system prompt");
-    assert_eq!(copied as u64, cached, "all of it copied from the block store");
+    assert!(
+        cached >= n_system - 32,
+        "cached {cached} of a {n_system}-token system prompt"
+    );
+    assert_eq!(
+        copied as u64, cached,
+        "all of it copied from the block store"
+    );
     assert_eq!(cached % 32, 0, "whole blocks");
     // The same answer as without any cache.
     assert!(!tokens.is_empty());
@@ -846,7 +852,7 @@ fn a_long_prompt_is_admitted_while_streams_keep_going() {
         &["--parallel", "2", "--ctx", "2048", "--prefill-chunk", "128"],
     );
     let url = srv.url("/v1/completions");
-    let running = json!({"prompt": "Once upon a time, in a small village,", "max_tokens": 160,
+    let running = json!({"prompt": "Once upon a time, in a small village,", "max_tokens": 48,
                          "ignore_eos": true, "temperature": 0, "logprobs": 0, "stream": true});
     // A 1500-token prompt, as token ids.
     let words = "The history of the printing press begins with movable type in Asia and \
@@ -873,10 +879,18 @@ fn a_long_prompt_is_admitted_while_streams_keep_going() {
             })
             .collect()
     }
-    let solo_running = texts(&SseReader::open(&url, &running).1.collect());
-    let solo_long = texts(&SseReader::open(&url, &long).1.collect());
-    assert_eq!(solo_running.len(), 160);
+    // Solo answers from another server, so that nothing of the long prompt is cached here.
+    let (solo_running, solo_long) = {
+        let solo = Server::start(MODEL, &["--parallel", "1", "--ctx", "2048"]);
+        let url = solo.url("/v1/completions");
+        (
+            texts(&SseReader::open(&url, &running).1.collect()),
+            texts(&SseReader::open(&url, &long).1.collect()),
+        )
+    };
+    assert_eq!(solo_running.len(), 48);
     assert_eq!(solo_long.len(), 8);
+    assert_eq!(metric(&srv, "microllm_prefix_cache_blocks"), 0.0);
     let mixed0 = metric(&srv, "microllm_mixed_steps_total");
 
     #[derive(Debug, PartialEq)]
@@ -935,7 +949,8 @@ fn a_long_prompt_is_admitted_while_streams_keep_going() {
         .iter()
         .filter(|e| matches!(e, Ev::Running(_)))
         .count();
-    // 1500 prompt tokens in chunks of 128 take about 12 steps, each also a decode step.
+    // 1500 prompt tokens in chunks of 128 take 12 steps, each also a decode step.
+    println!("{between} tokens of the running stream during the long prompt's prefill");
     assert!(
         between >= 4,
         "only {between} tokens of the running stream arrived while the long prompt was prefilled: {seen:?}"

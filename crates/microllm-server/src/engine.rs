@@ -354,20 +354,31 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// Where a running request stands, as [`plan_step`] sees it.
+#[derive(Clone, Copy, Debug)]
+struct Progress {
+    /// Admission order.
+    id: u64,
+    /// Its sampled, not yet evaluated token (it is decoding).
+    pending: Option<u32>,
+    /// Prompt tokens in its KV cache.
+    done: usize,
+    n_prompt: usize,
+}
+
 /// What a step evaluates: each decoding slot's pending token, then prompt chunks oldest
-/// request first within `budget` rows. `slots[i]` is `(admission id, pending token, prompt
-/// tokens done, prompt length)` of slot `i`'s request, if any.
-fn plan_step(slots: &[Option<(u64, Option<u32>, usize, usize)>], budget: usize) -> Vec<Option<Work>> {
+/// request first within `budget` rows. `slots[i]` is slot `i`'s request, if any.
+fn plan_step(slots: &[Option<Progress>], budget: usize) -> Vec<Option<Work>> {
     let mut work: Vec<Option<Work>> = slots
         .iter()
-        .map(|s| s.and_then(|(_, pending, _, _)| pending.map(Work::Decode)))
+        .map(|s| s.and_then(|p| p.pending.map(Work::Decode)))
         .collect();
     let mut order: Vec<(u64, usize)> = slots
         .iter()
         .enumerate()
-        .filter_map(|(i, s)| match s {
-            Some((id, None, done, len)) if done < len => Some((*id, i)),
-            _ => None,
+        .filter_map(|(i, s)| {
+            s.filter(|p| p.pending.is_none() && p.done < p.n_prompt)
+                .map(|p| (p.id, i))
         })
         .collect();
     order.sort_unstable();
@@ -376,10 +387,10 @@ fn plan_step(slots: &[Option<(u64, Option<u32>, usize, usize)>], budget: usize) 
         if left == 0 {
             break;
         }
-        if let Some((_, _, from, len)) = slots[i] {
-            let to = (from + left).min(len);
-            work[i] = Some(Work::Prefill { from, to });
-            left -= to - from;
+        if let Some(p) = slots[i] {
+            let to = (p.done + left).min(p.n_prompt);
+            work[i] = Some(Work::Prefill { from: p.done, to });
+            left -= to - p.done;
         }
     }
     work
@@ -565,7 +576,8 @@ impl<'m> Scheduler<'m> {
                 if slot.state.kv_write(&self.lm.model, j * bt, kv).is_err() {
                     break; // nothing written: the slot still holds history[..j * bt]
                 }
-                slot.history.extend_from_slice(&reusable[j * bt..(j + 1) * bt]);
+                slot.history
+                    .extend_from_slice(&reusable[j * bt..(j + 1) * bt]);
             }
         }
         let n_cached = slot.history.len();
@@ -602,13 +614,16 @@ impl<'m> Scheduler<'m> {
     /// and up to `n_prefill_chunk` prompt rows, oldest prefilling request first. Then samples
     /// the next token of every sequence whose logits are fresh.
     fn step(&mut self) {
-        let shape: Vec<_> = self
+        let shape: Vec<Option<Progress>> = self
             .slots
             .iter()
             .map(|s| {
-                s.seq
-                    .as_ref()
-                    .map(|q| (q.id, q.pending, q.n_done, q.job.prompt.len()))
+                s.seq.as_ref().map(|q| Progress {
+                    id: q.id,
+                    pending: q.pending,
+                    done: q.n_done,
+                    n_prompt: q.job.prompt.len(),
+                })
             })
             .collect();
         let work = plan_step(&shape, self.cfg.n_prefill_chunk);
@@ -761,8 +776,7 @@ impl<'m> Scheduler<'m> {
                 stopped = true;
             }
         }
-        if finish.is_none()
-            && (q.generated.len() >= q.max_tokens || history.len() >= state.n_ctx())
+        if finish.is_none() && (q.generated.len() >= q.max_tokens || history.len() >= state.n_ctx())
         {
             finish = Some(Finish::Length);
         }
@@ -887,11 +901,19 @@ mod tests {
     #[test]
     fn a_step_holds_every_decode_and_prompt_chunks_oldest_first() {
         // Slot 0 decodes, slot 1 (admitted later) and slot 3 (earlier) prefill, slot 2 is free.
+        let p = |id, pending, done, n_prompt| {
+            Some(Progress {
+                id,
+                pending,
+                done,
+                n_prompt,
+            })
+        };
         let slots = [
-            Some((5, Some(42), 10, 10)),
-            Some((7, None, 0, 100)),
+            p(5, Some(42), 10, 10),
+            p(7, None, 0, 100),
             None,
-            Some((6, None, 30, 50)),
+            p(6, None, 30, 50),
         ];
         let w = plan_step(&slots, 64);
         assert_eq!(w[0], Some(Work::Decode(42)));

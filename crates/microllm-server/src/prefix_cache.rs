@@ -286,7 +286,11 @@ mod tests {
     }
 
     fn expect_rows(tokens: &[u32]) -> Vec<(u32, u32)> {
-        tokens.iter().enumerate().map(|(p, &t)| (t, p as u32)).collect()
+        tokens
+            .iter()
+            .enumerate()
+            .map(|(p, &t)| (t, p as u32))
+            .collect()
     }
 
     fn seq(start: u32, n: usize) -> Vec<u32> {
@@ -368,7 +372,14 @@ mod tests {
         assert_eq!(c.stats().blocks, 4);
         // Full: d's last block evicts the least recently used leaf (a's), not the shared ones.
         assert_eq!(insert(&mut c, &d), 1);
-        assert_eq!(c.stats(), CacheStats { blocks: 4, bytes: 4 * 2 * W, evictions: 1 });
+        assert_eq!(
+            c.stats(),
+            CacheStats {
+                blocks: 4,
+                bytes: 4 * 2 * W,
+                evictions: 1
+            }
+        );
         assert_eq!(c.lookup(&a).len(), 2);
         assert_eq!(c.lookup(&b).len(), 3);
         assert_eq!(c.lookup(&d).len(), 3);
