@@ -44,6 +44,14 @@ pub struct ServeArgs {
     /// generations keep streaming).
     #[arg(long, default_value_t = 256)]
     pub prefill_chunk: usize,
+    /// Memory for the prefix cache, in MiB: KV of earlier prompts kept in blocks (least
+    /// recently used evicted first), so a prompt starting like an earlier one (system prompt,
+    /// chat history) skips evaluating that part. 0 turns it off.
+    #[arg(long, default_value_t = 256, value_name = "MB")]
+    pub prefix_cache_mb: usize,
+    /// Tokens per prefix-cache block (a shared prefix is reused in whole blocks).
+    #[arg(long, default_value_t = 32, value_name = "TOKENS")]
+    pub prefix_block: usize,
     /// The model id clients use (default: the -m name, or the file name without .gguf).
     #[arg(long)]
     pub alias: Option<String>,
@@ -103,6 +111,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         n_ctx,
         n_prefill_chunk: a.prefill_chunk,
         max_queue: a.max_queue,
+        prefix_cache_bytes: a.prefix_cache_mb.saturating_mul(1 << 20),
+        prefix_block_tokens: a.prefix_block,
     };
     let cfg = ServerConfig {
         model_id: id.clone(),
@@ -122,10 +132,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             println!("listening on http://{addr}");
             let _ = std::io::stdout().flush();
             eprintln!(
-                "serving '{id}' ({} threads, {} slots x {n_ctx} tokens, queue {}){}",
+                "serving '{id}' ({} threads, {} slots x {n_ctx} tokens, queue {}, prefix cache {} MiB){}",
                 lm.model.n_threads(),
                 a.parallel,
                 a.max_queue,
+                a.prefix_cache_mb,
                 if has_key { ", API key required" } else { "" }
             );
             if !has_key && host != "127.0.0.1" && host != "localhost" && host != "::1" {

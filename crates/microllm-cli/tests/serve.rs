@@ -764,3 +764,198 @@ fn official_openai_python_client() {
     );
     assert!(stdout.contains("checks passed"), "{stdout}");
 }
+
+/// Text and token strings of a non-streamed greedy chat answer, and its `cached_tokens`.
+fn chat_answer(srv: &Server, body: &Value) -> (String, Vec<String>, u64) {
+    let (s, v) = post(srv, "/v1/chat/completions", body);
+    assert_eq!(s, 200, "{v}");
+    let c = &v["choices"][0];
+    let tokens = c["logprobs"]["content"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no logprobs: {v}"))
+        .iter()
+        .map(|t| t["token"].as_str().unwrap().to_string())
+        .collect();
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    (
+        c["message"]["content"].as_str().unwrap().to_string(),
+        tokens,
+        cached,
+    )
+}
+
+#[test]
+fn prefix_blocks_are_shared_across_slots_and_change_nothing() {
+    let _g = real_lock();
+    let system = "You answer questions about the opening hours, loans and events of the \
+                  city library, briefly and politely. "
+        .repeat(20);
+    let ask = |q: &str| {
+        json!({"messages": [{"role": "system", "content": system},
+                            {"role": "user", "content": q}],
+               "temperature": 0, "max_tokens": 12, "logprobs": true})
+    };
+    // Cold: no prefix cache, one slot, nothing cached before.
+    let cold = {
+        let srv = Server::start(MODEL, &["--parallel", "1", "--prefix-cache-mb", "0"]);
+        let a = chat_answer(&srv, &ask("Can I renew a book online?"));
+        assert_eq!(a.2, 0, "nothing was cached");
+        a
+    };
+
+    let srv = Server::start(MODEL, &["--parallel", "2", "--ctx", "1024"]);
+    // R1 leaves the system prompt's blocks in the cache (and its whole prompt in slot 0).
+    let (_, _, c1) = chat_answer(&srv, &ask("When do you open?"));
+    assert_eq!(c1, 0);
+    assert!(metric(&srv, "microllm_prefix_cache_blocks") > 10.0);
+    // L takes slot 0 (it shares the most with it) and keeps it busy, streaming.
+    let mut long = ask("Tell me about the events.");
+    long["max_tokens"] = json!(800);
+    long["ignore_eos"] = json!(true);
+    long["stream"] = json!(true);
+    let (s, mut l) = SseReader::open(&srv.url("/v1/chat/completions"), &long);
+    assert_eq!(s, 200);
+    // The role chunk, then the first token: L is running.
+    assert!(l.next_data().is_some() && l.next_data().is_some());
+    assert_eq!(metric(&srv, "microllm_slots_active"), 1.0);
+    let copied0 = metric(&srv, "microllm_prefix_cache_copied_tokens_total");
+    // R2 can only go to slot 1, which holds nothing: its prefix comes from the blocks.
+    let (text, tokens, cached) = chat_answer(&srv, &ask("Can I renew a book online?"));
+    let copied = metric(&srv, "microllm_prefix_cache_copied_tokens_total") - copied0;
+    let n_system = post(&srv, "/tokenize", &json!({"content": system})).1["tokens"]
+        .as_array()
+        .unwrap()
+        .len() as u64;
+    assert!(n_system > 400, "{n_system}");
+    assert!(
+        cached >= n_system - 32,
+        "cached {cached} of a {n_system}-token system prompt"
+    );
+    assert_eq!(
+        copied as u64, cached,
+        "all of it copied from the block store"
+    );
+    assert_eq!(cached % 32, 0, "whole blocks");
+    // The same answer as without any cache.
+    assert!(!tokens.is_empty());
+    assert_eq!((&text, &tokens), (&cold.0, &cold.1));
+    drop(l);
+}
+
+#[test]
+fn a_long_prompt_is_admitted_while_streams_keep_going() {
+    let _g = real_lock();
+    let srv = Server::start(
+        MODEL,
+        &["--parallel", "2", "--ctx", "2048", "--prefill-chunk", "128"],
+    );
+    let url = srv.url("/v1/completions");
+    let running = json!({"prompt": "Once upon a time, in a small village,", "max_tokens": 48,
+                         "ignore_eos": true, "temperature": 0, "logprobs": 0, "stream": true});
+    // A 1500-token prompt, as token ids.
+    let words = "The history of the printing press begins with movable type in Asia and \
+                 continues with Gutenberg in Mainz, whose presses spread across Europe. "
+        .repeat(60);
+    let ids = post(&srv, "/tokenize", &json!({"content": words})).1["tokens"].clone();
+    let ids: Vec<Value> = ids.as_array().unwrap()[..1500].to_vec();
+    let long = json!({"prompt": ids, "max_tokens": 8, "temperature": 0, "logprobs": 0,
+                      "stream": true});
+    /// The text of each token event of a completion stream.
+    fn texts(events: &[String]) -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| *e != "[DONE]")
+            .filter_map(|e| {
+                let v = parse(e);
+                let c = &v["choices"][0];
+                c["logprobs"]["tokens"].as_array().map(|t| {
+                    t.iter()
+                        .map(|x| x.as_str().unwrap().to_string())
+                        .collect::<Vec<_>>()
+                        .join("")
+                })
+            })
+            .collect()
+    }
+    // Solo answers from another server, so that nothing of the long prompt is cached here.
+    let (solo_running, solo_long) = {
+        let solo = Server::start(MODEL, &["--parallel", "1", "--ctx", "2048"]);
+        let url = solo.url("/v1/completions");
+        (
+            texts(&SseReader::open(&url, &running).1.collect()),
+            texts(&SseReader::open(&url, &long).1.collect()),
+        )
+    };
+    assert_eq!(solo_running.len(), 48);
+    assert_eq!(solo_long.len(), 8);
+    assert_eq!(metric(&srv, "microllm_prefix_cache_blocks"), 0.0);
+    let mixed0 = metric(&srv, "microllm_mixed_steps_total");
+
+    #[derive(Debug, PartialEq)]
+    enum Ev {
+        Running(usize),
+        LongOpened,
+        LongToken,
+    }
+    let (tx, rx) = mpsc::channel::<Ev>();
+    let (url_a, tx_a) = (url.clone(), tx.clone());
+    let a = std::thread::spawn(move || {
+        let (s, mut sse) = SseReader::open(&url_a, &running);
+        assert_eq!(s, 200);
+        let mut events = Vec::new();
+        while let Some(d) = sse.next_data() {
+            let done = d == "[DONE]";
+            if !done {
+                let _ = tx_a.send(Ev::Running(events.len()));
+            }
+            events.push(d);
+            if done {
+                break;
+            }
+        }
+        events
+    });
+    // Once the running stream has produced a few tokens, the long prompt arrives.
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        seen.push(rx.recv().unwrap());
+    }
+    let url_b = url.clone();
+    let b = std::thread::spawn(move || {
+        let (s, mut sse) = SseReader::open(&url_b, &long);
+        assert_eq!(s, 200);
+        let _ = tx.send(Ev::LongOpened);
+        let mut events = Vec::new();
+        while let Some(d) = sse.next_data() {
+            let done = d == "[DONE]";
+            if !done && events.is_empty() {
+                let _ = tx.send(Ev::LongToken);
+            }
+            events.push(d);
+            if done {
+                break;
+            }
+        }
+        events
+    });
+    let got_a = texts(&a.join().unwrap());
+    let got_b = texts(&b.join().unwrap());
+    seen.extend(rx.try_iter());
+    let opened = seen.iter().position(|e| *e == Ev::LongOpened).unwrap();
+    let first = seen.iter().position(|e| *e == Ev::LongToken).unwrap();
+    let between = seen[opened..first]
+        .iter()
+        .filter(|e| matches!(e, Ev::Running(_)))
+        .count();
+    // 1500 prompt tokens in chunks of 128 take 12 steps, each also a decode step.
+    println!("{between} tokens of the running stream during the long prompt's prefill");
+    assert!(
+        between >= 4,
+        "only {between} tokens of the running stream arrived while the long prompt was prefilled: {seen:?}"
+    );
+    assert!(metric(&srv, "microllm_mixed_steps_total") - mixed0 >= 4.0);
+    assert_eq!(got_a, solo_running, "the running stream changed");
+    assert_eq!(got_b, solo_long, "the long prompt's answer changed");
+}

@@ -213,3 +213,173 @@ pub(crate) fn act_type(model: &Model, w_ty: GgmlType) -> Result<GgmlType, ModelE
             supported: crate::weights::supported_types(&model.kernels),
         })
 }
+
+/// Copying a sequence's keys and values out and back in, position by position (a prefix cache
+/// keeps them for later requests). The bytes are opaque: whatever the cache's element type,
+/// position `p` is one row of [`State::kv_bytes_per_pos`] bytes, its keys then values for every
+/// layer in order, so a buffer of `n` rows can be written back at any position of any state
+/// made by the same model. Keys and values depend on the position (RoPE), so write rows back
+/// at the positions they were read from.
+impl State {
+    /// Bytes of one position's keys and values over all layers.
+    pub fn kv_bytes_per_pos(&self) -> usize {
+        (self.k_cache.len() + self.v_cache.len()) / self.n_ctx * 2
+    }
+
+    /// Appends the keys and values of positions `from..to` (all cached) to `out`.
+    pub fn kv_read(
+        &self,
+        model: &Model,
+        from: usize,
+        to: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ModelError> {
+        let (n_layer, k_dim, v_dim) = self.kv_shape(model)?;
+        if from > to || to > self.n_past {
+            return Err(ModelError::BadOptions(format!(
+                "cannot read KV positions {from}..{to}: the sequence holds {} positions",
+                self.n_past
+            )));
+        }
+        let start = out.len();
+        out.resize(start + (to - from) * self.kv_bytes_per_pos(), 0);
+        let mut dst = out[start..].chunks_exact_mut(2);
+        for p in from..to {
+            for l in 0..n_layer {
+                let k = (l * self.n_ctx + p) * k_dim;
+                let v = (l * self.n_ctx + p) * v_dim;
+                let src = self.k_cache[k..k + k_dim].iter();
+                for (x, d) in src.chain(&self.v_cache[v..v + v_dim]).zip(dst.by_ref()) {
+                    d.copy_from_slice(&x.to_le_bytes());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes rows read by [`State::kv_read`] at positions `at..at + n` and makes the sequence
+    /// hold exactly those `at + n` positions (`at` may not be beyond what it holds). Returns `n`.
+    pub fn kv_write(&mut self, model: &Model, at: usize, rows: &[u8]) -> Result<usize, ModelError> {
+        let (n_layer, k_dim, v_dim) = self.kv_shape(model)?;
+        let row = self.kv_bytes_per_pos();
+        if rows.len() % row != 0 {
+            return Err(ModelError::BadOptions(format!(
+                "{} bytes of KV rows are not a whole number of {row}-byte positions",
+                rows.len()
+            )));
+        }
+        let n = rows.len() / row;
+        if at > self.n_past || at + n > self.n_ctx {
+            return Err(ModelError::BadOptions(format!(
+                "cannot write {n} KV positions at {at}: the sequence holds {} of {} positions",
+                self.n_past, self.n_ctx
+            )));
+        }
+        let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]);
+        let mut src = rows.chunks_exact(2);
+        for p in at..at + n {
+            for l in 0..n_layer {
+                let k = (l * self.n_ctx + p) * k_dim;
+                let v = (l * self.n_ctx + p) * v_dim;
+                for (dst, b) in self.k_cache[k..k + k_dim].iter_mut().zip(src.by_ref()) {
+                    *dst = half(b);
+                }
+                for (dst, b) in self.v_cache[v..v + v_dim].iter_mut().zip(src.by_ref()) {
+                    *dst = half(b);
+                }
+            }
+        }
+        self.n_past = at + n;
+        Ok(n)
+    }
+
+    /// `(n_layer, k_dim, v_dim)` of the cache, checked against `model`.
+    fn kv_shape(&self, model: &Model) -> Result<(usize, usize, usize), ModelError> {
+        let c = &model.config;
+        let (n_layer, k_dim, v_dim) = (c.n_layer, c.k_dim(), c.v_dim());
+        if self.k_cache.len() != n_layer * self.n_ctx * k_dim
+            || self.v_cache.len() != n_layer * self.n_ctx * v_dim
+        {
+            return Err(ModelError::BadOptions(
+                "this state was not made by this model (its KV cache has another shape)".into(),
+            ));
+        }
+        Ok((n_layer, k_dim, v_dim))
+    }
+}
+
+#[cfg(test)]
+mod kv_copy_tests {
+    use microllm_gguf::GgufFile;
+    use microllm_testkit::{tiny_model_bytes, TinySpec};
+
+    use crate::{Logits, Model, ModelOptions, StateOptions};
+
+    fn model(spec: &TinySpec) -> Model {
+        let file = GgufFile::from_bytes(tiny_model_bytes(spec)).unwrap();
+        Model::from_gguf(
+            file,
+            ModelOptions {
+                n_threads: 1,
+                ..ModelOptions::default()
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn copied_kv_rows_continue_exactly_like_the_original() {
+        for spec in [TinySpec::llama(), TinySpec::gemma3()] {
+            let m = model(&spec);
+            let opts = StateOptions {
+                n_ctx: 32,
+                n_batch: 8,
+            };
+            let prompt: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % 50).collect();
+            let mut a = m.new_state(opts).unwrap();
+            m.forward(&mut a, &prompt, Logits::None).unwrap();
+            let mut rows = Vec::new();
+            // Two pieces, like two cached blocks.
+            a.kv_read(&m, 0, 5, &mut rows).unwrap();
+            let cut = rows.len();
+            a.kv_read(&m, 5, 12, &mut rows).unwrap();
+            assert_eq!(rows.len(), 12 * a.kv_bytes_per_pos());
+
+            // A state that holds something else: overwrite from position 0, then 5.
+            let mut b = m.new_state(opts).unwrap();
+            m.forward(&mut b, &[9, 9, 9, 9, 9, 9, 9], Logits::None)
+                .unwrap();
+            assert_eq!(b.kv_write(&m, 0, &rows[..cut]).unwrap(), 5);
+            assert_eq!(b.n_past(), 5);
+            assert_eq!(b.kv_write(&m, 5, &rows[cut..]).unwrap(), 7);
+            assert_eq!(b.n_past(), 12);
+
+            m.forward(&mut a, &[17, 4], Logits::Last).unwrap();
+            m.forward(&mut b, &[17, 4], Logits::Last).unwrap();
+            assert_eq!(a.logits(), b.logits(), "{:?}", spec.arch);
+        }
+    }
+
+    #[test]
+    fn kv_copy_refuses_bad_ranges() {
+        let m = model(&TinySpec::llama());
+        let opts = StateOptions {
+            n_ctx: 8,
+            n_batch: 8,
+        };
+        let mut s = m.new_state(opts).unwrap();
+        m.forward(&mut s, &[1, 2, 3], Logits::None).unwrap();
+        let mut rows = Vec::new();
+        assert!(s.kv_read(&m, 0, 4, &mut rows).is_err());
+        assert!(s.kv_read(&m, 2, 1, &mut rows).is_err());
+        s.kv_read(&m, 0, 3, &mut rows).unwrap();
+        let row = s.kv_bytes_per_pos();
+        assert!(s.kv_write(&m, 4, &rows).is_err(), "a gap after n_past");
+        assert!(s.kv_write(&m, 0, &rows[..row + 1]).is_err(), "partial row");
+        assert!(s.kv_write(&m, 6, &[]).is_err());
+        assert!(s.kv_write(&m, 3, &rows).is_ok());
+        assert!(s.kv_write(&m, 6, &rows).is_err(), "past n_ctx");
+        let other = model(&TinySpec::gemma3());
+        assert!(s.kv_read(&other, 0, 1, &mut rows).is_err());
+    }
+}

@@ -5,11 +5,13 @@
 //! events back. Every loop iteration ("step"):
 //! 1. drops sequences whose client went away (their event receiver is closed);
 //! 2. admits queued requests into free slots, choosing the slot whose cached tokens share the
-//!    longest prefix with the new prompt (the prefix cache), least recently used on a tie;
-//! 3. prefills at most `n_prefill_chunk` prompt tokens, oldest request first, so a long prompt
-//!    delays the running decodes by one chunk per step rather than by its whole length;
-//! 4. advances every decoding sequence by one token in one batched forward ([`decode_step`]),
-//!    then samples each sequence's next token.
+//!    longest prefix with the new prompt, least recently used on a tie, and copies in the KV
+//!    of whatever longer prefix the block store ([`PrefixCache`]) holds;
+//! 3. runs ONE batched forward holding every decoding sequence's pending token and up to
+//!    `n_prefill_chunk` prompt tokens, oldest request first, so a long prompt delays the
+//!    running decodes by one chunk per step rather than by its whole length, and the weights
+//!    are read once per step for all of it;
+//! 4. samples the next token of every sequence whose logits that forward produced.
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
@@ -18,7 +20,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use microllm_engine::{
-    step_many, EngineError, LoadedModel, Sampler, SamplerConfig, Scratch, Session, StateOptions,
+    EngineError, LoadedModel, Logits, ModelError, Sampler, SamplerConfig, Scratch, SeqBatch, State,
+    StateOptions,
 };
 use microllm_sample::log_softmax_top;
 use microllm_tokenizer::StreamDecoder;
@@ -27,6 +30,7 @@ use tokio::sync::{mpsc as tmpsc, oneshot};
 use crate::embed::Embedder;
 use crate::error::AppError;
 use crate::metrics::{EndReason, Metrics};
+use crate::prefix_cache::PrefixCache;
 use crate::stop::StopMatcher;
 use crate::ServerError;
 
@@ -41,6 +45,11 @@ pub struct EngineConfig {
     pub n_prefill_chunk: usize,
     /// Requests that may wait for a slot; beyond that a request is refused (429).
     pub max_queue: usize,
+    /// Bytes of KV the prefix cache's blocks may hold (`--prefix-cache-mb`); 0 turns it off
+    /// (a slot still reuses the prefix it holds itself).
+    pub prefix_cache_bytes: usize,
+    /// Token positions per prefix-cache block.
+    pub prefix_block_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -50,6 +59,8 @@ impl Default for EngineConfig {
             n_ctx: 2048,
             n_prefill_chunk: 256,
             max_queue: 64,
+            prefix_cache_bytes: 256 << 20,
+            prefix_block_tokens: 32,
         }
     }
 }
@@ -162,11 +173,19 @@ impl Engine {
         embedder: Box<dyn Embedder>,
         metrics: Arc<Metrics>,
     ) -> Result<Engine, ServerError> {
-        if cfg.n_parallel == 0 || cfg.n_ctx < 2 || cfg.n_prefill_chunk == 0 || cfg.max_queue == 0 {
+        if cfg.n_parallel == 0
+            || cfg.n_ctx < 2
+            || cfg.n_prefill_chunk == 0
+            || cfg.max_queue == 0
+            || cfg.prefix_block_tokens == 0
+        {
             return Err(ServerError::Config(format!(
-                "--parallel and --max-queue must be at least 1 and --ctx at least 2 (got {cfg:?})"
+                "--parallel, --max-queue, --prefill-chunk and the prefix-cache block size must be at least 1 and --ctx at least 2 (got {cfg:?})"
             )));
         }
+        let mut cfg = cfg;
+        // A step never holds more prompt rows than a context.
+        cfg.n_prefill_chunk = cfg.n_prefill_chunk.min(cfg.n_ctx);
         let (tx, rx) = mpsc::sync_channel(cfg.max_queue);
         let shared = Arc::new(Shared {
             metrics,
@@ -276,9 +295,11 @@ impl Engine {
     }
 }
 
-/// One sequence slot: a KV cache that outlives its requests (the prefix cache).
-struct Slot<'m> {
-    session: Session<'m>,
+/// One sequence slot: a KV cache that outlives its requests (the slot's own prefix reuse).
+struct Slot {
+    state: State,
+    /// The tokens whose keys/values are in `state`, in order.
+    history: Vec<u32>,
     /// Engine tick of the last request that ended here (LRU among free slots).
     last_used: u64,
     seq: Option<Seq>,
@@ -299,51 +320,80 @@ struct Seq {
     generated: Vec<u32>,
     decoder: StreamDecoder,
     stop: StopMatcher,
-    /// Sampled, not yet evaluated: the next decode step feeds it.
+    /// Sampled, not yet evaluated: the next step feeds it.
     pending: Option<u32>,
     last_token_at: Option<Instant>,
     top: Vec<(u32, f32)>,
 }
 
+/// What one slot contributes to a step's forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Work {
+    /// Its pending token (one row).
+    Decode(u32),
+    /// Prompt tokens `from..to`.
+    Prefill { from: usize, to: usize },
+}
+
 struct Scheduler<'m> {
     lm: &'m LoadedModel,
     cfg: EngineConfig,
-    slots: Vec<Slot<'m>>,
+    slots: Vec<Slot>,
     rx: Receiver<Job>,
     shared: Arc<Shared>,
     embedder: Box<dyn Embedder>,
-    /// Activations of one batched decode step (`n_parallel` rows).
+    /// Blocks of earlier requests' KV, shared by all slots.
+    cache: PrefixCache,
+    /// Activations of one step: a row per slot plus a prefill chunk.
     scratch: Scratch,
     tick: u64,
     next_id: u64,
 }
 
-/// THE decode seam: advances every sequence of `batch` by its pending token, so that each
-/// session's `logits()` then holds the distribution of its next token.
-///
-/// One batched forward ([`step_many`]): every weight matrix is read once per step for all
-/// decoding sequences, each attending to its own KV cache. If that call fails (a sequence's
-/// token or context is refused before anything is computed), the sequences are stepped one by
-/// one so that only the failing one ends; one result per sequence either way.
-fn decode_step(
-    lm: &LoadedModel,
-    scratch: &mut Scratch,
-    batch: &mut [(&mut Session<'_>, u32)],
-) -> Vec<Result<(), EngineError>> {
-    match step_many(lm, scratch, batch) {
-        Ok(()) => batch.iter().map(|_| Ok(())).collect(),
-        Err(e) if batch.len() == 1 => vec![Err(e)],
-        // A failed batched call leaves every history untouched and rewrites the same KV
-        // positions when retried.
-        Err(_) => batch
-            .iter_mut()
-            .map(|(session, token)| session.step(*token))
-            .collect(),
-    }
-}
-
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Where a running request stands, as [`plan_step`] sees it.
+#[derive(Clone, Copy, Debug)]
+struct Progress {
+    /// Admission order.
+    id: u64,
+    /// Its sampled, not yet evaluated token (it is decoding).
+    pending: Option<u32>,
+    /// Prompt tokens in its KV cache.
+    done: usize,
+    n_prompt: usize,
+}
+
+/// What a step evaluates: each decoding slot's pending token, then prompt chunks oldest
+/// request first within `budget` rows. `slots[i]` is slot `i`'s request, if any.
+fn plan_step(slots: &[Option<Progress>], budget: usize) -> Vec<Option<Work>> {
+    let mut work: Vec<Option<Work>> = slots
+        .iter()
+        .map(|s| s.and_then(|p| p.pending.map(Work::Decode)))
+        .collect();
+    let mut order: Vec<(u64, usize)> = slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            s.filter(|p| p.pending.is_none() && p.done < p.n_prompt)
+                .map(|p| (p.id, i))
+        })
+        .collect();
+    order.sort_unstable();
+    let mut left = budget;
+    for (_, i) in order {
+        if left == 0 {
+            break;
+        }
+        if let Some(p) = slots[i] {
+            let to = (p.done + left).min(p.n_prompt);
+            work[i] = Some(Work::Prefill { from: p.done, to });
+            left -= to - p.done;
+        }
+    }
+    work
 }
 
 impl<'m> Scheduler<'m> {
@@ -354,27 +404,37 @@ impl<'m> Scheduler<'m> {
         shared: Arc<Shared>,
         embedder: Box<dyn Embedder>,
     ) -> Result<Self, EngineError> {
+        // Every forward goes through the shared scratch, so a slot's own scratch needs a row.
         let opts = StateOptions {
             n_ctx: cfg.n_ctx,
-            n_batch: cfg.n_prefill_chunk.min(cfg.n_ctx),
+            n_batch: 1,
         };
         let mut slots = Vec::with_capacity(cfg.n_parallel);
         let mut kv_bytes = 0;
         for _ in 0..cfg.n_parallel {
-            let session = Session::new(lm, opts)?;
-            kv_bytes += session.state().kv_bytes();
+            let state = lm.model.new_state(opts)?;
+            kv_bytes += state.kv_bytes();
             slots.push(Slot {
-                session,
+                state,
+                history: Vec::with_capacity(cfg.n_ctx),
                 last_used: 0,
                 seq: None,
             });
         }
-        let scratch = lm.model.new_scratch(cfg.n_parallel)?;
+        let scratch = lm.model.new_scratch(cfg.n_parallel + cfg.n_prefill_chunk)?;
+        let bytes_per_pos = slots.first().map_or(0, |s| s.state.kv_bytes_per_pos());
+        let cache = PrefixCache::new(
+            cfg.prefix_block_tokens,
+            bytes_per_pos,
+            cfg.prefix_cache_bytes,
+        );
         let m = &shared.metrics;
         m.slots_total.store(cfg.n_parallel as u64, Relaxed);
         m.kv_tokens_capacity
             .store((cfg.n_parallel * cfg.n_ctx) as u64, Relaxed);
         m.kv_bytes.store(kv_bytes as u64, Relaxed);
+        let cap = cache.capacity_blocks() * cache.block_tokens() * bytes_per_pos;
+        m.prefix_cache_capacity_bytes.store(cap as u64, Relaxed);
         Ok(Scheduler {
             lm,
             cfg,
@@ -382,6 +442,7 @@ impl<'m> Scheduler<'m> {
             rx,
             shared,
             embedder,
+            cache,
             scratch,
             tick: 0,
             next_id: 0,
@@ -416,8 +477,7 @@ impl<'m> Scheduler<'m> {
                 break; // every sender is gone and nothing runs
             }
             if self.n_active() > 0 {
-                self.prefill_step();
-                self.decode();
+                self.step();
             }
             self.publish_gauges();
         }
@@ -468,10 +528,16 @@ impl<'m> Scheduler<'m> {
         let _ = job.reply.send(Ok(out));
     }
 
-    /// Puts a request into the free slot that caches the longest prefix of its prompt.
+    /// Puts a request into the free slot whose cache holds the longest prefix of its prompt,
+    /// then extends that prefix with the prefix cache's blocks where they reach further.
     fn start(&mut self, job: GenJob) {
         if job.events.is_closed() {
             self.metrics().record_finish(EndReason::Cancelled);
+            return;
+        }
+        if job.prompt.is_empty() {
+            let msg = "the prompt is empty: give at least one token";
+            let _ = job.events.send(Event::Error(AppError::bad(msg)));
             return;
         }
         let Some((idx, common)) = self
@@ -479,14 +545,11 @@ impl<'m> Scheduler<'m> {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.seq.is_none())
-            .map(|(i, s)| (i, common_prefix(s.session.history(), &job.prompt)))
+            .map(|(i, s)| (i, common_prefix(&s.history, &job.prompt)))
             .max_by_key(|&(i, common)| (common, std::cmp::Reverse(self.slots[i].last_used)))
         else {
             return; // unreachable: admit() checks for a free slot first
         };
-        let n_prompt = job.prompt.len();
-        // Session::prefill always re-evaluates at least the last prompt token.
-        let n_cached = common.min(n_prompt.saturating_sub(1));
         let sampler = match Sampler::new(job.params.sampler.clone(), self.lm.model.config.n_vocab) {
             Ok(s) => s,
             Err(e) => {
@@ -494,12 +557,38 @@ impl<'m> Scheduler<'m> {
                 return;
             }
         };
+        let n_prompt = job.prompt.len();
+        // The last prompt token is always evaluated: its logits give the first answer token.
+        let reusable = &job.prompt[..n_prompt - 1];
+        let keep = common.min(reusable.len());
+        let chain = self.cache.lookup(reusable);
+        let bt = self.cache.block_tokens();
+        let slot = &mut self.slots[idx];
+        slot.state.truncate(keep);
+        slot.history.truncate(keep);
+        if chain.len() * bt > keep {
+            // Blocks from the one holding position `keep` on; earlier ones are in the slot.
+            let first = keep / bt;
+            slot.state.truncate(first * bt);
+            slot.history.truncate(first * bt);
+            for (j, &id) in chain.iter().enumerate().skip(first) {
+                let Some(kv) = self.cache.kv(id) else { break };
+                if slot.state.kv_write(&self.lm.model, j * bt, kv).is_err() {
+                    break; // nothing written: the slot still holds history[..j * bt]
+                }
+                slot.history
+                    .extend_from_slice(&reusable[j * bt..(j + 1) * bt]);
+            }
+        }
+        let n_cached = slot.history.len();
         let m = self.metrics();
         m.prompt_tokens.fetch_add(n_prompt as u64, Relaxed);
         if n_cached > 0 {
             m.prefix_cache_hit_tokens
                 .fetch_add(n_cached as u64, Relaxed);
             m.prefix_cache_hit_requests.fetch_add(1, Relaxed);
+            m.prefix_cache_copied_tokens
+                .fetch_add(n_cached.saturating_sub(keep) as u64, Relaxed);
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -521,84 +610,134 @@ impl<'m> Scheduler<'m> {
         self.slots[idx].seq = Some(seq);
     }
 
-    /// Evaluates up to one chunk of prompt tokens, oldest request first.
-    fn prefill_step(&mut self) {
-        let mut order: Vec<(u64, usize)> = self
+    /// One forward for the whole step: every decoding sequence's pending token (one row each)
+    /// and up to `n_prefill_chunk` prompt rows, oldest prefilling request first. Then samples
+    /// the next token of every sequence whose logits are fresh.
+    fn step(&mut self) {
+        let shape: Vec<Option<Progress>> = self
             .slots
             .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.seq.as_ref().filter(|q| !q.prefilled).map(|q| (q.id, i)))
+            .map(|s| {
+                s.seq.as_ref().map(|q| Progress {
+                    id: q.id,
+                    pending: q.pending,
+                    done: q.n_done,
+                    n_prompt: q.job.prompt.len(),
+                })
+            })
             .collect();
-        order.sort_unstable();
-        let mut budget = self.cfg.n_prefill_chunk;
-        for (_, i) in order {
-            if budget == 0 {
-                break;
+        let work = plan_step(&shape, self.cfg.n_prefill_chunk);
+        let (mut n_decode, mut n_prompt_rows) = (0, 0);
+        let lm = self.lm;
+        let scratch = &mut self.scratch;
+        let mut which = Vec::new();
+        let mut seqs: Vec<SeqBatch<'_>> = Vec::new();
+        for (i, (slot, w)) in self.slots.iter_mut().zip(&work).enumerate() {
+            let Slot { state, seq, .. } = slot;
+            let (Some(w), Some(q)) = (w, seq.as_ref()) else {
+                continue;
+            };
+            let (tokens, logits) = match w {
+                Work::Decode(t) => {
+                    n_decode += 1;
+                    (std::slice::from_ref(t), Logits::Last)
+                }
+                Work::Prefill { from, to } => {
+                    n_prompt_rows += to - from;
+                    let last = *to == q.job.prompt.len();
+                    let logits = if last { Logits::Last } else { Logits::None };
+                    (&q.job.prompt[*from..*to], logits)
+                }
+            };
+            which.push(i);
+            seqs.push(SeqBatch {
+                state,
+                tokens,
+                logits,
+            });
+        }
+        if seqs.is_empty() {
+            return;
+        }
+        let results: Vec<Result<(), ModelError>> = match lm.model.forward_batch(scratch, &mut seqs)
+        {
+            Ok(()) => seqs.iter().map(|_| Ok(())).collect(),
+            Err(e) if seqs.len() == 1 => vec![Err(e)],
+            // The batch is refused before anything is computed when one sequence's token or
+            // context is wrong, and a failed call advances no sequence: retry them one by one
+            // so that only the failing one ends.
+            Err(_) => seqs
+                .iter_mut()
+                .map(|sb| lm.model.forward_batch(scratch, std::slice::from_mut(sb)))
+                .collect(),
+        };
+        drop(seqs);
+        let shared = Arc::clone(&self.shared);
+        let m = &shared.metrics;
+        if n_decode > 0 {
+            m.decode_steps.fetch_add(1, Relaxed);
+            m.decode_step_sequences.fetch_add(n_decode, Relaxed);
+            if n_prompt_rows > 0 {
+                m.mixed_steps.fetch_add(1, Relaxed);
             }
-            let Slot { session, seq, .. } = &mut self.slots[i];
+        }
+        for (i, r) in which.into_iter().zip(results) {
+            if let Err(e) = r {
+                self.fail(i, e.into());
+                continue;
+            }
+            let Slot { history, seq, .. } = &mut self.slots[i];
             let Some(q) = seq.as_mut() else { continue };
-            let n_prompt = q.job.prompt.len();
-            let end = (q.n_done + budget).min(n_prompt);
-            // The cache holds prompt[..n_done]; prefill keeps that and evaluates the rest.
-            match session.prefill(&q.job.prompt[..end]) {
-                Ok(n_eval) => {
-                    q.n_done = end;
-                    budget = budget.saturating_sub(n_eval);
-                    self.shared
-                        .metrics
-                        .prompt_tokens_evaluated
-                        .fetch_add(n_eval as u64, Relaxed);
+            match work[i] {
+                Some(Work::Decode(t)) => {
+                    history.push(t);
+                    q.pending = None;
+                    self.sample_next(i);
                 }
-                Err(e) => {
-                    self.fail(i, e);
-                    continue;
+                Some(Work::Prefill { from, to }) => {
+                    history.extend_from_slice(&q.job.prompt[from..to]);
+                    q.n_done = to;
+                    m.prompt_tokens_evaluated
+                        .fetch_add((to - from) as u64, Relaxed);
+                    if to == q.job.prompt.len() {
+                        q.prefilled = true;
+                        self.remember(i);
+                        self.sample_next(i);
+                    }
                 }
-            }
-            if end == n_prompt {
-                if let Some(q) = self.slots[i].seq.as_mut() {
-                    q.prefilled = true;
-                }
-                self.sample_next(i);
+                None => {}
             }
         }
     }
 
-    /// Advances every decoding sequence by one token, then samples the next ones.
-    fn decode(&mut self) {
-        let mut idx = Vec::new();
-        let mut batch: Vec<(&mut Session<'m>, u32)> = Vec::new();
-        for (i, slot) in self.slots.iter_mut().enumerate() {
-            let Slot { session, seq, .. } = slot;
-            if let Some(t) = seq.as_mut().and_then(|q| q.pending.take()) {
-                idx.push(i);
-                batch.push((session, t));
-            }
-        }
-        if batch.is_empty() {
-            return;
-        }
+    /// Puts the whole blocks of slot `i`'s cached tokens into the prefix cache.
+    fn remember(&mut self, i: usize) {
+        let Slot { state, history, .. } = &self.slots[i];
+        let model = &self.lm.model;
+        // A failed read leaves the blocks inserted before it; nothing else to do.
+        let _ = self
+            .cache
+            .insert(history, |a, b, out| state.kv_read(model, a, b, out));
+        let st = self.cache.stats();
         let m = &self.shared.metrics;
-        m.decode_steps.fetch_add(1, Relaxed);
-        m.decode_step_sequences
-            .fetch_add(batch.len() as u64, Relaxed);
-        let results = decode_step(self.lm, &mut self.scratch, &mut batch);
-        drop(batch);
-        for (i, r) in idx.into_iter().zip(results) {
-            match r {
-                Ok(()) => self.sample_next(i),
-                Err(e) => self.fail(i, e),
-            }
-        }
+        m.prefix_cache_blocks.store(st.blocks as u64, Relaxed);
+        m.prefix_cache_bytes.store(st.bytes as u64, Relaxed);
+        m.prefix_cache_evictions.store(st.evictions, Relaxed);
     }
 
     /// Samples slot `i`'s next token from its logits, sends the text it completes, and either
-    /// ends the sequence or leaves the token pending for the next decode step.
+    /// ends the sequence or leaves the token pending for the next step.
     fn sample_next(&mut self, i: usize) {
         let lm = self.lm;
         let metrics = &self.shared.metrics;
-        let Slot { session, seq, .. } = &mut self.slots[i];
+        let Slot {
+            state,
+            history,
+            seq,
+            ..
+        } = &mut self.slots[i];
         let Some(q) = seq.as_mut() else { return };
-        let logits = session.logits();
+        let logits = state.logits();
         let tok = q.sampler.sample(logits, &q.generated);
         let now = Instant::now();
         match q.last_token_at {
@@ -637,8 +776,7 @@ impl<'m> Scheduler<'m> {
                 stopped = true;
             }
         }
-        if finish.is_none()
-            && (q.generated.len() >= q.max_tokens || session.history().len() >= session.n_ctx())
+        if finish.is_none() && (q.generated.len() >= q.max_tokens || history.len() >= state.n_ctx())
         {
             finish = Some(Finish::Length);
         }
@@ -678,7 +816,10 @@ impl<'m> Scheduler<'m> {
         }
     }
 
+    /// Ends slot `i`'s request; what its cache holds (prompt and answer) goes to the prefix
+    /// cache first, for a next turn of the same conversation.
     fn free(&mut self, i: usize) {
+        self.remember(i);
         self.tick += 1;
         let s = &mut self.slots[i];
         s.seq = None;
@@ -694,7 +835,9 @@ impl<'m> Scheduler<'m> {
         }
         self.shared.metrics.record_finish(EndReason::Error);
         // The cache may not match its history after a failed forward: forget it.
-        self.slots[i].session.reset();
+        let s = &mut self.slots[i];
+        s.state.reset();
+        s.history.clear();
         self.free(i);
     }
 
@@ -739,7 +882,7 @@ impl<'m> Scheduler<'m> {
     fn publish_gauges(&self) {
         let m = &self.shared.metrics;
         m.slots_active.store(self.n_active() as u64, Relaxed);
-        let used: usize = self.slots.iter().map(|s| s.session.history().len()).sum();
+        let used: usize = self.slots.iter().map(|s| s.history.len()).sum();
         m.kv_tokens_used.store(used as u64, Relaxed);
     }
 }
@@ -753,5 +896,34 @@ mod tests {
         assert_eq!(common_prefix(&[1, 2, 3], &[1, 2, 4]), 2);
         assert_eq!(common_prefix(&[], &[1]), 0);
         assert_eq!(common_prefix(&[1, 2], &[1, 2, 3]), 2);
+    }
+
+    #[test]
+    fn a_step_holds_every_decode_and_prompt_chunks_oldest_first() {
+        // Slot 0 decodes, slot 1 (admitted later) and slot 3 (earlier) prefill, slot 2 is free.
+        let p = |id, pending, done, n_prompt| {
+            Some(Progress {
+                id,
+                pending,
+                done,
+                n_prompt,
+            })
+        };
+        let slots = [
+            p(5, Some(42), 10, 10),
+            p(7, None, 0, 100),
+            None,
+            p(6, None, 30, 50),
+        ];
+        let w = plan_step(&slots, 64);
+        assert_eq!(w[0], Some(Work::Decode(42)));
+        assert_eq!(w[3], Some(Work::Prefill { from: 30, to: 50 }));
+        assert_eq!(w[1], Some(Work::Prefill { from: 0, to: 44 }));
+        assert_eq!(w[2], None);
+        // A small budget goes to the oldest only; decodes are never held back.
+        let w = plan_step(&slots, 8);
+        assert_eq!(w[0], Some(Work::Decode(42)));
+        assert_eq!(w[3], Some(Work::Prefill { from: 30, to: 38 }));
+        assert_eq!(w[1], None);
     }
 }

@@ -6,19 +6,21 @@
 //! validate and tokenize, then hand a job to the engine over a bounded channel (full = 429) and
 //! read its events back over a per-request channel; a dropped receiver (client gone) cancels
 //! the sequence at the next step. The engine ([`Engine`]) keeps `--parallel` slots, each a
-//! `Session` with its own KV cache, and runs continuous batching over them: requests join
-//! between steps, prompts are prefilled in chunks, every decoding sequence advances one token
-//! per step in ONE batched forward (`microllm_engine::step_many`: the weights are read once
-//! per step for all of them, each sequence attending to its own KV cache), and a new
-//! request takes the free slot whose cached tokens share the longest prefix with its prompt
-//! (the prefix cache: a shared system prompt is evaluated once).
+//! sequence `State` with its own KV cache, and runs continuous batching over them: requests
+//! join between steps, and each step is ONE batched forward holding every decoding
+//! sequence's next token and a chunk of the prompts being prefilled (the weights are read
+//! once per step for all of them, each row attending to its own sequence's KV cache). A new
+//! request takes the free slot whose cached tokens share the longest prefix with its prompt,
+//! and copies a longer cached prefix from the prefix cache: KV blocks of earlier requests,
+//! named by their whole prefix, under a memory budget with LRU eviction (see
+//! `prefix_cache`).
 //!
 //! Routes: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`, `POST
 //! /v1/completions`, `POST /v1/embeddings`, `GET /metrics` (Prometheus text), `POST /tokenize`,
 //! `POST /detokenize`. Every error is OpenAI's `{"error": {message, type, param, code}}`.
 //!
-//! Embeddings are, for now, the mean of the input token embeddings of the text, L2-normalised
-//! (see [`embed`]): the model crate does not yet expose final hidden states.
+//! Embeddings mean-pool the model's final hidden states (after the output norm) over the
+//! input's tokens, L2-normalised, as llama.cpp's `--pooling mean` (see [`embed`]).
 
 #![forbid(unsafe_code)]
 
@@ -27,6 +29,7 @@ pub mod embed;
 mod engine;
 mod error;
 pub mod metrics;
+mod prefix_cache;
 mod routes;
 mod stop;
 
@@ -40,7 +43,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use microllm_engine::LoadedModel;
 
-pub use embed::{Embedder, TokenEmbeddingMean};
+pub use embed::{Embedder, HiddenStateMean};
 pub use engine::{Engine, EngineConfig};
 pub use error::AppError;
 pub use metrics::Metrics;
@@ -198,10 +201,16 @@ pub fn start(
     engine_cfg: EngineConfig,
 ) -> Result<AppState, ServerError> {
     let metrics = Arc::new(Metrics::new());
+    // Sizes are checked by Engine::start; keep them valid for the allocation meanwhile.
+    let embedder = HiddenStateMean::new(
+        &lm,
+        engine_cfg.n_ctx.max(1),
+        engine_cfg.n_prefill_chunk.clamp(1, engine_cfg.n_ctx.max(1)),
+    )?;
     let engine = Engine::start(
         Arc::clone(&lm),
         engine_cfg,
-        Box::new(TokenEmbeddingMean::default()),
+        Box::new(embedder),
         Arc::clone(&metrics),
     )?;
     Ok(AppState::new(lm, Arc::new(engine), metrics, cfg))

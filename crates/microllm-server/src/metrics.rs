@@ -83,6 +83,12 @@ pub struct Metrics {
     pub generated_tokens: AtomicU64,
     pub prefix_cache_hit_tokens: AtomicU64,
     pub prefix_cache_hit_requests: AtomicU64,
+    /// Hit tokens whose KV was copied from the block store (the rest were still in the slot).
+    pub prefix_cache_copied_tokens: AtomicU64,
+    pub prefix_cache_blocks: AtomicU64,
+    pub prefix_cache_bytes: AtomicU64,
+    pub prefix_cache_capacity_bytes: AtomicU64,
+    pub prefix_cache_evictions: AtomicU64,
     finished: [AtomicU64; 4],
     pub ttft: Histogram,
     pub tpot: Histogram,
@@ -94,6 +100,8 @@ pub struct Metrics {
     pub kv_bytes: AtomicU64,
     pub decode_steps: AtomicU64,
     pub decode_step_sequences: AtomicU64,
+    /// Steps whose one forward held both decode rows and prompt rows.
+    pub mixed_steps: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -111,6 +119,11 @@ impl Metrics {
             generated_tokens: AtomicU64::new(0),
             prefix_cache_hit_tokens: AtomicU64::new(0),
             prefix_cache_hit_requests: AtomicU64::new(0),
+            prefix_cache_copied_tokens: AtomicU64::new(0),
+            prefix_cache_blocks: AtomicU64::new(0),
+            prefix_cache_bytes: AtomicU64::new(0),
+            prefix_cache_capacity_bytes: AtomicU64::new(0),
+            prefix_cache_evictions: AtomicU64::new(0),
             finished: Default::default(),
             ttft: Histogram::new(TTFT_BUCKETS),
             tpot: Histogram::new(TPOT_BUCKETS),
@@ -122,6 +135,7 @@ impl Metrics {
             kv_bytes: AtomicU64::new(0),
             decode_steps: AtomicU64::new(0),
             decode_step_sequences: AtomicU64::new(0),
+            mixed_steps: AtomicU64::new(0),
         }
     }
 
@@ -194,6 +208,36 @@ impl Metrics {
             "microllm_prefix_cache_hit_requests_total",
             "Generations that reused at least one cached prompt token.",
             &self.prefix_cache_hit_requests,
+        );
+        counter(
+            &mut o,
+            "microllm_prefix_cache_copied_tokens_total",
+            "Hit tokens whose KV was copied from the prefix cache's blocks (the other hit tokens were still in the request's slot).",
+            &self.prefix_cache_copied_tokens,
+        );
+        counter(
+            &mut o,
+            "microllm_prefix_cache_evictions_total",
+            "Prefix-cache blocks evicted (least recently used first) to stay within --prefix-cache-mb.",
+            &self.prefix_cache_evictions,
+        );
+        gauge(
+            &mut o,
+            "microllm_prefix_cache_blocks",
+            "Blocks of KV held by the prefix cache.",
+            self.prefix_cache_blocks.load(Relaxed) as f64,
+        );
+        gauge(
+            &mut o,
+            "microllm_prefix_cache_bytes",
+            "Bytes of KV held by the prefix cache.",
+            self.prefix_cache_bytes.load(Relaxed) as f64,
+        );
+        gauge(
+            &mut o,
+            "microllm_prefix_cache_capacity_bytes",
+            "Most bytes of KV the prefix cache holds (--prefix-cache-mb, in whole blocks).",
+            self.prefix_cache_capacity_bytes.load(Relaxed) as f64,
         );
         let _ = writeln!(
             o,
@@ -284,6 +328,12 @@ impl Metrics {
             "microllm_decode_step_sequences_total",
             "Sequences advanced, summed over decode steps (divide by steps for the mean batch).",
             &self.decode_step_sequences,
+        );
+        counter(
+            &mut o,
+            "microllm_mixed_steps_total",
+            "Engine steps whose single forward held decode rows and prompt rows together.",
+            &self.mixed_steps,
         );
         o
     }

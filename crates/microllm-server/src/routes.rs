@@ -647,6 +647,9 @@ fn sse_response(
         .unwrap_or_else(|e| AppError::Internal(e.to_string()).into_response())
 }
 
+/// `POST /v1/embeddings`: one unit vector per input, the mean of the model's final hidden
+/// states (after the output norm) over the input's tokens, L2-normalised (llama.cpp's
+/// `--pooling mean`); computed on the engine thread by its [`crate::Embedder`].
 pub(crate) async fn embeddings(
     State(st): State<AppState>,
     JsonBody(req): JsonBody<api::EmbeddingRequest>,

@@ -2,6 +2,7 @@
 //! continuous batching with chunked prefill must give exactly the tokens of one-shot prefill
 //! run one request at a time, and shutdown must drain.
 
+use std::io::{BufRead, BufReader};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -115,9 +116,15 @@ fn chunked_concurrent_generation_matches_one_shot_solo() {
             n_ctx: 200,
             n_prefill_chunk: 512,
             max_queue: 8,
+            prefix_cache_bytes: 0,
+            ..EngineConfig::default()
         },
     );
     let want: Vec<Value> = prompts.iter().map(|p| complete(&solo.base, p)).collect();
+    // Two prompts sharing a long beginning that none of the above has.
+    let preamble = "another preamble entirely ".repeat(6);
+    let (busy, later) = (format!("{preamble} one"), format!("{preamble} two"));
+    let want_later = complete(&solo.base, &later);
     drop(solo);
 
     // Three slots, 7-token prefill chunks, all six requests at once (three wait in the queue).
@@ -128,6 +135,9 @@ fn chunked_concurrent_generation_matches_one_shot_solo() {
             n_ctx: 200,
             n_prefill_chunk: 7,
             max_queue: 8,
+            // Small blocks, so that requests also copy prefixes from the block store.
+            prefix_block_tokens: 4,
+            ..EngineConfig::default()
         },
     );
     let handles: Vec<_> = prompts
@@ -148,5 +158,32 @@ fn chunked_concurrent_generation_matches_one_shot_solo() {
         .find(|l| l.starts_with("microllm_prefix_cache_hit_tokens_total "))
         .unwrap();
     assert_ne!(hits, "microllm_prefix_cache_hit_tokens_total 0", "{m}");
+
+    // `busy` streams in one slot (its blocks are cached once its prompt is evaluated);
+    // `later` must go to another slot, which holds nothing of the preamble: its prefix comes
+    // from the block store, and its answer is still the one-shot solo answer.
+    let copied = |st: &microllm_server::AppState| -> f64 {
+        let m = st.metrics().render();
+        let line = m
+            .lines()
+            .find(|l| l.starts_with("microllm_prefix_cache_copied_tokens_total "))
+            .unwrap()
+            .to_string();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let copied0 = copied(&batched.state);
+    let body = json!({"prompt": busy, "max_tokens": 150, "temperature": 0, "ignore_eos": true,
+                      "stream": true});
+    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+    let resp = agent
+        .post(&format!("{}/v1/completions", batched.base))
+        .send(body.to_string())
+        .unwrap();
+    let mut lines = BufReader::new(resp.into_body().into_reader()).lines();
+    let first = lines.find(|l| l.as_ref().is_ok_and(|l| l.starts_with("data: ")));
+    assert!(first.is_some(), "the busy stream started");
+    assert_eq!(complete(&batched.base, &later), want_later);
+    assert!(copied(&batched.state) - copied0 >= 8.0);
+    drop(lines);
     assert!(!batched.state.engine().is_shutting_down());
 }
