@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
-use microllm_engine::{LoadedModel, Logits, State, StateOptions};
+use microllm_engine::{KvType, LoadedModel, Logits, State, StateOptions};
 use serde::Serialize;
 
 use crate::ModelArgs;
@@ -45,6 +45,9 @@ pub struct BenchArgs {
     /// Tokens per forward call during prompt processing.
     #[arg(short = 'b', long = "batch", default_value_t = 512)]
     pub batch: usize,
+    /// KV cache format: f16, or q8_0 (about half the memory, slightly less precise).
+    #[arg(long = "kv-type", default_value = "f16", value_name = "f16|q8_0")]
+    pub kv_type: KvType,
     /// Print a JSON array (llama-bench field names) instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -63,6 +66,8 @@ struct Row {
     n_gen: usize,
     n_depth: usize,
     test: String,
+    type_k: &'static str,
+    type_v: &'static str,
     kernels: String,
     cpu_info: String,
     avg_ts: f64,
@@ -89,6 +94,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let mut state = lm.model.new_state(StateOptions {
         n_ctx,
         n_batch: a.batch,
+        kv_type: a.kv_type,
     })?;
     let quant = main_quant(&lm);
     let model_type = format!(
@@ -148,6 +154,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 n_gen: ng,
                 n_depth: d,
                 test,
+                type_k: a.kv_type.name(),
+                type_v: a.kv_type.name(),
                 kernels: lm.model.kernels().path().to_string(),
                 cpu_info: cpu_info.clone(),
                 avg_ts: avg,
@@ -158,16 +166,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 let r = rows.last().expect("just pushed");
                 if rows.len() == 1 {
                     println!(
-                        "| model | size | params | kernels | threads | test | t/s |\n|---|---:|---:|---|---:|---:|---:|"
+                        "| model | size | params | kernels | threads | kv | test | t/s |\n|---|---:|---:|---|---:|---|---:|---:|"
                     );
                 }
                 println!(
-                    "| {} | {:.2} MiB | {} | {} | {} | {} | {:.2} ± {:.2} |",
+                    "| {} | {:.2} MiB | {} | {} | {} | {} | {} | {:.2} ± {:.2} |",
                     r.model_type,
                     r.model_size as f64 / (1024.0 * 1024.0),
                     microllm_store::human_params(r.model_n_params),
                     r.kernels,
                     r.n_threads,
+                    r.type_k,
                     r.test,
                     r.avg_ts,
                     r.stddev_ts

@@ -91,7 +91,25 @@ struct TokenizeArgs {
     text: Option<String>,
 }
 
+/// When `main` started: the origin of the time-to-first-token that `run --stats` reports.
+static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// Time since `main` started.
+pub fn since_start() -> std::time::Duration {
+    START.get_or_init(std::time::Instant::now).elapsed()
+}
+
+/// Peak resident memory of this process (`VmHWM` of /proc/self/status), in bytes; `None`
+/// where the kernel does not report it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 fn main() {
+    START.get_or_init(std::time::Instant::now);
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => run::run(a),

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use microllm_gguf::GgufFile;
 pub use microllm_model::{
-    Logits, Model, ModelError, ModelOptions, Scratch, SeqBatch, State, StateOptions,
+    KvType, Logits, Model, ModelError, ModelOptions, Scratch, SeqBatch, State, StateOptions,
 };
 pub use microllm_sample::{Sampler, SamplerConfig};
 pub use microllm_tokenizer::{ChatMessage, ChatTemplate, StreamDecoder, Tokenizer, TokenizerError};
@@ -71,12 +71,25 @@ impl LoadedModel {
     }
 
     pub fn from_gguf(file: GgufFile, opts: ModelOptions, t0: Instant) -> Result<Self, EngineError> {
+        let tr = std::env::var_os("MICROLLM_TRACE").is_some();
+        let tt = Instant::now();
         let tokenizer = Tokenizer::from_gguf(file.metadata())?;
+        if tr {
+            eprintln!("TRACE tokenizer {:?}", tt.elapsed());
+        }
+        let tt = Instant::now();
         let chat_template = match tokenizer.chat_template() {
             Some(src) => Some(ChatTemplate::new(src)?),
             None => None,
         };
+        if tr {
+            eprintln!("TRACE template {:?}", tt.elapsed());
+        }
+        let tt = Instant::now();
         let model = Model::from_gguf(file, opts)?;
+        if tr {
+            eprintln!("TRACE model {:?}", tt.elapsed());
+        }
         Ok(Self {
             model,
             tokenizer,
@@ -166,6 +179,8 @@ pub struct Generation {
     pub n_prefilled: usize,
     pub prefill_time: Duration,
     pub decode_time: Duration,
+    /// When the first token was sampled (time to first token = this minus the request's start).
+    pub first_token_at: Option<Instant>,
 }
 
 impl Generation {
@@ -339,6 +354,7 @@ impl<'m> Session<'m> {
             n_prefilled,
             prefill_time,
             decode_time,
+            first_token_at,
         })
     }
 }

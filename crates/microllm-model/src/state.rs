@@ -3,7 +3,6 @@
 //! (activations for up to `n_rows` token rows). A single-sequence `State` carries its own
 //! scratch; a batched forward over many sequences shares one scratch among them.
 
-use half::f16;
 use microllm_gguf::GgmlType;
 
 use crate::{Model, ModelError};
@@ -16,6 +15,8 @@ pub struct StateOptions {
     /// Most tokens evaluated in one forward call through this state (larger prompts are
     /// split). A state that is only ever advanced by `Model::forward_batch` can use 1.
     pub n_batch: usize,
+    /// Storage format of the cached keys and values.
+    pub kv_type: KvType,
 }
 
 impl Default for StateOptions {
@@ -23,8 +24,67 @@ impl Default for StateOptions {
         Self {
             n_ctx: 4096,
             n_batch: 512,
+            kv_type: KvType::F16,
         }
     }
+}
+
+/// Storage format of the KV cache (llama.cpp's `--cache-type-k/-v`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KvType {
+    /// Half precision: 2 bytes per value, the reference numerics.
+    #[default]
+    F16,
+    /// ggml's Q8_0 blocks (32 values + an f16 scale in 34 bytes): about half the memory of
+    /// F16, for a small loss of precision. Head dimensions must be multiples of 32.
+    Q8_0,
+}
+
+impl KvType {
+    /// `"f16"` or `"q8_0"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+        }
+    }
+
+    /// Bytes that one row of `n` values takes (`n` a multiple of 32 for Q8_0).
+    pub fn row_bytes(self, n: usize) -> usize {
+        match self {
+            KvType::F16 => 2 * n,
+            KvType::Q8_0 => n / 32 * 34,
+        }
+    }
+}
+
+impl std::fmt::Display for KvType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for KvType {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" => Ok(KvType::F16),
+            "q8_0" | "q8" => Ok(KvType::Q8_0),
+            other => Err(ModelError::BadOptions(format!(
+                "unknown KV cache type '{other}': use f16 or q8_0"
+            ))),
+        }
+    }
+}
+
+/// The cached keys and values of every layer, `(n_layer, n_ctx, k_dim | v_dim)`, each row in
+/// the cache's format.
+pub(crate) enum KvCache {
+    /// f16 bit patterns (`u16`, so that the zeroed buffers come straight from the allocator's
+    /// zero pages: memory is only touched as the context fills).
+    F16 { k: Vec<u16>, v: Vec<u16> },
+    /// Rows of `k_dim / 32` (resp. `v_dim / 32`) Q8_0 blocks.
+    Q8_0 { k: Vec<u8>, v: Vec<u8> },
 }
 
 /// Activations of one forward call over up to `n_rows` token rows.
@@ -110,8 +170,7 @@ pub struct State {
     pub(crate) n_ctx: usize,
     /// Tokens already in the KV cache.
     pub(crate) n_past: usize,
-    pub(crate) k_cache: Vec<f16>, // (n_layer, n_ctx, k_dim)
-    pub(crate) v_cache: Vec<f16>, // (n_layer, n_ctx, v_dim)
+    pub(crate) kv: KvCache,
     /// Logits of the last evaluated token (n_vocab).
     pub(crate) logits: Vec<f32>,
     /// This sequence's own activations for `Model::forward`.
@@ -124,6 +183,7 @@ impl std::fmt::Debug for State {
             .field("n_ctx", &self.n_ctx)
             .field("n_batch", &self.scratch.n_rows)
             .field("n_past", &self.n_past)
+            .field("kv_type", &self.kv_type())
             .finish()
     }
 }
@@ -137,11 +197,40 @@ impl State {
             ));
         }
         let n_batch = opts.n_batch.min(opts.n_ctx);
+        let cells = |dim: usize| {
+            c.n_layer
+                .checked_mul(opts.n_ctx)
+                .and_then(|v| v.checked_mul(dim))
+                .ok_or_else(|| {
+                    ModelError::BadOptions(format!(
+                        "a KV cache of {} positions overflows memory sizes; use a smaller context",
+                        opts.n_ctx
+                    ))
+                })
+        };
+        let (nk, nv) = (cells(c.k_dim())?, cells(c.v_dim())?);
+        let kv = match opts.kv_type {
+            KvType::F16 => KvCache::F16 {
+                k: vec![0u16; nk],
+                v: vec![0u16; nv],
+            },
+            KvType::Q8_0 => {
+                if c.head_dim % 32 != 0 || c.head_dim_v % 32 != 0 {
+                    return Err(ModelError::BadOptions(format!(
+                        "a q8_0 KV cache needs head sizes that are multiples of 32 (this model's are {} and {}); use --kv-type f16",
+                        c.head_dim, c.head_dim_v
+                    )));
+                }
+                KvCache::Q8_0 {
+                    k: vec![0; nk / 32 * 34],
+                    v: vec![0; nv / 32 * 34],
+                }
+            }
+        };
         Ok(State {
             n_ctx: opts.n_ctx,
             n_past: 0,
-            k_cache: vec![f16::ZERO; c.n_layer * opts.n_ctx * c.k_dim()],
-            v_cache: vec![f16::ZERO; c.n_layer * opts.n_ctx * c.v_dim()],
+            kv,
             logits: vec![0.0; c.n_vocab],
             scratch: Scratch::new(model, n_batch)?,
         })
@@ -172,7 +261,17 @@ impl State {
     }
     /// Bytes held by the KV cache.
     pub fn kv_bytes(&self) -> usize {
-        (self.k_cache.len() + self.v_cache.len()) * 2
+        match &self.kv {
+            KvCache::F16 { k, v } => (k.len() + v.len()) * 2,
+            KvCache::Q8_0 { k, v } => k.len() + v.len(),
+        }
+    }
+    /// Storage format of the KV cache.
+    pub fn kv_type(&self) -> KvType {
+        match self.kv {
+            KvCache::F16 { .. } => KvType::F16,
+            KvCache::Q8_0 { .. } => KvType::Q8_0,
+        }
     }
 }
 

@@ -18,7 +18,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use microllm_engine::{
-    step_many, EngineError, LoadedModel, Sampler, SamplerConfig, Scratch, Session, StateOptions,
+    step_many, EngineError, KvType, LoadedModel, Sampler, SamplerConfig, Scratch, Session,
+    StateOptions,
 };
 use microllm_sample::log_softmax_top;
 use microllm_tokenizer::StreamDecoder;
@@ -41,6 +42,8 @@ pub struct EngineConfig {
     pub n_prefill_chunk: usize,
     /// Requests that may wait for a slot; beyond that a request is refused (429).
     pub max_queue: usize,
+    /// KV cache format of every slot (`--kv-type`).
+    pub kv_type: KvType,
 }
 
 impl Default for EngineConfig {
@@ -50,6 +53,7 @@ impl Default for EngineConfig {
             n_ctx: 2048,
             n_prefill_chunk: 256,
             max_queue: 64,
+            kv_type: KvType::F16,
         }
     }
 }
@@ -357,6 +361,7 @@ impl<'m> Scheduler<'m> {
         let opts = StateOptions {
             n_ctx: cfg.n_ctx,
             n_batch: cfg.n_prefill_chunk.min(cfg.n_ctx),
+            kv_type: cfg.kv_type,
         };
         let mut slots = Vec::with_capacity(cfg.n_parallel);
         let mut kv_bytes = 0;

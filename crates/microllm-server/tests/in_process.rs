@@ -115,6 +115,7 @@ fn chunked_concurrent_generation_matches_one_shot_solo() {
             n_ctx: 200,
             n_prefill_chunk: 512,
             max_queue: 8,
+            ..Default::default()
         },
     );
     let want: Vec<Value> = prompts.iter().map(|p| complete(&solo.base, p)).collect();
@@ -128,6 +129,7 @@ fn chunked_concurrent_generation_matches_one_shot_solo() {
             n_ctx: 200,
             n_prefill_chunk: 7,
             max_queue: 8,
+            ..Default::default()
         },
     );
     let handles: Vec<_> = prompts

@@ -83,6 +83,7 @@ pub fn check_greedy_fixture(lm: &LoadedModel, fixture: &str) {
         StateOptions {
             n_ctx: 512,
             n_batch: 512,
+            ..Default::default()
         },
     )
     .unwrap();
