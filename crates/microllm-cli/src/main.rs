@@ -206,6 +206,26 @@ pub fn load_path(path: &std::path::Path, args: &ModelArgs) -> Result<LoadedModel
     LoadedModel::load(path, opts).with_context(|| format!("loading {}", path.display()))
 }
 
+/// Opens the GGUF file at `path` (checked and mapped, nothing loaded yet).
+pub fn open_gguf(path: &std::path::Path) -> Result<microllm_gguf::GgufFile> {
+    microllm_gguf::GgufFile::open(path).with_context(|| format!("opening {}", path.display()))
+}
+
+/// Loads the model from a file already opened with [`open_gguf`] at `t0`, with the options
+/// of `args`.
+pub fn load_file(
+    path: &std::path::Path,
+    file: microllm_gguf::GgufFile,
+    t0: std::time::Instant,
+    args: &ModelArgs,
+) -> Result<LoadedModel> {
+    let opts = ModelOptions {
+        n_threads: args.threads.unwrap_or(0),
+        kernels: kernels()?,
+    };
+    LoadedModel::from_gguf(file, opts, t0).with_context(|| format!("loading {}", path.display()))
+}
+
 fn tokenize(a: TokenizeArgs) -> Result<()> {
     let text = match (&a.file, &a.text) {
         (Some(f), _) => std::fs::read_to_string(f)

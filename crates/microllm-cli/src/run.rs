@@ -133,22 +133,12 @@ impl RunArgs {
 pub fn run(a: RunArgs) -> Result<()> {
     let sampler = a.sampler();
     sampler.validate()?;
-    let tr = std::env::var_os("MICROLLM_TRACE").is_some();
-    if tr {
-        eprintln!("TRACE start {:?}", crate::since_start());
-    }
     let path = crate::model_path(&a.model)?;
-    if tr {
-        eprintln!("TRACE path {:?}", crate::since_start());
-    }
-    crate::store_cmds::check_fit_for_load(&path, a.ctx, a.force)?;
-    if tr {
-        eprintln!("TRACE fit {:?}", crate::since_start());
-    }
-    let lm = crate::load_path(&path, &a.model)?;
-    if tr {
-        eprintln!("TRACE loaded {:?}", crate::since_start());
-    }
+    // One parse of the file serves the memory check and the load.
+    let t0 = std::time::Instant::now();
+    let file = crate::open_gguf(&path)?;
+    crate::store_cmds::check_fit_for_load(&path, &file, a.ctx, a.force)?;
+    let lm = crate::load_file(&path, file, t0, &a.model)?;
     let template = match &a.chat_template {
         Some(p) => {
             let src = std::fs::read_to_string(p)
@@ -174,9 +164,6 @@ pub fn run(a: RunArgs) -> Result<()> {
             kv_type: a.kv_type,
         },
     )?;
-    if tr {
-        eprintln!("TRACE session {:?}", crate::since_start());
-    }
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         sampler,
@@ -215,10 +202,6 @@ pub fn run(a: RunArgs) -> Result<()> {
             .context("applying the chat template (use --raw for plain completion)")?;
         lm.tokenize_chat(&rendered)?
     };
-
-    if tr {
-        eprintln!("TRACE tokenized {:?}", crate::since_start());
-    }
     let cancel = install_ctrlc()?;
     let stream = !a.json;
     let mut stdout = std::io::stdout().lock();

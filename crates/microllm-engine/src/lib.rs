@@ -71,25 +71,12 @@ impl LoadedModel {
     }
 
     pub fn from_gguf(file: GgufFile, opts: ModelOptions, t0: Instant) -> Result<Self, EngineError> {
-        let tr = std::env::var_os("MICROLLM_TRACE").is_some();
-        let tt = Instant::now();
         let tokenizer = Tokenizer::from_gguf(file.metadata())?;
-        if tr {
-            eprintln!("TRACE tokenizer {:?}", tt.elapsed());
-        }
-        let tt = Instant::now();
         let chat_template = match tokenizer.chat_template() {
             Some(src) => Some(ChatTemplate::new(src)?),
             None => None,
         };
-        if tr {
-            eprintln!("TRACE template {:?}", tt.elapsed());
-        }
-        let tt = Instant::now();
         let model = Model::from_gguf(file, opts)?;
-        if tr {
-            eprintln!("TRACE model {:?}", tt.elapsed());
-        }
         Ok(Self {
             model,
             tokenizer,
