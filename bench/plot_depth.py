@@ -20,8 +20,12 @@ def load(paths):
     """{(kind, n, depth): [avg_ts, ...]} over all files."""
     out = {}
     for p in paths:
-        with open(p) as f:
-            rows = json.load(f)
+        try:
+            with open(p) as f:
+                rows = json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"skipping {p}: {e}", file=sys.stderr)  # e.g. a run still in progress
+            continue
         for r in rows:
             kind, n = ("pp", r["n_prompt"]) if r["n_prompt"] else ("tg", r["n_gen"])
             out.setdefault((kind, n, r.get("n_depth", 0)), []).append(r["avg_ts"])
@@ -60,6 +64,21 @@ def panel(x0, y0, w, h, title, series, depths):
         y = py(v)
         el.append(f'<line x1="{ox}" y1="{y:.1f}" x2="{ox + pw}" y2="{y:.1f}" stroke="#ddd"/>')
         el.append(f'<text x="{ox - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11">{v:g}</text>')
+    if len(depths) == 1:
+        # One depth: bars side by side, labelled with their values.
+        bw = pw / (2 * len(series) + 1)
+        for i, (tool, s) in enumerate(series.items()):
+            v = s.get(depths[0])
+            if v is None:
+                continue
+            x = ox + bw * (2 * i + 1)
+            c = COLORS.get(tool, "#555")
+            el.append(f'<rect x="{x:.1f}" y="{py(v):.1f}" width="{bw:.1f}" height="{oy + ph - py(v):.1f}" fill="{c}"/>')
+            el.append(f'<text x="{x + bw / 2:.1f}" y="{py(v) - 5:.1f}" text-anchor="middle" font-size="12">{v:.1f}</text>')
+        el.append(f'<rect x="{ox}" y="{oy}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>')
+        el.append(f'<text x="{ox + pw / 2}" y="{oy + ph + 20}" text-anchor="middle" font-size="12">at depth {depths[0]}</text>')
+        el.append(f'<text x="{x0 + 14}" y="{oy + ph / 2}" text-anchor="middle" font-size="12" transform="rotate(-90 {x0 + 14} {oy + ph / 2})">tokens/s</text>')
+        return el
     for d in depths:
         x = px(d)
         el.append(f'<line x1="{x:.1f}" y1="{oy + ph}" x2="{x:.1f}" y2="{oy + ph + 4}" stroke="#333"/>')
