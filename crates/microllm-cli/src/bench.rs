@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
-use microllm_engine::{LoadedModel, Logits, State, StateOptions};
+use microllm_engine::{KvType, LoadedModel, Logits, State, StateOptions};
 use serde::Serialize;
 
 use crate::ModelArgs;
@@ -45,6 +45,9 @@ pub struct BenchArgs {
     /// Tokens per forward call during prompt processing.
     #[arg(short = 'b', long = "batch", default_value_t = 512)]
     pub batch: usize,
+    /// KV cache format: f16, or q8_0 (about half the memory, slightly less precise).
+    #[arg(long = "kv-type", default_value = "f16", value_name = "f16|q8_0")]
+    pub kv_type: KvType,
     /// Print a JSON array (llama-bench field names) instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -63,11 +66,19 @@ struct Row {
     n_gen: usize,
     n_depth: usize,
     test: String,
+    type_k: &'static str,
+    type_v: &'static str,
     kernels: String,
     cpu_info: String,
     avg_ts: f64,
     stddev_ts: f64,
     samples_ts: Vec<f64>,
+    /// Bytes one generated token reads (weights used per token + the KV cache at this depth).
+    bytes_per_token: u64,
+    /// Generation only: `bytes_per_token × avg_ts`, in GB/s.
+    read_gbs: Option<f64>,
+    /// This machine's memory read bandwidth with `n_threads` threads (see [`read_bandwidth`]).
+    mem_read_gbs: f64,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
@@ -89,6 +100,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let mut state = lm.model.new_state(StateOptions {
         n_ctx,
         n_batch: a.batch,
+        kv_type: a.kv_type,
     })?;
     let quant = main_quant(&lm);
     let model_type = format!(
@@ -98,6 +110,18 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         quant
     );
     let cpu_info = cpu_name();
+    let mem_gbs = read_bandwidth(lm.model.n_threads());
+    if !a.json {
+        println!(
+            "memory read bandwidth: {mem_gbs:.1} GB/s ({} threads)\n",
+            lm.model.n_threads()
+        );
+    }
+    let w = &lm.model.weights;
+    // The embedding is one row per token; the output matrix is read whole (it may be the same).
+    let weight_read = lm.model.weight_bytes() - w.token_embd.n_bytes()
+        + if w.tied_output { w.output.n_bytes() } else { 0 };
+    let kv_per_pos = state.kv_bytes() as u64 / n_ctx as u64;
     let mut rows = Vec::new();
     let tokens = pseudo_random_tokens(max_depth + max_new, c.n_vocab);
     for &d in &a.depth {
@@ -136,6 +160,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             if d > 0 {
                 test.push_str(&format!(" @ d{d}"));
             }
+            let bytes_per_token = weight_read + kv_per_pos * d as u64;
             rows.push(Row {
                 build_commit: env!("MICROLLM_COMMIT"),
                 model_filename: path.display().to_string(),
@@ -148,29 +173,36 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 n_gen: ng,
                 n_depth: d,
                 test,
+                type_k: a.kv_type.name(),
+                type_v: a.kv_type.name(),
                 kernels: lm.model.kernels().path().to_string(),
                 cpu_info: cpu_info.clone(),
                 avg_ts: avg,
                 stddev_ts: sd,
                 samples_ts: samples,
+                bytes_per_token,
+                read_gbs: (ng > 0).then(|| bytes_per_token as f64 * avg / 1e9),
+                mem_read_gbs: mem_gbs,
             });
             if !a.json {
                 let r = rows.last().expect("just pushed");
                 if rows.len() == 1 {
                     println!(
-                        "| model | size | params | kernels | threads | test | t/s |\n|---|---:|---:|---|---:|---:|---:|"
+                        "| model | size | params | kernels | threads | kv | test | t/s | GB/s |\n|---|---:|---:|---|---:|---|---:|---:|---:|"
                     );
                 }
                 println!(
-                    "| {} | {:.2} MiB | {} | {} | {} | {} | {:.2} ± {:.2} |",
+                    "| {} | {:.2} MiB | {} | {} | {} | {} | {} | {:.2} ± {:.2} | {} |",
                     r.model_type,
                     r.model_size as f64 / (1024.0 * 1024.0),
                     microllm_store::human_params(r.model_n_params),
                     r.kernels,
                     r.n_threads,
+                    r.type_k,
                     r.test,
                     r.avg_ts,
-                    r.stddev_ts
+                    r.stddev_ts,
+                    r.read_gbs.map_or("-".to_string(), |g| format!("{g:.1}"))
                 );
             }
         }
@@ -188,6 +220,46 @@ fn prepare_depth(lm: &LoadedModel, state: &mut State, depth: &[u32]) -> Result<(
         lm.model.forward(state, depth, Logits::None)?;
     }
     Ok(())
+}
+
+/// Read bandwidth of main memory in GB/s: `n_threads` threads sum disjoint parts of a 256 MiB
+/// buffer (far larger than any cache); the best of 5 passes after the buffer is touched.
+/// The reference figure for a generation speed: a decode step reads every weight once, so
+/// `bytes_per_token × tokens/s` cannot exceed it.
+fn read_bandwidth(n_threads: usize) -> f64 {
+    const BYTES: usize = 256 << 20;
+    let buf: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+    let n_threads = n_threads.max(1);
+    let part = buf.len().div_ceil(n_threads);
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let handles: Vec<_> = buf
+                .chunks(part)
+                .map(|c| {
+                    s.spawn(move || {
+                        // Four independent sums so the adds do not serialise.
+                        let mut acc = [0u64; 4];
+                        for q in c.chunks_exact(4) {
+                            for (a, v) in acc.iter_mut().zip(q) {
+                                *a = a.wrapping_add(*v);
+                            }
+                        }
+                        acc.iter().fold(0u64, |x, y| x.wrapping_add(*y))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0u64, u64::wrapping_add)
+        });
+        let secs = t0.elapsed().as_secs_f64();
+        std::hint::black_box(total);
+        best = best.max(BYTES as f64 / secs / 1e9);
+    }
+    best
 }
 
 fn pseudo_random_tokens(n: usize, n_vocab: usize) -> Vec<u32> {

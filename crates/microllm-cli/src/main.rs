@@ -95,7 +95,25 @@ struct TokenizeArgs {
     text: Option<String>,
 }
 
+/// When `main` started: the origin of the time-to-first-token that `run --stats` reports.
+static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// Time since `main` started.
+pub fn since_start() -> std::time::Duration {
+    START.get_or_init(std::time::Instant::now).elapsed()
+}
+
+/// Peak resident memory of this process (`VmHWM` of /proc/self/status), in bytes; `None`
+/// where the kernel does not report it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 fn main() {
+    START.get_or_init(std::time::Instant::now);
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => run::run(a),
@@ -195,6 +213,26 @@ pub fn load_path(path: &std::path::Path, args: &ModelArgs) -> Result<LoadedModel
         lm.model.set_exact(true);
     }
     Ok(lm)
+}
+
+/// Opens the GGUF file at `path` (checked and mapped, nothing loaded yet).
+pub fn open_gguf(path: &std::path::Path) -> Result<microllm_gguf::GgufFile> {
+    microllm_gguf::GgufFile::open(path).with_context(|| format!("opening {}", path.display()))
+}
+
+/// Loads the model from a file already opened with [`open_gguf`] at `t0`, with the options
+/// of `args`.
+pub fn load_file(
+    path: &std::path::Path,
+    file: microllm_gguf::GgufFile,
+    t0: std::time::Instant,
+    args: &ModelArgs,
+) -> Result<LoadedModel> {
+    let opts = ModelOptions {
+        n_threads: args.threads.unwrap_or(0),
+        kernels: kernels()?,
+    };
+    LoadedModel::from_gguf(file, opts, t0).with_context(|| format!("loading {}", path.display()))
 }
 
 fn tokenize(a: TokenizeArgs) -> Result<()> {

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use microllm_engine::{Logits, StateOptions};
+use microllm_engine::{KvType, Logits, StateOptions};
 use serde::Serialize;
 
 use crate::ModelArgs;
@@ -31,6 +31,9 @@ pub struct PerplexityArgs {
     /// Most tokens evaluated per forward call.
     #[arg(short = 'b', long = "batch", default_value_t = 512)]
     pub batch: usize,
+    /// KV cache format: f16, or q8_0 (about half the memory, slightly less precise).
+    #[arg(long = "kv-type", default_value = "f16", value_name = "f16|q8_0")]
+    pub kv_type: KvType,
     /// Print {"ppl", "ppl_err", "n_chunks"} as JSON.
     #[arg(long)]
     pub json: bool,
@@ -72,6 +75,7 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     let mut state = lm.model.new_state(StateOptions {
         n_ctx: a.ctx,
         n_batch: a.batch.min(a.ctx),
+        kv_type: a.kv_type,
     })?;
     let mut logits = vec![0.0f32; a.ctx * n_vocab];
     let first = a.ctx / 2;

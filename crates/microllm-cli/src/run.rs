@@ -9,7 +9,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 use microllm_engine::{
-    ChatMessage, ChatTemplate, GenerateOptions, LoadedModel, SamplerConfig, Session, StateOptions,
+    ChatMessage, ChatTemplate, GenerateOptions, KvType, LoadedModel, SamplerConfig, Session,
+    StateOptions,
 };
 use serde::Serialize;
 
@@ -64,9 +65,16 @@ pub struct RunArgs {
     /// Context size in tokens (default: min(4096, the model's trained context)).
     #[arg(short = 'c', long = "ctx")]
     pub ctx: Option<usize>,
+    /// KV cache format: f16, or q8_0 (about half the memory, slightly less precise).
+    #[arg(long = "kv-type", default_value = "f16", value_name = "f16|q8_0")]
+    pub kv_type: KvType,
     /// Print one JSON object (prompt ids, generated ids, text, timings) instead of streaming.
     #[arg(long)]
     pub json: bool,
+    /// At exit, print one JSON line to standard error: time to first token counted from
+    /// process start, load time, KV cache bytes and peak resident memory (VmHWM).
+    #[arg(long)]
+    pub stats: bool,
     /// Load even when the memory estimate says the model and context will not fit.
     #[arg(long)]
     pub force: bool,
@@ -79,6 +87,18 @@ struct JsonOut<'a> {
     text: &'a str,
     finish_reason: &'a str,
     timings: Timings,
+}
+
+#[derive(Serialize)]
+struct Stats {
+    /// From process start to the first sampled token.
+    ttft_ms: f64,
+    load_ms: f64,
+    prompt_tokens: usize,
+    kv_type: &'static str,
+    kv_bytes: usize,
+    model_file_bytes: u64,
+    peak_rss_bytes: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -114,8 +134,11 @@ pub fn run(a: RunArgs) -> Result<()> {
     let sampler = a.sampler();
     sampler.validate()?;
     let path = crate::model_path(&a.model)?;
-    crate::store_cmds::check_fit_for_load(&path, a.ctx, a.force)?;
-    let lm = crate::load_path(&path, &a.model)?;
+    // One parse of the file serves the memory check and the load.
+    let t0 = std::time::Instant::now();
+    let file = crate::open_gguf(&path)?;
+    crate::store_cmds::check_fit_for_load(&path, &file, a.ctx, a.force)?;
+    let lm = crate::load_file(&path, file, t0, &a.model)?;
     let template = match &a.chat_template {
         Some(p) => {
             let src = std::fs::read_to_string(p)
@@ -138,6 +161,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         StateOptions {
             n_ctx,
             n_batch: 512,
+            kv_type: a.kv_type,
         },
     )?;
     let opts = GenerateOptions {
@@ -178,7 +202,6 @@ pub fn run(a: RunArgs) -> Result<()> {
             .context("applying the chat template (use --raw for plain completion)")?;
         lm.tokenize_chat(&rendered)?
     };
-
     let cancel = install_ctrlc()?;
     let stream = !a.json;
     let mut stdout = std::io::stdout().lock();
@@ -211,6 +234,22 @@ pub fn run(a: RunArgs) -> Result<()> {
             g.tokens.len(),
             g.decode_tok_s()
         );
+    }
+    if a.stats {
+        let ttft = g
+            .first_token_at
+            .map(|t| (crate::since_start() - t.elapsed()).as_secs_f64() * 1e3)
+            .unwrap_or(f64::NAN);
+        let stats = Stats {
+            ttft_ms: ttft,
+            load_ms: lm.load_time.as_secs_f64() * 1e3,
+            prompt_tokens: g.prompt_tokens.len(),
+            kv_type: session.state().kv_type().name(),
+            kv_bytes: session.state().kv_bytes(),
+            model_file_bytes: std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
+            peak_rss_bytes: crate::peak_rss_bytes(),
+        };
+        eprintln!("{}", serde_json::to_string(&stats)?);
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use microllm_engine::KvType;
 use microllm_server::{EngineConfig, ServerConfig};
 
 use crate::ModelArgs;
@@ -15,6 +16,9 @@ use crate::ModelArgs;
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// KV cache format: f16, or q8_0 (about half the memory, slightly less precise).
+    #[arg(long = "kv-type", default_value = "f16", value_name = "f16|q8_0")]
+    pub kv_type: KvType,
     /// Address to listen on (loopback by default; 0.0.0.0 for every interface).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -113,6 +117,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_queue: a.max_queue,
         prefix_cache_bytes: a.prefix_cache_mb.saturating_mul(1 << 20),
         prefix_block_tokens: a.prefix_block,
+        kv_type: a.kv_type,
     };
     let cfg = ServerConfig {
         model_id: id.clone(),

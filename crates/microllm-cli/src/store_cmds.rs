@@ -156,8 +156,14 @@ pub fn resolve_auto(name: &str) -> Result<String> {
 
 /// Refuses to load the model at `path` if it will not fit at `n_ctx` (default
 /// min(4096, trained)), unless `force`. For `run`/`serve` once the context is known:
-/// `crate::store_cmds::check_fit_for_load(&path, a.ctx, a.force)?` before loading.
-pub fn check_fit_for_load(path: &Path, n_ctx: Option<usize>, force: bool) -> Result<()> {
+/// `crate::store_cmds::check_fit_for_load(&path, &file, a.ctx, a.force)?` with the opened
+/// file, before loading it.
+pub fn check_fit_for_load(
+    path: &Path,
+    file: &microllm_gguf::GgufFile,
+    n_ctx: Option<usize>,
+    force: bool,
+) -> Result<()> {
     if force {
         return Ok(());
     }
@@ -167,7 +173,7 @@ pub fn check_fit_for_load(path: &Path, n_ctx: Option<usize>, force: bool) -> Res
     let size = std::fs::metadata(path)
         .with_context(|| format!("reading {}", path.display()))?
         .len();
-    let info = ModelInfo::read(path)?;
+    let info = ModelInfo::from_gguf(file);
     let n_ctx = n_ctx.unwrap_or_else(|| info.shape.map_or(DEFAULT_CTX, |s| s.default_ctx()));
     let est = estimate_memory(size, info.shape.as_ref(), n_ctx);
     check_fit(

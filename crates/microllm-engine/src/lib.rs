@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use microllm_gguf::GgufFile;
 pub use microllm_model::{
-    Logits, Model, ModelError, ModelOptions, Scratch, SeqBatch, State, StateOptions,
+    KvType, Logits, Model, ModelError, ModelOptions, Scratch, SeqBatch, State, StateOptions,
 };
 pub use microllm_sample::{Sampler, SamplerConfig};
 pub use microllm_tokenizer::{ChatMessage, ChatTemplate, StreamDecoder, Tokenizer, TokenizerError};
@@ -166,6 +166,8 @@ pub struct Generation {
     pub n_prefilled: usize,
     pub prefill_time: Duration,
     pub decode_time: Duration,
+    /// When the first token was sampled (time to first token = this minus the request's start).
+    pub first_token_at: Option<Instant>,
 }
 
 impl Generation {
@@ -339,6 +341,7 @@ impl<'m> Session<'m> {
             n_prefilled,
             prefill_time,
             decode_time,
+            first_token_at,
         })
     }
 }

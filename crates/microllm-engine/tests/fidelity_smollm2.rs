@@ -61,6 +61,7 @@ fn chat_template_and_greedy_answer_match() {
         StateOptions {
             n_ctx: 512,
             n_batch: 512,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -12,6 +12,7 @@ fn main() {
         .new_state(microllm_model::StateOptions {
             n_ctx: 512,
             n_batch: 512,
+            ..Default::default()
         })
         .unwrap();
     m.forward(&mut st, &ids[..n_first], microllm_model::Logits::Last)

@@ -11,6 +11,7 @@
 
 mod arch;
 pub mod config;
+mod kv_q8;
 mod ops;
 pub mod state;
 pub mod weights;
@@ -22,7 +23,7 @@ use microllm_kernels::pool::ThreadPool;
 use microllm_kernels::Kernels;
 
 pub use config::{Arch, Config, RopeScaling, RopeStyle};
-pub use state::{Scratch, State, StateOptions};
+pub use state::{KvType, Scratch, State, StateOptions};
 pub use weights::{QMatrix, Weights};
 
 /// Watches a forward pass from inside: what the compression tools (importance matrix, layer

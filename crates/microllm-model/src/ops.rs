@@ -2,12 +2,14 @@
 //! Activations are row-major `(n_tokens, width)` f32 slices.
 
 use half::f16;
+use half::slice::HalfBitsSliceExt;
 use microllm_gguf::{GgmlType, GgufFile};
 use microllm_kernels::pool::ThreadPool;
 use microllm_kernels::Kernels;
 
 use crate::config::RopeStyle;
-use crate::state::Row;
+use crate::kv_q8;
+use crate::state::{KvCache, Row};
 use crate::weights::QMatrix;
 use crate::SeqBatch;
 
@@ -358,30 +360,53 @@ pub(crate) fn attention(
         let Row { seq, pos: p } = rows[t];
         let state = &*seqs[seq].state;
         let n_ctx = state.n_ctx;
-        let k_cache = &state.k_cache[il * n_ctx * k_dim..(il + 1) * n_ctx * k_dim];
-        let v_cache = &state.v_cache[il * n_ctx * v_dim..(il + 1) * n_ctx * v_dim];
         let start = match sh.window {
             Some(w) => (p + 1).saturating_sub(w),
             None => 0,
         };
         let qh = &q[t * q_dim + h * sh.head_dim..t * q_dim + (h + 1) * sh.head_dim];
-        // Q rounded to f16 like the cached keys; the kernel mirrors llama.cpp's CPU flash
-        // attention (f16 accumulator, key-by-key online softmax), which the references use.
-        let mut qbuf = [f16::ZERO; MAX_HEAD_DIM];
-        let q16 = &mut qbuf[..sh.head_dim];
-        kernels.f32_to_f16(qh, q16);
         let n_kv = p + 1 - start;
-        kernels.attention_f16(
-            q16,
-            &k_cache[start * k_dim + g * sh.head_dim..],
-            k_dim,
-            &v_cache[start * v_dim + g * sh.head_dim_v..],
-            v_dim,
-            n_kv,
-            sh.scale,
-            sh.softcap,
-            o,
-        );
+        match &state.kv {
+            KvCache::F16 { k, v } => {
+                let (k, v) = (k.reinterpret_cast::<f16>(), v.reinterpret_cast::<f16>());
+                let k_cache = &k[il * n_ctx * k_dim..(il + 1) * n_ctx * k_dim];
+                let v_cache = &v[il * n_ctx * v_dim..(il + 1) * n_ctx * v_dim];
+                // Q rounded to f16 like the cached keys; the kernel mirrors llama.cpp's CPU
+                // flash attention (f16 accumulator, key-by-key online softmax), which the
+                // references use.
+                let mut qbuf = [f16::ZERO; MAX_HEAD_DIM];
+                let q16 = &mut qbuf[..sh.head_dim];
+                kernels.f32_to_f16(qh, q16);
+                kernels.attention_f16(
+                    q16,
+                    &k_cache[start * k_dim + g * sh.head_dim..],
+                    k_dim,
+                    &v_cache[start * v_dim + g * sh.head_dim_v..],
+                    v_dim,
+                    n_kv,
+                    sh.scale,
+                    sh.softcap,
+                    o,
+                );
+            }
+            KvCache::Q8_0 { k, v } => {
+                let (kr, vr) = (kv_q8::row_bytes(k_dim), kv_q8::row_bytes(v_dim));
+                let k_cache = &k[il * n_ctx * kr..(il + 1) * n_ctx * kr];
+                let v_cache = &v[il * n_ctx * vr..(il + 1) * n_ctx * vr];
+                kv_q8::attention(
+                    kernels,
+                    qh,
+                    &k_cache[start * kr + kv_q8::row_bytes(g * sh.head_dim)..],
+                    kr,
+                    &v_cache[start * vr + kv_q8::row_bytes(g * sh.head_dim_v)..],
+                    vr,
+                    n_kv,
+                    sh.scale,
+                    sh.softcap,
+                    o,
+                );
+            }
+        }
     });
 }
 
@@ -397,7 +422,10 @@ pub(crate) fn attention_any(
     bufs: AttnBufs<'_>,
     out: &mut [f32],
 ) {
-    if rows.len() >= 2 && !ctx.exact {
+    let f16_kv = seqs
+        .iter()
+        .all(|s| matches!(s.state.kv, KvCache::F16 { .. }));
+    if rows.len() >= 2 && !ctx.exact && f16_kv {
         attention_rows(ctx, sh, q, rows, seqs, il, bufs, out);
     } else {
         attention(ctx, sh, q, rows, seqs, il, out);
@@ -473,8 +501,12 @@ pub(crate) fn attention_rows(
                 let (seq, g) = (gid as usize / sh.n_head_kv, gid as usize % sh.n_head_kv);
                 let state = &*seqs[seq].state;
                 let n_ctx = state.n_ctx;
-                let kc = &state.k_cache[il * n_ctx * k_dim..(il + 1) * n_ctx * k_dim];
-                let vc = &state.v_cache[il * n_ctx * v_dim..(il + 1) * n_ctx * v_dim];
+                let KvCache::F16 { k, v } = &state.kv else {
+                    unreachable!("attention_any routes only f16 caches here")
+                };
+                let (k, v) = (k.reinterpret_cast::<f16>(), v.reinterpret_cast::<f16>());
+                let kc = &k[il * n_ctx * k_dim..(il + 1) * n_ctx * k_dim];
+                let vc = &v[il * n_ctx * v_dim..(il + 1) * n_ctx * v_dim];
                 kernels.attention_rows(
                     &qg[a * dk..e * dk],
                     dk,
@@ -525,16 +557,27 @@ pub(crate) fn store_kv(
         let n = sb.tokens.len();
         let st = &mut *sb.state;
         let (n_ctx, p0) = (st.n_ctx, st.n_past);
-        let kc = &mut st.k_cache[il * n_ctx * k_dim..(il + 1) * n_ctx * k_dim];
-        kernels.f32_to_f16(
+        let (ks, vs) = (
             &k[r0 * k_dim..(r0 + n) * k_dim],
-            &mut kc[p0 * k_dim..(p0 + n) * k_dim],
-        );
-        let vc = &mut st.v_cache[il * n_ctx * v_dim..(il + 1) * n_ctx * v_dim];
-        kernels.f32_to_f16(
             &v[r0 * v_dim..(r0 + n) * v_dim],
-            &mut vc[p0 * v_dim..(p0 + n) * v_dim],
         );
+        match &mut st.kv {
+            KvCache::F16 { k: kc, v: vc } => {
+                let kc = kc.reinterpret_cast_mut::<f16>();
+                let vc = vc.reinterpret_cast_mut::<f16>();
+                let kc = &mut kc[il * n_ctx * k_dim..(il + 1) * n_ctx * k_dim];
+                kernels.f32_to_f16(ks, &mut kc[p0 * k_dim..(p0 + n) * k_dim]);
+                let vc = &mut vc[il * n_ctx * v_dim..(il + 1) * n_ctx * v_dim];
+                kernels.f32_to_f16(vs, &mut vc[p0 * v_dim..(p0 + n) * v_dim]);
+            }
+            KvCache::Q8_0 { k: kc, v: vc } => {
+                let (kr, vr) = (kv_q8::row_bytes(k_dim), kv_q8::row_bytes(v_dim));
+                let kc = &mut kc[il * n_ctx * kr..(il + 1) * n_ctx * kr];
+                kv_q8::store_rows(kernels, ks, k_dim, &mut kc[p0 * kr..(p0 + n) * kr]);
+                let vc = &mut vc[il * n_ctx * vr..(il + 1) * n_ctx * vr];
+                kv_q8::store_rows(kernels, vs, v_dim, &mut vc[p0 * vr..(p0 + n) * vr]);
+            }
+        }
         r0 += n;
     }
 }

@@ -3,7 +3,6 @@
 //! (activations for up to `n_rows` token rows). A single-sequence `State` carries its own
 //! scratch; a batched forward over many sequences shares one scratch among them.
 
-use half::f16;
 use microllm_gguf::GgmlType;
 
 use crate::{Model, ModelError};
@@ -16,6 +15,8 @@ pub struct StateOptions {
     /// Most tokens evaluated in one forward call through this state (larger prompts are
     /// split). A state that is only ever advanced by `Model::forward_batch` can use 1.
     pub n_batch: usize,
+    /// Storage format of the cached keys and values.
+    pub kv_type: KvType,
 }
 
 impl Default for StateOptions {
@@ -23,8 +24,67 @@ impl Default for StateOptions {
         Self {
             n_ctx: 4096,
             n_batch: 512,
+            kv_type: KvType::F16,
         }
     }
+}
+
+/// Storage format of the KV cache (llama.cpp's `--cache-type-k/-v`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KvType {
+    /// Half precision: 2 bytes per value, the reference numerics.
+    #[default]
+    F16,
+    /// ggml's Q8_0 blocks (32 values + an f16 scale in 34 bytes): about half the memory of
+    /// F16, for a small loss of precision. Head dimensions must be multiples of 32.
+    Q8_0,
+}
+
+impl KvType {
+    /// `"f16"` or `"q8_0"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+        }
+    }
+
+    /// Bytes that one row of `n` values takes (`n` a multiple of 32 for Q8_0).
+    pub fn row_bytes(self, n: usize) -> usize {
+        match self {
+            KvType::F16 => 2 * n,
+            KvType::Q8_0 => n / 32 * 34,
+        }
+    }
+}
+
+impl std::fmt::Display for KvType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for KvType {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" => Ok(KvType::F16),
+            "q8_0" | "q8" => Ok(KvType::Q8_0),
+            other => Err(ModelError::BadOptions(format!(
+                "unknown KV cache type '{other}': use f16 or q8_0"
+            ))),
+        }
+    }
+}
+
+/// The cached keys and values of every layer, `(n_layer, n_ctx, k_dim | v_dim)`, each row in
+/// the cache's format.
+pub(crate) enum KvCache {
+    /// f16 bit patterns (`u16`, so that the zeroed buffers come straight from the allocator's
+    /// zero pages: memory is only touched as the context fills).
+    F16 { k: Vec<u16>, v: Vec<u16> },
+    /// Rows of `k_dim / 32` (resp. `v_dim / 32`) Q8_0 blocks.
+    Q8_0 { k: Vec<u8>, v: Vec<u8> },
 }
 
 /// Activations of one forward call over up to `n_rows` token rows.
@@ -116,8 +176,7 @@ pub struct State {
     pub(crate) n_ctx: usize,
     /// Tokens already in the KV cache.
     pub(crate) n_past: usize,
-    pub(crate) k_cache: Vec<f16>, // (n_layer, n_ctx, k_dim)
-    pub(crate) v_cache: Vec<f16>, // (n_layer, n_ctx, v_dim)
+    pub(crate) kv: KvCache,
     /// Logits of the last evaluated token (n_vocab).
     pub(crate) logits: Vec<f32>,
     /// This sequence's own activations for `Model::forward`.
@@ -130,6 +189,7 @@ impl std::fmt::Debug for State {
             .field("n_ctx", &self.n_ctx)
             .field("n_batch", &self.scratch.n_rows)
             .field("n_past", &self.n_past)
+            .field("kv_type", &self.kv_type())
             .finish()
     }
 }
@@ -143,11 +203,40 @@ impl State {
             ));
         }
         let n_batch = opts.n_batch.min(opts.n_ctx);
+        let cells = |dim: usize| {
+            c.n_layer
+                .checked_mul(opts.n_ctx)
+                .and_then(|v| v.checked_mul(dim))
+                .ok_or_else(|| {
+                    ModelError::BadOptions(format!(
+                        "a KV cache of {} positions overflows memory sizes; use a smaller context",
+                        opts.n_ctx
+                    ))
+                })
+        };
+        let (nk, nv) = (cells(c.k_dim())?, cells(c.v_dim())?);
+        let kv = match opts.kv_type {
+            KvType::F16 => KvCache::F16 {
+                k: vec![0u16; nk],
+                v: vec![0u16; nv],
+            },
+            KvType::Q8_0 => {
+                if c.head_dim % 32 != 0 || c.head_dim_v % 32 != 0 {
+                    return Err(ModelError::BadOptions(format!(
+                        "a q8_0 KV cache needs head sizes that are multiples of 32 (this model's are {} and {}); use --kv-type f16",
+                        c.head_dim, c.head_dim_v
+                    )));
+                }
+                KvCache::Q8_0 {
+                    k: vec![0; nk / 32 * 34],
+                    v: vec![0; nv / 32 * 34],
+                }
+            }
+        };
         Ok(State {
             n_ctx: opts.n_ctx,
             n_past: 0,
-            k_cache: vec![f16::ZERO; c.n_layer * opts.n_ctx * c.k_dim()],
-            v_cache: vec![f16::ZERO; c.n_layer * opts.n_ctx * c.v_dim()],
+            kv,
             logits: vec![0.0; c.n_vocab],
             scratch: Scratch::new(model, n_batch)?,
         })
@@ -178,7 +267,17 @@ impl State {
     }
     /// Bytes held by the KV cache.
     pub fn kv_bytes(&self) -> usize {
-        (self.k_cache.len() + self.v_cache.len()) * 2
+        match &self.kv {
+            KvCache::F16 { k, v } => (k.len() + v.len()) * 2,
+            KvCache::Q8_0 { k, v } => k.len() + v.len(),
+        }
+    }
+    /// Storage format of the KV cache.
+    pub fn kv_type(&self) -> KvType {
+        match self.kv {
+            KvCache::F16 { .. } => KvType::F16,
+            KvCache::Q8_0 { .. } => KvType::Q8_0,
+        }
     }
 }
 
@@ -223,7 +322,15 @@ pub(crate) fn act_type(model: &Model, w_ty: GgmlType) -> Result<GgmlType, ModelE
 impl State {
     /// Bytes of one position's keys and values over all layers.
     pub fn kv_bytes_per_pos(&self) -> usize {
-        (self.k_cache.len() + self.v_cache.len()) / self.n_ctx * 2
+        self.kv_bytes() / self.n_ctx
+    }
+
+    /// Bytes of one layer's keys and values at one position: `(k, v)`.
+    fn kv_row_bytes(&self, k_dim: usize, v_dim: usize) -> (usize, usize) {
+        match self.kv {
+            KvCache::F16 { .. } => (2 * k_dim, 2 * v_dim),
+            KvCache::Q8_0 { .. } => (k_dim / 32 * 34, v_dim / 32 * 34),
+        }
     }
 
     /// Appends the keys and values of positions `from..to` (all cached) to `out`.
@@ -241,16 +348,21 @@ impl State {
                 self.n_past
             )));
         }
-        let start = out.len();
-        out.resize(start + (to - from) * self.kv_bytes_per_pos(), 0);
-        let mut dst = out[start..].chunks_exact_mut(2);
+        out.reserve((to - from) * self.kv_bytes_per_pos());
+        let (kr, vr) = self.kv_row_bytes(k_dim, v_dim);
         for p in from..to {
             for l in 0..n_layer {
-                let k = (l * self.n_ctx + p) * k_dim;
-                let v = (l * self.n_ctx + p) * v_dim;
-                let src = self.k_cache[k..k + k_dim].iter();
-                for (x, d) in src.chain(&self.v_cache[v..v + v_dim]).zip(dst.by_ref()) {
-                    d.copy_from_slice(&x.to_le_bytes());
+                let at = l * self.n_ctx + p;
+                match &self.kv {
+                    KvCache::F16 { k, v } => {
+                        let ks = &k[at * k_dim..(at + 1) * k_dim];
+                        let vs = &v[at * v_dim..(at + 1) * v_dim];
+                        out.extend(ks.iter().chain(vs).flat_map(|x| x.to_le_bytes()));
+                    }
+                    KvCache::Q8_0 { k, v } => {
+                        out.extend_from_slice(&k[at * kr..(at + 1) * kr]);
+                        out.extend_from_slice(&v[at * vr..(at + 1) * vr]);
+                    }
                 }
             }
         }
@@ -275,17 +387,34 @@ impl State {
                 self.n_past, self.n_ctx
             )));
         }
-        let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]);
-        let mut src = rows.chunks_exact(2);
+        let (kr, vr) = self.kv_row_bytes(k_dim, v_dim);
+        let n_ctx = self.n_ctx;
+        let mut src = rows;
         for p in at..at + n {
             for l in 0..n_layer {
-                let k = (l * self.n_ctx + p) * k_dim;
-                let v = (l * self.n_ctx + p) * v_dim;
-                for (dst, b) in self.k_cache[k..k + k_dim].iter_mut().zip(src.by_ref()) {
-                    *dst = half(b);
-                }
-                for (dst, b) in self.v_cache[v..v + v_dim].iter_mut().zip(src.by_ref()) {
-                    *dst = half(b);
+                let i = l * n_ctx + p;
+                let (kb, rest) = src.split_at(kr);
+                let (vb, rest) = rest.split_at(vr);
+                src = rest;
+                match &mut self.kv {
+                    KvCache::F16 { k, v } => {
+                        for (d, c) in k[i * k_dim..(i + 1) * k_dim]
+                            .iter_mut()
+                            .zip(kb.chunks_exact(2))
+                        {
+                            *d = u16::from_le_bytes([c[0], c[1]]);
+                        }
+                        for (d, c) in v[i * v_dim..(i + 1) * v_dim]
+                            .iter_mut()
+                            .zip(vb.chunks_exact(2))
+                        {
+                            *d = u16::from_le_bytes([c[0], c[1]]);
+                        }
+                    }
+                    KvCache::Q8_0 { k, v } => {
+                        k[i * kr..(i + 1) * kr].copy_from_slice(kb);
+                        v[i * vr..(i + 1) * vr].copy_from_slice(vb);
+                    }
                 }
             }
         }
@@ -297,9 +426,8 @@ impl State {
     fn kv_shape(&self, model: &Model) -> Result<(usize, usize, usize), ModelError> {
         let c = &model.config;
         let (n_layer, k_dim, v_dim) = (c.n_layer, c.k_dim(), c.v_dim());
-        if self.k_cache.len() != n_layer * self.n_ctx * k_dim
-            || self.v_cache.len() != n_layer * self.n_ctx * v_dim
-        {
+        let (kr, vr) = self.kv_row_bytes(k_dim, v_dim);
+        if self.kv_bytes() != n_layer * self.n_ctx * (kr + vr) {
             return Err(ModelError::BadOptions(
                 "this state was not made by this model (its KV cache has another shape)".into(),
             ));
@@ -334,6 +462,7 @@ mod kv_copy_tests {
             let opts = StateOptions {
                 n_ctx: 32,
                 n_batch: 8,
+                ..StateOptions::default()
             };
             let prompt: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % 50).collect();
             let mut a = m.new_state(opts).unwrap();
@@ -366,6 +495,7 @@ mod kv_copy_tests {
         let opts = StateOptions {
             n_ctx: 8,
             n_batch: 8,
+            ..StateOptions::default()
         };
         let mut s = m.new_state(opts).unwrap();
         m.forward(&mut s, &[1, 2, 3], Logits::None).unwrap();

@@ -115,6 +115,7 @@ fn run(f: &Fixture, n_threads: usize, kernels: Kernels) -> Vec<Vec<f32>> {
         .new_state(StateOptions {
             n_ctx: 64,
             n_batch: 64,
+            ..Default::default()
         })
         .unwrap();
     let mut all = vec![0.0; f.prefill * n_vocab];

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use microllm_gguf::GgufFile;
 use microllm_kernels::Kernels;
-use microllm_model::{Logits, Model, ModelOptions, StateOptions};
+use microllm_model::{KvType, Logits, Model, ModelOptions, StateOptions};
 use microllm_testkit::{tiny_model_bytes, TinySpec};
 
 struct Counting;
@@ -35,7 +35,16 @@ static GLOBAL: Counting = Counting;
 
 #[test]
 fn decode_step_does_not_allocate() {
-    for spec in [TinySpec::llama(), TinySpec::qwen2(), TinySpec::mistral()] {
+    // A Q8_0 cache needs heads that are multiples of 32 wide.
+    let mut wide_heads = TinySpec::llama();
+    (wide_heads.n_head, wide_heads.n_head_kv) = (2, 1);
+    let cases = [
+        (TinySpec::llama(), KvType::F16),
+        (TinySpec::qwen2(), KvType::F16),
+        (TinySpec::mistral(), KvType::F16),
+        (wide_heads, KvType::Q8_0),
+    ];
+    for (spec, kv_type) in cases {
         for n_threads in [1, 2] {
             let file = GgufFile::from_bytes(tiny_model_bytes(&spec)).unwrap();
             let model = Model::from_gguf(
@@ -50,6 +59,7 @@ fn decode_step_does_not_allocate() {
                 .new_state(StateOptions {
                     n_ctx: 64,
                     n_batch: 16,
+                    kv_type,
                 })
                 .unwrap();
             model
@@ -62,7 +72,7 @@ fn decode_step_does_not_allocate() {
             let n = ALLOCS.load(Ordering::SeqCst) - before;
             assert_eq!(
                 n, 0,
-                "{n} allocations in 20 decode steps ({n_threads} threads)"
+                "{n} allocations in 20 decode steps ({n_threads} threads, {kv_type} KV cache)"
             );
         }
     }

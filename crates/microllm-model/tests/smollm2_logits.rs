@@ -43,6 +43,7 @@ fn teacher_forced_top5_within_half_a_logit() {
         .new_state(StateOptions {
             n_ctx: 512,
             n_batch: 512,
+            ..Default::default()
         })
         .unwrap();
     let mut worst = 0.0f32;

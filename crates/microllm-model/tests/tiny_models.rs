@@ -76,7 +76,11 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 fn batched(model: &Model, tokens: &[u32], n_batch: usize) -> Vec<f32> {
     let n_vocab = model.config.n_vocab;
     let mut state = model
-        .new_state(StateOptions { n_ctx: 64, n_batch })
+        .new_state(StateOptions {
+            n_ctx: 64,
+            n_batch,
+            ..Default::default()
+        })
         .unwrap();
     let mut out = vec![0.0; tokens.len() * n_vocab];
     model
@@ -91,6 +95,7 @@ fn stepwise(model: &Model, tokens: &[u32]) -> Vec<f32> {
         .new_state(StateOptions {
             n_ctx: 64,
             n_batch: 8,
+            ..Default::default()
         })
         .unwrap();
     let mut out = Vec::new();
@@ -185,6 +190,7 @@ fn bad_tokens_and_full_context_are_errors() {
         .new_state(StateOptions {
             n_ctx: 4,
             n_batch: 4,
+            ..Default::default()
         })
         .unwrap();
     let bad = model.config.n_vocab as u32;
@@ -206,6 +212,7 @@ fn batched_sequences_equal_sequences_alone() {
         let opts = StateOptions {
             n_ctx: 64,
             n_batch: 1,
+            ..Default::default()
         };
         // Three sequences at different depths: prefixes evaluated alone first.
         let prefixes: [Vec<u32>; 3] =
@@ -218,6 +225,7 @@ fn batched_sequences_equal_sequences_alone() {
                 .new_state(StateOptions {
                     n_ctx: 64,
                     n_batch: 16,
+                    ..Default::default()
                 })
                 .unwrap();
             if !p.is_empty() {

@@ -36,7 +36,11 @@ impl std::fmt::Debug for HiddenStateMean {
 impl HiddenStateMean {
     /// Room for inputs of up to `n_ctx` tokens, evaluated `n_batch` tokens per forward call.
     pub fn new(lm: &LoadedModel, n_ctx: usize, n_batch: usize) -> Result<Self, EngineError> {
-        let state = lm.model.new_state(StateOptions { n_ctx, n_batch })?;
+        let state = lm.model.new_state(StateOptions {
+            n_ctx,
+            n_batch,
+            ..StateOptions::default()
+        })?;
         Ok(HiddenStateMean {
             state,
             sum: vec![0.0; lm.model.config.n_embd],

@@ -20,8 +20,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use microllm_engine::{
-    EngineError, LoadedModel, Logits, ModelError, Sampler, SamplerConfig, Scratch, SeqBatch, State,
-    StateOptions,
+    EngineError, KvType, LoadedModel, Logits, ModelError, Sampler, SamplerConfig, Scratch,
+    SeqBatch, State, StateOptions,
 };
 use microllm_sample::log_softmax_top;
 use microllm_tokenizer::StreamDecoder;
@@ -50,6 +50,8 @@ pub struct EngineConfig {
     pub prefix_cache_bytes: usize,
     /// Token positions per prefix-cache block.
     pub prefix_block_tokens: usize,
+    /// KV cache format of every slot (`--kv-type`).
+    pub kv_type: KvType,
 }
 
 impl Default for EngineConfig {
@@ -61,6 +63,7 @@ impl Default for EngineConfig {
             max_queue: 64,
             prefix_cache_bytes: 256 << 20,
             prefix_block_tokens: 32,
+            kv_type: KvType::F16,
         }
     }
 }
@@ -408,6 +411,7 @@ impl<'m> Scheduler<'m> {
         let opts = StateOptions {
             n_ctx: cfg.n_ctx,
             n_batch: 1,
+            kv_type: cfg.kv_type,
         };
         let mut slots = Vec::with_capacity(cfg.n_parallel);
         let mut kv_bytes = 0;

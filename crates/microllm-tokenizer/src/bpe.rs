@@ -1,22 +1,21 @@
-//! Byte-level BPE (`tokenizer.ggml.model = "gpt2"`) on top of HF `tokenizers`.
-//!
-//! HF's `BPE` model and `Split`/`ByteLevel` pre-tokenizers do the work; this file only chooses
-//! the pre-tokenizer regexes the way llama.cpp does for each `tokenizer.ggml.pre`, so that the
-//! ids are llama.cpp's. Special tokens never reach this code: [`crate::special`] splits them
-//! out first (llama.cpp's partition rules differ from HF's added-token matching).
+//! Byte-level BPE (`tokenizer.ggml.model = "gpt2"`): HF `tokenizers`' `Split`/`ByteLevel`
+//! pre-tokenizers with the regexes llama.cpp uses for each `tokenizer.ggml.pre`, then the
+//! merges on token ids (see [`BpeEncoder`]), so that the ids are llama.cpp's. Special tokens
+//! never reach this code: [`crate::special`] splits them out first (llama.cpp's partition
+//! rules differ from HF's added-token matching).
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
-use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{
-    Model, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, PreTokenizerWrapper,
+    OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, PreTokenizerWrapper,
     SplitDelimiterBehavior,
 };
 
-use crate::TokenizerError;
+use crate::{FastMap, TokenizerError};
 
 /// GPT-2's pattern as llama.cpp writes it (without the trailing `|\s+`: a lone whitespace
 /// character that no alternative takes becomes its own piece anyway, since splits keep the gaps).
@@ -101,11 +100,23 @@ pub(crate) fn byte_to_char() -> [char; 256] {
     table
 }
 
-/// Raw bytes of a byte-level token text; characters outside the mapping are kept as UTF-8.
-pub(crate) fn byte_level_decode(text: &str, inverse: &HashMap<char, u8>, out: &mut Vec<u8>) {
+/// The inverse of [`byte_to_char`], indexed by character code (all below 0x144).
+pub(crate) fn char_to_byte() -> [Option<u8>; 0x144] {
+    let mut inv = [None; 0x144];
+    for (b, c) in byte_to_char().into_iter().enumerate() {
+        if let Some(slot) = inv.get_mut(c as usize) {
+            *slot = Some(b as u8);
+        }
+    }
+    inv
+}
+
+/// Raw bytes of a byte-level token text (`inverse` from [`char_to_byte`]); characters outside
+/// the mapping are kept as UTF-8.
+pub(crate) fn byte_level_decode(text: &str, inverse: &[Option<u8>; 0x144], out: &mut Vec<u8>) {
     for c in text.chars() {
-        match inverse.get(&c) {
-            Some(&b) => out.push(b),
+        match inverse.get(c as usize).copied().flatten() {
+            Some(b) => out.push(b),
             None => {
                 let mut buf = [0u8; 4];
                 out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
@@ -114,10 +125,21 @@ pub(crate) fn byte_level_decode(text: &str, inverse: &HashMap<char, u8>, out: &m
     }
 }
 
-/// The byte-level BPE of one model.
+/// The byte-level BPE of one model: HF `tokenizers`' pre-tokenizers split the text, then the
+/// merges are applied here on token ids.
+///
+/// The merge step is HF's `BPE` model without dropout, unknown token or byte fallback (what a
+/// GGUF byte-level vocabulary needs), written against the ids directly: building HF's model
+/// copies the vocabulary twice and formats every merge's result, ~80 ms of a cold start for a
+/// 49k-merge vocabulary, where this table takes a few. The results are the same: a piece
+/// starts as its characters' ids (characters without a token are dropped, as HF does), then
+/// the adjacent pair of lowest rank is merged, leftmost first, until no pair has a merge.
 pub(crate) struct BpeEncoder {
     pre: Sequence,
-    model: BPE,
+    /// `(left id, right id)` -> `(rank, merged id)`; a later duplicate of a pair wins, as in HF.
+    merges: FastMap<(u32, u32), (u32, u32)>,
+    /// A pre-token that is itself a vocabulary entry is taken whole (Llama 3).
+    ignore_merges: bool,
 }
 
 fn bpe_err(stage: &'static str) -> impl Fn(tokenizers::Error) -> TokenizerError {
@@ -127,35 +149,50 @@ fn bpe_err(stage: &'static str) -> impl Fn(tokenizers::Error) -> TokenizerError 
     }
 }
 
+/// One symbol of a piece being merged: a token id and its neighbours (a linked list, so a
+/// merge is O(1)); `dead` once merged into its left neighbour.
+#[derive(Clone, Copy)]
+struct Symbol {
+    id: u32,
+    prev: usize,
+    next: usize,
+    dead: bool,
+}
+
+const NONE: usize = usize::MAX;
+
 impl BpeEncoder {
     /// `first_id` maps token text to its (first) id.
     pub fn new(
-        first_id: &HashMap<Box<str>, u32>,
+        first_id: &FastMap<Box<str>, u32>,
         merges: &[String],
         cfg: PreConfig,
     ) -> Result<Self, TokenizerError> {
-        let vocab: Vocab = first_id.iter().map(|(k, &v)| (k.to_string(), v)).collect();
         // HF refuses merges whose parts or result are not tokens; llama.cpp would still apply
         // them, but their result could only end up as byte fallback, which a well-formed
-        // vocabulary never needs. Dropping them keeps every other rank unchanged.
-        let pairs: Vec<(String, String)> = merges
-            .iter()
-            .filter_map(|m| {
-                // llama.cpp splits at the first space after byte 0 (so a merge of a space
-                // token would still parse). A space is ASCII, so any match is a char boundary.
-                let pos = m.bytes().skip(1).position(|b| b == b' ')? + 1;
-                let (a, b) = (&m[..pos], &m[pos + 1..]);
-                let ok = first_id.contains_key(a)
-                    && first_id.contains_key(b)
-                    && first_id.contains_key(format!("{a}{b}").as_str());
-                ok.then(|| (a.to_owned(), b.to_owned()))
-            })
-            .collect();
-        let model = BPE::builder()
-            .vocab_and_merges(vocab, pairs)
-            .ignore_merges(cfg.ignore_merges)
-            .build()
-            .map_err(bpe_err("vocabulary setup"))?;
+        // vocabulary never needs. Dropping them keeps the order of every other merge.
+        let mut table = FastMap::with_capacity_and_hasher(merges.len(), Default::default());
+        let mut joined = String::new();
+        let mut rank = 0u32;
+        for m in merges {
+            // llama.cpp splits at the first space after byte 0 (so a merge of a space token
+            // would still parse). A space is ASCII, so any match is a char boundary.
+            let Some(pos) = m.bytes().skip(1).position(|b| b == b' ').map(|p| p + 1) else {
+                continue;
+            };
+            let (a, b) = (&m[..pos], &m[pos + 1..]);
+            joined.clear();
+            joined.push_str(a);
+            joined.push_str(b);
+            if let (Some(&ia), Some(&ib), Some(&ij)) = (
+                first_id.get(a),
+                first_id.get(b),
+                first_id.get(joined.as_str()),
+            ) {
+                table.insert((ia, ib), (rank, ij));
+                rank += 1;
+            }
+        }
 
         let mut steps: Vec<PreTokenizerWrapper> = Vec::with_capacity(cfg.regexes.len() + 1);
         for re in cfg.regexes {
@@ -170,20 +207,98 @@ impl BpeEncoder {
         steps.push(ByteLevel::new(false, false, false).into());
         Ok(BpeEncoder {
             pre: Sequence::new(steps),
-            model,
+            merges: table,
+            ignore_merges: cfg.ignore_merges,
         })
     }
 
-    /// Appends the ids of `text` (no special tokens in it) to `out`.
-    pub fn encode(&self, text: &str, out: &mut Vec<u32>) -> Result<(), TokenizerError> {
+    /// Appends the ids of `text` (no special tokens in it) to `out`; `vocab` maps token text
+    /// to its (first) id.
+    pub fn encode(
+        &self,
+        text: &str,
+        vocab: &FastMap<Box<str>, u32>,
+        out: &mut Vec<u32>,
+    ) -> Result<(), TokenizerError> {
         let mut pretok = PreTokenizedString::from(text);
         self.pre
             .pre_tokenize(&mut pretok)
             .map_err(bpe_err("pre-tokenization"))?;
+        let mut syms = Vec::new();
         for (piece, _, _) in pretok.get_splits(OffsetReferential::Original, OffsetType::None) {
-            let toks = self.model.tokenize(piece).map_err(bpe_err("merging"))?;
-            out.extend(toks.into_iter().map(|t| t.id));
+            if self.ignore_merges {
+                if let Some(&id) = vocab.get(piece) {
+                    out.push(id);
+                    continue;
+                }
+            }
+            self.merge_piece(piece, vocab, &mut syms, out);
         }
         Ok(())
+    }
+
+    /// Merges one pre-token; `syms` is reused scratch.
+    fn merge_piece(
+        &self,
+        piece: &str,
+        vocab: &FastMap<Box<str>, u32>,
+        syms: &mut Vec<Symbol>,
+        out: &mut Vec<u32>,
+    ) {
+        syms.clear();
+        let mut buf = [0u8; 4];
+        for c in piece.chars() {
+            if let Some(&id) = vocab.get(&*c.encode_utf8(&mut buf)) {
+                let i = syms.len();
+                syms.push(Symbol {
+                    id,
+                    prev: if i == 0 { NONE } else { i - 1 },
+                    next: i + 1,
+                    dead: false,
+                });
+            }
+        }
+        let Some(last) = syms.last_mut() else {
+            return;
+        };
+        last.next = NONE;
+        // Candidate merges, lowest rank first, then leftmost; stale entries (a side already
+        // merged into something else) are skipped when popped.
+        let mut queue: BinaryHeap<Reverse<(u32, usize, u32)>> = syms
+            .windows(2)
+            .enumerate()
+            .filter_map(|(i, w)| {
+                self.merges
+                    .get(&(w[0].id, w[1].id))
+                    .map(|&(r, new)| Reverse((r, i, new)))
+            })
+            .collect();
+        while let Some(Reverse((_, pos, new_id))) = queue.pop() {
+            let left = syms[pos];
+            if left.dead || left.next == NONE {
+                continue;
+            }
+            let right = syms[left.next];
+            if self.merges.get(&(left.id, right.id)).map(|m| m.1) != Some(new_id) {
+                continue;
+            }
+            syms[pos].id = new_id;
+            syms[pos].next = right.next;
+            syms[left.next].dead = true;
+            if right.next != NONE {
+                syms[right.next].prev = pos;
+            }
+            if left.prev != NONE {
+                if let Some(&(r, n)) = self.merges.get(&(syms[left.prev].id, new_id)) {
+                    queue.push(Reverse((r, left.prev, n)));
+                }
+            }
+            if right.next != NONE {
+                if let Some(&(r, n)) = self.merges.get(&(new_id, syms[right.next].id)) {
+                    queue.push(Reverse((r, pos, n)));
+                }
+            }
+        }
+        out.extend(syms.iter().filter(|s| !s.dead).map(|s| s.id));
     }
 }

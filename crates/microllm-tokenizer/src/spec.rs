@@ -45,10 +45,17 @@ fn md<T>(key: &str, r: Result<T, microllm_gguf::GgufError>) -> Result<T, Tokeniz
 impl TokenizerSpec {
     /// Reads the `tokenizer.*` keys of a GGUF file.
     pub fn from_gguf(m: &Metadata) -> Result<Self, TokenizerError> {
+        Self::read(m, true)
+    }
+
+    /// Like [`TokenizerSpec::from_gguf`]; without `with_merges` the merges are left in the
+    /// metadata (`merges: None`), for a caller that borrows them instead of copying.
+    pub(crate) fn read(m: &Metadata, with_merges: bool) -> Result<Self, TokenizerError> {
         const MODEL: &str = "tokenizer.ggml.model";
         const TOKENS: &str = "tokenizer.ggml.tokens";
         const SCORES: &str = "tokenizer.ggml.scores";
         const TYPES: &str = "tokenizer.ggml.token_type";
+        const MERGES: &str = "tokenizer.ggml.merges";
 
         let model = md(MODEL, m.get_str(MODEL))?
             .ok_or(TokenizerError::MissingKey {
@@ -91,11 +98,11 @@ impl TokenizerSpec {
             tokens,
             scores,
             token_types,
-            merges: md(
-                "tokenizer.ggml.merges",
-                m.get_str_array("tokenizer.ggml.merges"),
-            )?
-            .map(<[String]>::to_vec),
+            merges: if with_merges {
+                md(MERGES, m.get_str_array(MERGES))?.map(<[String]>::to_vec)
+            } else {
+                None
+            },
             bos_id: u("tokenizer.ggml.bos_token_id")?,
             eos_id: u("tokenizer.ggml.eos_token_id")?,
             eot_id: u("tokenizer.ggml.eot_token_id")?,

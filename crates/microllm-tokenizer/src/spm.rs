@@ -7,7 +7,7 @@
 //! of candidate pairs with lazy invalidation makes this O(n log n).
 
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 
 /// A run of the input text: `start..start+len` bytes, linked to its neighbours.
 #[derive(Clone, Copy)]
@@ -48,7 +48,7 @@ impl Ord for Bigram {
 
 /// What the merge loop needs from the vocabulary.
 pub(crate) struct SpmVocab<'a> {
-    pub token_to_id: &'a HashMap<Box<str>, u32>,
+    pub token_to_id: &'a crate::FastMap<Box<str>, u32>,
     pub scores: &'a [f32],
     /// Token for each byte value (byte fallback), if the vocabulary has one.
     pub byte_tokens: &'a [Option<u32>; 256],

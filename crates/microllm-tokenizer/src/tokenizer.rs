@@ -1,11 +1,9 @@
 //! [`Tokenizer`]: vocabulary, special tokens, encode and decode.
 
-use std::collections::HashMap;
-
 use crate::bpe::{self, BpeEncoder};
 use crate::special::{Fragment, SpecialTokens};
 use crate::spm::SpmVocab;
-use crate::{TokenizerError, TokenizerSpec};
+use crate::{FastMap, TokenizerError, TokenizerSpec};
 
 /// `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +79,7 @@ pub struct Tokenizer {
     tokens: Vec<String>,
     types: Vec<TokenType>,
     /// Text -> id; for duplicated texts the first id.
-    token_to_id: HashMap<Box<str>, u32>,
+    token_to_id: FastMap<Box<str>, u32>,
     /// Raw bytes of every token, concatenated; token i is `bytes[offsets[i]..offsets[i+1]]`.
     bytes: Vec<u8>,
     offsets: Vec<usize>,
@@ -148,11 +146,25 @@ fn parse_byte_token(text: &str) -> Option<u8> {
 impl Tokenizer {
     /// Reads the tokenizer from GGUF metadata.
     pub fn from_gguf(md: &microllm_gguf::Metadata) -> Result<Self, TokenizerError> {
-        Self::from_spec(TokenizerSpec::from_gguf(md)?)
+        // The merges are only read while building, so they are borrowed, not copied.
+        const MERGES: &str = "tokenizer.ggml.merges";
+        let merges = md
+            .get_str_array(MERGES)
+            .map_err(|source| TokenizerError::Metadata {
+                key: MERGES.to_owned(),
+                source,
+            })?;
+        Self::build(TokenizerSpec::read(md, false)?, merges)
     }
 
     /// Builds the tokenizer, applying llama.cpp's defaults for absent keys.
-    pub fn from_spec(spec: TokenizerSpec) -> Result<Self, TokenizerError> {
+    pub fn from_spec(mut spec: TokenizerSpec) -> Result<Self, TokenizerError> {
+        let merges = spec.merges.take();
+        Self::build(spec, merges.as_deref())
+    }
+
+    /// [`Tokenizer::from_spec`] with the merges apart (`spec.merges` is ignored).
+    fn build(spec: TokenizerSpec, merges: Option<&[String]>) -> Result<Self, TokenizerError> {
         let n = spec.tokens.len();
         if n == 0 {
             return Err(TokenizerError::EmptyVocab);
@@ -175,7 +187,8 @@ impl Tokenizer {
             check_len("tokenizer.ggml.scores", s, n)?;
         }
 
-        let mut token_to_id: HashMap<Box<str>, u32> = HashMap::with_capacity(n);
+        let mut token_to_id: FastMap<Box<str>, u32> =
+            FastMap::with_capacity_and_hasher(n, Default::default());
         for (i, t) in spec.tokens.iter().enumerate() {
             token_to_id.entry(t.as_str().into()).or_insert(i as u32);
         }
@@ -229,10 +242,7 @@ impl Tokenizer {
             )
         } else {
             let cfg = bpe::pre_config(spec.pre.as_deref())?;
-            let merges = spec
-                .merges
-                .as_deref()
-                .ok_or(TokenizerError::MissingMerges)?;
+            let merges = merges.ok_or(TokenizerError::MissingMerges)?;
             let enc = BpeEncoder::new(&token_to_id, merges, cfg)?;
             (Algorithm::Bpe(Box::new(enc)), cfg.default_add_bos)
         };
@@ -273,8 +283,7 @@ impl Tokenizer {
         }));
 
         // Raw bytes per token.
-        let b2c = bpe::byte_to_char();
-        let c2b: HashMap<char, u8> = b2c.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        let c2b = bpe::char_to_byte();
         let mut bytes = Vec::new();
         let mut offsets = Vec::with_capacity(n + 1);
         offsets.push(0);
@@ -338,7 +347,7 @@ impl Tokenizer {
             Algorithm::Bpe(enc) => {
                 for f in frags {
                     match f {
-                        Fragment::Text(s) => enc.encode(s, &mut out)?,
+                        Fragment::Text(s) => enc.encode(s, &self.token_to_id, &mut out)?,
                         Fragment::Token(id) => out.push(id),
                     }
                 }

@@ -87,6 +87,7 @@ pub fn check_greedy_fixture(lm: &LoadedModel, fixture: &str, logit_tol: f32) {
         StateOptions {
             n_ctx: 512,
             n_batch: 512,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -191,6 +192,7 @@ pub fn check_fast_against_exact(
     let opts = StateOptions {
         n_ctx: 512,
         n_batch: 512,
+        ..StateOptions::default()
     };
     let mut se = Session::new(exact, opts).unwrap();
     let mut sf = Session::new(fast, opts).unwrap();
