@@ -2,7 +2,7 @@
 """Cold start of `microllm run`: process start to first generated token, warm page cache.
 
 usage: bench/coldstart.py MODEL.gguf [--runs 15] [--microllm target/release/microllm]
-       [--prompt "The capital of France is"] [-- extra run flags]
+       [--prompt "The capital of France is"] [extra `run` flags, e.g. -t 1 --ctx 2048]
 
 Runs `microllm run -m MODEL --temp 0 -n 1 --raw PROMPT --stats` once untimed (to warm the page
 cache), then --runs times, and prints the medians of
@@ -19,10 +19,9 @@ def main():
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--microllm", default="target/release/microllm")
     ap.add_argument("--prompt", default="The capital of France is")
-    ap.add_argument("extra", nargs="*")
-    a = ap.parse_args()
+    a, extra = ap.parse_known_args()
     cmd = [a.microllm, "run", "-m", a.model, "--temp", "0", "-n", "1", "--raw", a.prompt,
-           "--stats", *a.extra]
+           "--stats", *extra]
     ttft, wall, rss = [], [], []
     for i in range(a.runs + 1):
         t0 = time.perf_counter()

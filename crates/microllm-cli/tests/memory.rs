@@ -1,7 +1,8 @@
-//! Peak resident memory of `microllm run` on SmolLM2-135M (MICROLLM_TEST_SMOLLM2 = path to
-//! its GGUF; skipped with a note when unset): at most the model file, plus the KV cache, plus
-//! 64 MiB for everything else (tokenizer, activations, code). `run --stats` reports the
-//! process's own VmHWM at exit.
+//! Memory on SmolLM2-135M (MICROLLM_TEST_SMOLLM2 = path to its GGUF; skipped with a note when
+//! unset). Peak resident memory of `microllm run`: at most the model file, plus the KV cache,
+//! plus 64 MiB for everything else (tokenizer, activations, code); `run --stats` reports the
+//! process's own VmHWM at exit. And the Q8_0 KV cache, which halves the cache, costs under 1%
+//! of perplexity.
 
 use std::process::Command;
 
@@ -74,4 +75,43 @@ fn peak_rss_within_model_plus_kv_plus_64_mib() {
     );
     // The model's whole trained context fits too.
     check_peak(&m, &["--ctx", "8192", "--kv-type", "q8_0"]);
+}
+
+fn perplexity(model: &str, kv: &str) -> f64 {
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/corpus/alice29.txt");
+    let out = Command::new(env!("CARGO_BIN_EXE_microllm"))
+        .env_remove("MICROLLM_MODEL")
+        .args([
+            "perplexity",
+            "-m",
+            model,
+            "--chunks",
+            "5",
+            "--json",
+            "--kv-type",
+            kv,
+            "-f",
+        ])
+        .arg(corpus)
+        .output()
+        .expect("run microllm");
+    assert!(
+        out.status.success(),
+        "microllm perplexity failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("perplexity JSON");
+    v["ppl"].as_f64().expect("ppl")
+}
+
+#[test]
+fn q8_0_kv_cache_perplexity_within_one_percent_of_f16() {
+    let Some(m) = model() else { return };
+    let (f16, q8) = (perplexity(&m, "f16"), perplexity(&m, "q8_0"));
+    eprintln!("perplexity over 5 chunks of 512: f16 KV {f16:.4}, q8_0 KV {q8:.4}");
+    assert!(
+        (q8 / f16 - 1.0).abs() < 0.01,
+        "q8_0 KV perplexity {q8} vs f16 {f16}"
+    );
 }
