@@ -190,7 +190,7 @@ fn prepare_depth(lm: &LoadedModel, state: &mut State, depth: &[u32]) -> Result<(
     Ok(())
 }
 
-fn pseudo_random_tokens(n: usize, n_vocab: usize) -> Vec<u32> {
+pub(crate) fn pseudo_random_tokens(n: usize, n_vocab: usize) -> Vec<u32> {
     let mut s = 0x9E37_79B9_7F4A_7C15u64;
     (0..n)
         .map(|_| {
