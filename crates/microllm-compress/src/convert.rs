@@ -73,8 +73,8 @@ pub fn convert<'f>(
 ) -> Result<(GgufWriter<'f>, ConvertReport), CompressError> {
     check_plan(plan)?;
     if plan.tensors.len() != file.tensors().len() {
-        return Err(CompressError::Eval(
-            "the plan was made for another file".into(),
+        return Err(CompressError::NotAModel(
+            "the plan was made for another file (its tensors differ)".into(),
         ));
     }
     let pool = ThreadPool::new(if opts.n_threads == 0 {
@@ -124,13 +124,17 @@ pub fn convert<'f>(
         report.bytes_in += src.len() as u64;
         let data: Cow<'f, [u8]> = if tp.from == tp.to {
             report.n_copied += 1;
+            progress.inc(tp.n_elements());
             Cow::Borrowed(src)
         } else {
             report.n_converted += 1;
             let importance = match opts.imatrix {
                 Some(im) if tp.to.is_quantized() => {
                     let w = im.importance(&tp.name, tp.dims[0] as usize)?;
-                    if w.is_none() {
+                    // The embedding and output matrices are never collected (as in
+                    // llama-imatrix), so their absence is not worth a warning.
+                    let never_collected = !tp.name.starts_with("blk.");
+                    if w.is_none() && !never_collected {
                         report.missing_imatrix.push(tp.name.clone());
                     }
                     w

@@ -33,6 +33,8 @@ pub enum CompressError {
     Imatrix(String),
     #[error("bad layer selection: {0}")]
     BadLayers(String),
+    #[error("not a model: {0}")]
+    NotAModel(String),
     #[error("cannot evaluate: {0}")]
     Eval(String),
     #[error("I/O error on {path}: {source}")]

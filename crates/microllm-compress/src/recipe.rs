@@ -396,7 +396,16 @@ fn fallback(name: &str, n_cols: u64, ty: GgmlType) -> (GgmlType, Option<String>)
 /// Plans the conversion of every tensor of `file` to file type `ft`.
 pub fn plan(file: &GgufFile, ft: FileType, opts: &PlanOptions) -> Result<Plan, CompressError> {
     let md = file.metadata();
-    let arch = file.architecture().unwrap_or("llama").to_string();
+    let arch = file
+        .architecture()
+        .ok_or_else(|| {
+            CompressError::NotAModel(
+                "the file has no general.architecture (an importance matrix or \
+                 another GGUF?); give a model file"
+                    .into(),
+            )
+        })?
+        .to_string();
     let key = |k: &str| format!("{arch}.{k}");
     let n_layer = md.get_u32(&key("block_count")).ok().flatten().unwrap_or(0) as i64;
     let n_head = md

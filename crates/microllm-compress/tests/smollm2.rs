@@ -99,7 +99,7 @@ fn imatrix_lowers_q4_k_m_kld_on_smollm2() {
         &eval,
         bos,
         CTX,
-        Some(4),
+        Some(3),
         CTX,
         &NoProgress,
     )

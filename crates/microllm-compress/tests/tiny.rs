@@ -339,6 +339,14 @@ fn imatrix_collects_round_trips_and_changes_the_rounding() {
     // Wrong width refused; a model file is not an imatrix.
     assert!(back.importance("blk.0.ffn_down.weight", 256).is_err());
     assert!(Imatrix::load(&base).is_err());
+    // … and an imatrix is not a model to quantize.
+    let e = plan(
+        &GgufFile::open(&p).unwrap(),
+        FileType::Q8_0,
+        &PlanOptions::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("not a model"), "{e}");
 
     // Weighted quantization differs from the plain one for K-quants.
     let a = dir.path().join("plain.gguf");
