@@ -262,7 +262,7 @@ fn read_bandwidth(n_threads: usize) -> f64 {
     best
 }
 
-fn pseudo_random_tokens(n: usize, n_vocab: usize) -> Vec<u32> {
+pub(crate) fn pseudo_random_tokens(n: usize, n_vocab: usize) -> Vec<u32> {
     let mut s = 0x9E37_79B9_7F4A_7C15u64;
     (0..n)
         .map(|_| {

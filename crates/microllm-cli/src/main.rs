@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod compress_cmds;
 mod inspect;
 mod perplexity;
 mod run;
@@ -64,6 +65,18 @@ enum Cmd {
     Keygen(store_cmds::KeygenArgs),
     /// Serve the model over an OpenAI-compatible HTTP API (continuous batching, metrics).
     Serve(serve::ServeArgs),
+    /// Quantize a model (llama-quantize's types and mixes, --imatrix, --tensor-type).
+    Quantize(compress_cmds::QuantizeArgs),
+    /// Convert a (quantized) model to F32 or F16.
+    Dequantize(compress_cmds::DequantizeArgs),
+    /// Compute an importance matrix on calibration text (for quantize --imatrix).
+    Imatrix(compress_cmds::ImatrixArgs),
+    /// Drop transformer blocks (chosen on calibration text, or listed).
+    Prune(compress_cmds::PruneArgs),
+    /// KL divergence of a model's predictions from a base model's, top-1 agreement, PPL ratio.
+    Kld(compress_cmds::KldArgs),
+    /// Compare a base model and its variants: table (Markdown, JSON) and SVG chart.
+    Compare(compress_cmds::CompareArgs),
 }
 
 /// How to find and load a model; shared by every command.
@@ -131,6 +144,12 @@ fn main() {
         Cmd::Sign(a) => store_cmds::sign(a),
         Cmd::Keygen(a) => store_cmds::keygen(a),
         Cmd::Serve(a) => serve::serve(a),
+        Cmd::Quantize(a) => compress_cmds::quantize(a),
+        Cmd::Dequantize(a) => compress_cmds::dequantize(a),
+        Cmd::Imatrix(a) => compress_cmds::imatrix(a),
+        Cmd::Prune(a) => compress_cmds::prune(a),
+        Cmd::Kld(a) => compress_cmds::kld(a),
+        Cmd::Compare(a) => compress_cmds::compare(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

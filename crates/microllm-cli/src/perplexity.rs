@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use microllm_engine::{KvType, Logits, StateOptions};
+use microllm_engine::KvType;
 use serde::Serialize;
 
 use crate::ModelArgs;
@@ -57,7 +57,6 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         .with_context(|| format!("reading {} (it must be UTF-8 text)", a.file.display()))?;
     let lm = crate::load(&a.model)?;
     let tokens = lm.tokenize(&text)?;
-    let n_vocab = lm.model.config.n_vocab;
     let available = tokens.len() / a.ctx;
     let n_chunks = a.chunks.map_or(available, |c| c.min(available));
     if n_chunks == 0 {
@@ -72,46 +71,23 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     } else {
         None
     };
-    let mut state = lm.model.new_state(StateOptions {
-        n_ctx: a.ctx,
-        n_batch: a.batch.min(a.ctx),
-        kv_type: a.kv_type,
-    })?;
-    let mut logits = vec![0.0f32; a.ctx * n_vocab];
-    let first = a.ctx / 2;
-    let (mut nll, mut nll2, mut count) = (0.0f64, 0.0f64, 0usize);
     let t0 = Instant::now();
-    let mut window = vec![0u32; a.ctx];
-    for i in 0..n_chunks {
-        window.copy_from_slice(&tokens[i * a.ctx..(i + 1) * a.ctx]);
-        if let Some(b) = bos {
-            window[0] = b;
-        }
-        state.reset();
-        lm.model
-            .forward(&mut state, &window, Logits::All(&mut logits))?;
-        for j in first..a.ctx - 1 {
-            let row = &logits[j * n_vocab..(j + 1) * n_vocab];
-            let target = window[j + 1] as usize;
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-            let lp = (row[target] - max) as f64 - sum.ln();
-            nll -= lp;
-            nll2 += lp * lp;
-            count += 1;
-        }
-        if !a.json {
-            eprint!("[{}]{:.4},", i + 1, (nll / count as f64).exp());
-        }
-    }
-    let mean = nll / count as f64;
-    let ppl = mean.exp();
-    let var = nll2 / count as f64 - mean * mean;
-    let ppl_err = if var > 0.0 && count > 1 {
-        (var / (count - 1) as f64).sqrt() * ppl
-    } else {
-        0.0
-    };
+    let json = a.json;
+    let r = microllm_compress::eval::perplexity(
+        &lm.model,
+        &tokens,
+        bos,
+        a.ctx,
+        Some(n_chunks),
+        a.batch.min(a.ctx),
+        a.kv_type,
+        &mut |i, ppl| {
+            if !json {
+                eprint!("[{}]{:.4},", i + 1, ppl);
+            }
+        },
+    )?;
+    let (ppl, ppl_err, count) = (r.ppl, r.ppl_err, r.n_tokens_scored);
     if a.json {
         let out = Out {
             ppl,
