@@ -222,16 +222,10 @@ pub fn load(args: &ModelArgs) -> Result<LoadedModel> {
 
 /// Loads the model file at `path` with the options of `args`.
 pub fn load_path(path: &std::path::Path, args: &ModelArgs) -> Result<LoadedModel> {
-    let opts = ModelOptions {
-        n_threads: args.threads.unwrap_or(0),
-        kernels: kernels()?,
-    };
-    let mut lm =
-        LoadedModel::load(path, opts).with_context(|| format!("loading {}", path.display()))?;
-    if args.exact {
-        lm.model.set_exact(true);
-    }
-    Ok(lm)
+    let t0 = std::time::Instant::now();
+    let file = microllm_gguf::GgufFile::open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    load_file(path, file, t0, args)
 }
 
 /// Opens the GGUF file at `path` (checked and mapped, nothing loaded yet).
@@ -251,7 +245,12 @@ pub fn load_file(
         n_threads: args.threads.unwrap_or(0),
         kernels: kernels()?,
     };
-    LoadedModel::from_gguf(file, opts, t0).with_context(|| format!("loading {}", path.display()))
+    let mut lm = LoadedModel::from_gguf(file, opts, t0)
+        .with_context(|| format!("loading {}", path.display()))?;
+    if args.exact {
+        lm.model.set_exact(true);
+    }
+    Ok(lm)
 }
 
 fn tokenize(a: TokenizeArgs) -> Result<()> {
