@@ -71,23 +71,31 @@ pub(crate) const fn act_offsets(k: usize) -> (usize, usize, usize) {
 /// to nearest, ties to even). `out.len()` must be `act_row_bytes(x.len())`.
 pub(crate) fn quantize_act_ref(x: &[f32], out: &mut [u8]) {
     let k = x.len();
-    let (od, o32, o16) = act_offsets(k);
     for (b, xb) in x.chunks_exact(QK).enumerate() {
         let mut qs = [0i8; QK];
         let (d, _) = crate::reference::quantize_act_q8(xb, &mut qs);
-        let (mut s0, mut s1) = (0i32, 0i32);
-        for j in 0..16 {
-            s0 += qs[j] as i32;
-            s1 += qs[16 + j] as i32;
-        }
         for (o, q) in out[b * QK..(b + 1) * QK].iter_mut().zip(qs) {
             *o = q as u8;
         }
-        put_f32(out, od + 4 * b, d);
-        put_f32(out, o32 + 4 * b, d * (s0 + s1) as f32);
-        put_f32(out, o16 + 8 * b, d * s0 as f32);
-        put_f32(out, o16 + 8 * b + 4, d * s1 as f32);
+        put_block_scales(out, k, b, d);
     }
+}
+
+/// Writes block `b`'s scale `d` and its sums `d * sum(q)` (per 32 and per 16 elements, from
+/// the values already in `out`) into an activation row of `k` elements.
+pub(crate) fn put_block_scales(out: &mut [u8], k: usize, b: usize, d: f32) {
+    let (od, o32, o16) = act_offsets(k);
+    let half = |h: usize| -> i32 {
+        out[b * QK + 16 * h..b * QK + 16 * h + 16]
+            .iter()
+            .map(|&v| v as i8 as i32)
+            .sum()
+    };
+    let (s0, s1) = (half(0), half(1));
+    put_f32(out, od + 4 * b, d);
+    put_f32(out, o32 + 4 * b, d * (s0 + s1) as f32);
+    put_f32(out, o16 + 8 * b, d * s0 as f32);
+    put_f32(out, o16 + 8 * b + 4, d * s1 as f32);
 }
 
 #[inline(always)]

@@ -121,34 +121,19 @@ pub(crate) fn matmul(
     let kernels = ctx.kernels;
     let wdata = w.data(ctx.file);
     let rb = w.row_bytes;
-    if n_tok >= PANEL_MIN_ROWS && !ctx.exact && kernels.panel_supports(w.ty) {
-        let arow = input.ensure(ctx, ActFormat::Panel, x, n_tok, k);
-        let act = &input.buf[..n_tok * arow];
-        let chunk = chunk_rows(n_rows, n_threads * 4, microllm_kernels::panel::PANEL_ROWS);
-        let tmp = &mut scratch[..n_rows * n_tok];
-        ctx.pool.for_each_chunk_mut(tmp, chunk * n_tok, |ci, s| {
-            let r0 = ci * chunk;
-            let len = s.len() / n_tok;
-            kernels.gemm_panel(
-                w.ty,
-                k,
-                &wdata[r0 * rb..(r0 + len) * rb],
-                len,
-                act,
-                n_tok,
-                s,
-                len,
-            );
-        });
-        scatter(ctx, &scratch[..n_rows * n_tok], n_rows, n_tok, chunk, out);
-        return;
-    }
-    // The activation format of this weight format (checked for every matrix at load).
-    let act_ty = ctx
-        .kernels
-        .vec_dot_type(w.ty)
-        .expect("activation format checked at load");
-    let arow = input.ensure(ctx, ActFormat::Ggml(act_ty), x, n_tok, k);
+    // The panel kernels for batches (unless exact), else the activation format of this
+    // weight format (checked for every matrix at load).
+    let panel = n_tok >= PANEL_MIN_ROWS && !ctx.exact && kernels.panel_supports(w.ty);
+    let fmt = if panel {
+        ActFormat::Panel
+    } else {
+        ActFormat::Ggml(
+            kernels
+                .vec_dot_type(w.ty)
+                .expect("activation format checked at load"),
+        )
+    };
+    let arow = input.ensure(ctx, fmt, x, n_tok, k);
     let act = &input.buf[..n_tok * arow];
     if n_tok == 1 {
         let chunk = chunk_rows(n_rows, n_threads * 8, 16);
@@ -169,21 +154,22 @@ pub(crate) fn matmul(
             });
         return;
     }
-    let chunk = chunk_rows(n_rows, n_threads * 4, 4);
+    let align = if panel {
+        microllm_kernels::panel::PANEL_ROWS
+    } else {
+        4
+    };
+    let chunk = chunk_rows(n_rows, n_threads * 4, align);
     let tmp = &mut scratch[..n_rows * n_tok];
     ctx.pool.for_each_chunk_mut(tmp, chunk * n_tok, |ci, s| {
         let r0 = ci * chunk;
         let len = s.len() / n_tok;
-        kernels.gemm(
-            w.ty,
-            k,
-            &wdata[r0 * rb..(r0 + len) * rb],
-            len,
-            act,
-            n_tok,
-            s,
-            len,
-        );
+        let wr = &wdata[r0 * rb..(r0 + len) * rb];
+        if panel {
+            kernels.gemm_panel(w.ty, k, wr, len, act, n_tok, s, len);
+        } else {
+            kernels.gemm(w.ty, k, wr, len, act, n_tok, s, len);
+        }
     });
     scatter(ctx, &scratch[..n_rows * n_tok], n_rows, n_tok, chunk, out);
 }
@@ -469,24 +455,14 @@ pub(crate) fn attention_rows(
     let n_tok = rows.len();
     let n = n_tok * sh.n_head;
     // Regroup: sequence by sequence (their rows are consecutive), KV head, token, head.
-    let mut i = 0;
-    let mut t0 = 0;
-    while t0 < n_tok {
-        let seq = rows[t0].seq;
-        let t1 = t0 + rows[t0..].iter().take_while(|r| r.seq == seq).count();
-        for g in 0..sh.n_head_kv {
-            for t in t0..t1 {
-                let src = &q[t * q_dim + g * n_rep * dk..t * q_dim + (g + 1) * n_rep * dk];
-                b.qg[i * dk..(i + n_rep) * dk].copy_from_slice(src);
-                for r in 0..n_rep {
-                    b.last[i + r] = rows[t].pos as u32;
-                    b.grp[i + r] = (seq * sh.n_head_kv + g) as u32;
-                }
-                i += n_rep;
-            }
+    regrouped(rows, sh.n_head_kv, |i, t, g| {
+        let src = &q[t * q_dim + g * n_rep * dk..t * q_dim + (g + 1) * n_rep * dk];
+        b.qg[i * n_rep * dk..(i + 1) * n_rep * dk].copy_from_slice(src);
+        for r in 0..n_rep {
+            b.last[i * n_rep + r] = rows[t].pos as u32;
+            b.grp[i * n_rep + r] = (rows[t].seq * sh.n_head_kv + g) as u32;
         }
-        t0 = t1;
-    }
+    });
     let (qg, last, grp) = (&*b.qg, &*b.last, &*b.grp);
     let kernels = ctx.kernels;
     ctx.pool
@@ -526,16 +502,25 @@ pub(crate) fn attention_rows(
         });
     // Back to (token, head) order.
     let og = &*b.og;
+    regrouped(rows, sh.n_head_kv, |i, t, g| {
+        let dst = t * sh.n_head * dv + g * n_rep * dv;
+        out[dst..dst + n_rep * dv].copy_from_slice(&og[i * n_rep * dv..(i + 1) * n_rep * dv]);
+    });
+}
+
+/// Visits the (token, KV head) pairs of `rows` in [`attention_rows`]' regrouped order —
+/// sequence by sequence (their rows are consecutive), then KV head, then token — calling
+/// `f(i, token, kv_head)` with `i` the pair's index in that order.
+fn regrouped(rows: &[Row], n_head_kv: usize, mut f: impl FnMut(usize, usize, usize)) {
     let mut i = 0;
     let mut t0 = 0;
-    while t0 < n_tok {
+    while t0 < rows.len() {
         let seq = rows[t0].seq;
         let t1 = t0 + rows[t0..].iter().take_while(|r| r.seq == seq).count();
-        for g in 0..sh.n_head_kv {
+        for g in 0..n_head_kv {
             for t in t0..t1 {
-                let dst = t * sh.n_head * dv + g * n_rep * dv;
-                out[dst..dst + n_rep * dv].copy_from_slice(&og[i * dv..(i + n_rep) * dv]);
-                i += n_rep;
+                f(i, t, g);
+                i += 1;
             }
         }
         t0 = t1;

@@ -200,20 +200,11 @@ pub(crate) unsafe fn gemm(
 pub(crate) unsafe fn quantize_act(x: &[f32], out: &mut [u8]) {
     let k = x.len();
     assert!(k % 32 == 0 && out.len() >= act_row_bytes(k));
-    let (od, o32, o16) = act_offsets(k);
     for b in 0..k / 32 {
         // SAFETY: 32 floats of block b are inside x; 32 bytes at b * 32 inside out (k bytes).
         let (d, _) = unsafe {
             super::avx2::quant_q8_act_block(x.as_ptr().add(b * 32), out.as_mut_ptr().add(b * 32))
         };
-        let (mut s0, mut s1) = (0i32, 0i32);
-        for j in 0..16 {
-            s0 += out[b * 32 + j] as i8 as i32;
-            s1 += out[b * 32 + 16 + j] as i8 as i32;
-        }
-        crate::panel::put_f32(out, od + 4 * b, d);
-        crate::panel::put_f32(out, o32 + 4 * b, d * (s0 + s1) as f32);
-        crate::panel::put_f32(out, o16 + 8 * b, d * s0 as f32);
-        crate::panel::put_f32(out, o16 + 8 * b + 4, d * s1 as f32);
+        crate::panel::put_block_scales(out, k, b, d);
     }
 }
