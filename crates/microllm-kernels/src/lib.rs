@@ -551,7 +551,10 @@ impl Kernels {
     /// GeGLU in place: `gate[i] = gelu_tanh(gate[i]) * up[i]`, through ggml's f16 GELU table
     /// (see [`reference::geglu`]).
     pub fn geglu(&self, gate: &mut [f32], up: &[f32]) {
-        reference::geglu(gate, up)
+        dispatch!(self,
+            scalar => reference::geglu(gate, up),
+            avx2 => x86::avx2::geglu(gate, up),
+        )
     }
 
     /// SwiGLU in place: `gate[i] = silu(gate[i]) * up[i]`, with ggml-cpu's vectorized `exp`

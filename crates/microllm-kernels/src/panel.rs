@@ -84,14 +84,18 @@ pub(crate) fn quantize_act_ref(x: &[f32], out: &mut [u8]) {
 /// Writes block `b`'s scale `d` and its sums `d * sum(q)` (per 32 and per 16 elements, from
 /// the values already in `out`) into an activation row of `k` elements.
 pub(crate) fn put_block_scales(out: &mut [u8], k: usize, b: usize, d: f32) {
-    let (od, o32, o16) = act_offsets(k);
     let half = |h: usize| -> i32 {
         out[b * QK + 16 * h..b * QK + 16 * h + 16]
             .iter()
             .map(|&v| v as i8 as i32)
             .sum()
     };
-    let (s0, s1) = (half(0), half(1));
+    put_block_sums(out, k, b, d, half(0), half(1));
+}
+
+/// Writes block `b`'s scale `d` and its sums given the sums of its two halves' values.
+pub(crate) fn put_block_sums(out: &mut [u8], k: usize, b: usize, d: f32, s0: i32, s1: i32) {
+    let (od, o32, o16) = act_offsets(k);
     put_f32(out, od + 4 * b, d);
     put_f32(out, o32 + 4 * b, d * (s0 + s1) as f32);
     put_f32(out, o16 + 8 * b, d * s0 as f32);
@@ -111,17 +115,107 @@ pub(crate) fn get_f32(buf: &[u8], at: usize) -> f32 {
 /// Unpacks one weight row of `k` elements into canonical form: levels `q[k]`, and per group
 /// of `shape.blk` elements the scale `s` and offset `m` (`w = s * q - m`).
 pub(crate) fn canon_row(f: Fmt, row: &[u8], q: &mut [u8], s: &mut [f32], m: &mut [f32]) {
-    let k = q.len();
+    canon_levels(f, row, q);
+    canon_scales(f, row, q.len(), |g, sg, mg| (s[g], m[g]) = (sg, mg));
+}
+
+/// The scale and offset of every group of a row of `k` elements, in group order, as
+/// `put(group, s, m)`. The one definition of the canonical scales, used by every path.
+pub(crate) fn canon_scales(f: Fmt, row: &[u8], k: usize, mut put: impl FnMut(usize, f32, f32)) {
     match f {
         Fmt::Q4_0 => {
             let bl: &[BlockQ4_0] = cast_blocks(row).expect("whole blocks");
             for (b, blk) in bl.iter().take(k / QK).enumerate() {
                 let d = blk.d.to_f32();
+                put(b, d, 8.0 * d);
+            }
+        }
+        Fmt::Q4_1 => {
+            let bl: &[BlockQ4_1] = cast_blocks(row).expect("whole blocks");
+            for (b, blk) in bl.iter().take(k / QK).enumerate() {
+                put(b, blk.d.to_f32(), -blk.m.to_f32());
+            }
+        }
+        Fmt::Q5_0 => {
+            let bl: &[BlockQ5_0] = cast_blocks(row).expect("whole blocks");
+            for (b, blk) in bl.iter().take(k / QK).enumerate() {
+                let d = blk.d.to_f32();
+                put(b, d, 16.0 * d);
+            }
+        }
+        Fmt::Q5_1 => {
+            let bl: &[BlockQ5_1] = cast_blocks(row).expect("whole blocks");
+            for (b, blk) in bl.iter().take(k / QK).enumerate() {
+                put(b, blk.d.to_f32(), -blk.m.to_f32());
+            }
+        }
+        Fmt::Q4_K | Fmt::Q5_K => {
+            // 8 sub-blocks of 32: w = d * sc * q - dmin * mn.
+            for sb in 0..k / QK_K {
+                let (d, dmin, scales) = if f == Fmt::Q4_K {
+                    let bl: &[BlockQ4_K] = cast_blocks(row).expect("whole blocks");
+                    (bl[sb].d.to_f32(), bl[sb].dmin.to_f32(), bl[sb].scales)
+                } else {
+                    let bl: &[BlockQ5_K] = cast_blocks(row).expect("whole blocks");
+                    (bl[sb].d.to_f32(), bl[sb].dmin.to_f32(), bl[sb].scales)
+                };
+                for j in 0..8 {
+                    let (sc, mn) = scale_min_k4(j, &scales);
+                    put(sb * 8 + j, d * sc as f32, dmin * mn as f32);
+                }
+            }
+        }
+        Fmt::Q6_K => {
+            // 16 groups of 16: w = d * sc * (q - 32).
+            let bl: &[BlockQ6_K] = cast_blocks(row).expect("whole blocks");
+            for (sb, b) in bl.iter().take(k / QK_K).enumerate() {
+                let d = b.d.to_f32();
+                for g in 0..16 {
+                    let sc = d * b.scales[g] as f32;
+                    put(sb * 16 + g, sc, 32.0 * sc);
+                }
+            }
+        }
+        Fmt::Q3_K => {
+            // 16 groups of 16: w = d * (sc - 32) * (q - 4).
+            let bl: &[BlockQ3_K] = cast_blocks(row).expect("whole blocks");
+            for (sb, b) in bl.iter().take(k / QK_K).enumerate() {
+                let d = b.d.to_f32();
+                for (g, sc) in scales_q3_k(&b.scales).iter().enumerate() {
+                    let v = d * (*sc as i32 - 32) as f32;
+                    put(sb * 16 + g, v, 4.0 * v);
+                }
+            }
+        }
+        Fmt::Q2_K => {
+            // 16 groups of 16: w = d * (sc & 15) * q - dmin * (sc >> 4).
+            let bl: &[BlockQ2_K] = cast_blocks(row).expect("whole blocks");
+            for (sb, b) in bl.iter().take(k / QK_K).enumerate() {
+                let (d, dmin) = (b.d.to_f32(), b.dmin.to_f32());
+                for g in 0..16 {
+                    put(
+                        sb * 16 + g,
+                        d * (b.scales[g] & 0xf) as f32,
+                        dmin * (b.scales[g] >> 4) as f32,
+                    );
+                }
+            }
+        }
+        _ => unreachable!("no panel kernel for {f:?}"),
+    }
+}
+
+/// The unsigned levels of one weight row of `q.len()` elements (see [`canon_row`]).
+fn canon_levels(f: Fmt, row: &[u8], q: &mut [u8]) {
+    let k = q.len();
+    match f {
+        Fmt::Q4_0 => {
+            let bl: &[BlockQ4_0] = cast_blocks(row).expect("whole blocks");
+            for (b, blk) in bl.iter().take(k / QK).enumerate() {
                 for j in 0..16 {
                     q[b * QK + j] = blk.qs[j] & 0xf;
                     q[b * QK + 16 + j] = blk.qs[j] >> 4;
                 }
-                (s[b], m[b]) = (d, 8.0 * d);
             }
         }
         Fmt::Q4_1 => {
@@ -131,115 +225,80 @@ pub(crate) fn canon_row(f: Fmt, row: &[u8], q: &mut [u8], s: &mut [f32], m: &mut
                     q[b * QK + j] = blk.qs[j] & 0xf;
                     q[b * QK + 16 + j] = blk.qs[j] >> 4;
                 }
-                (s[b], m[b]) = (blk.d.to_f32(), -blk.m.to_f32());
             }
         }
-        Fmt::Q5_0 => {
-            let bl: &[BlockQ5_0] = cast_blocks(row).expect("whole blocks");
-            for (b, blk) in bl.iter().take(k / QK).enumerate() {
-                let qh = u32::from_le_bytes(blk.qh);
-                let d = blk.d.to_f32();
+        Fmt::Q5_0 | Fmt::Q5_1 => {
+            // (qh, qs) of each block.
+            let blocks: Vec<([u8; 4], [u8; 16])> = if f == Fmt::Q5_0 {
+                let bl: &[BlockQ5_0] = cast_blocks(row).expect("whole blocks");
+                bl.iter().take(k / QK).map(|b| (b.qh, b.qs)).collect()
+            } else {
+                let bl: &[BlockQ5_1] = cast_blocks(row).expect("whole blocks");
+                bl.iter().take(k / QK).map(|b| (b.qh, b.qs)).collect()
+            };
+            for (b, (qh, qs)) in blocks.into_iter().enumerate() {
+                let qh = u32::from_le_bytes(qh);
                 for j in 0..16 {
-                    q[b * QK + j] = (blk.qs[j] & 0xf) | ((((qh >> j) & 1) as u8) << 4);
-                    q[b * QK + 16 + j] = (blk.qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+                    q[b * QK + j] = (qs[j] & 0xf) | ((((qh >> j) & 1) as u8) << 4);
+                    q[b * QK + 16 + j] = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
                 }
-                (s[b], m[b]) = (d, 16.0 * d);
             }
         }
-        Fmt::Q5_1 => {
-            let bl: &[BlockQ5_1] = cast_blocks(row).expect("whole blocks");
-            for (b, blk) in bl.iter().take(k / QK).enumerate() {
-                let qh = u32::from_le_bytes(blk.qh);
-                for j in 0..16 {
-                    q[b * QK + j] = (blk.qs[j] & 0xf) | ((((qh >> j) & 1) as u8) << 4);
-                    q[b * QK + 16 + j] = (blk.qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+        Fmt::Q4_K => {
+            let bl: &[BlockQ4_K] = cast_blocks(row).expect("whole blocks");
+            for (sb, b) in bl.iter().take(k / QK_K).enumerate() {
+                for j in 0..4 {
+                    for l in 0..32 {
+                        let v = b.qs[32 * j + l];
+                        q[sb * QK_K + 64 * j + l] = v & 0xf;
+                        q[sb * QK_K + 64 * j + 32 + l] = v >> 4;
+                    }
                 }
-                (s[b], m[b]) = (blk.d.to_f32(), -blk.m.to_f32());
             }
         }
-        Fmt::Q4_K | Fmt::Q5_K => {
-            // 8 sub-blocks of 32: w = d * sc * q - dmin * mn.
-            for sb in 0..k / QK_K {
-                let (d, dmin, scales) = if f == Fmt::Q4_K {
-                    let bl: &[BlockQ4_K] = cast_blocks(row).expect("whole blocks");
-                    let b = &bl[sb];
-                    for j in 0..4 {
-                        for l in 0..32 {
-                            let v = b.qs[32 * j + l];
-                            q[sb * QK_K + 64 * j + l] = v & 0xf;
-                            q[sb * QK_K + 64 * j + 32 + l] = v >> 4;
-                        }
+        Fmt::Q5_K => {
+            let bl: &[BlockQ5_K] = cast_blocks(row).expect("whole blocks");
+            for (sb, b) in bl.iter().take(k / QK_K).enumerate() {
+                for j in 0..4 {
+                    for l in 0..32 {
+                        let v = b.qs[32 * j + l];
+                        let h0 = (b.qh[l] >> (2 * j)) & 1;
+                        let h1 = (b.qh[l] >> (2 * j + 1)) & 1;
+                        q[sb * QK_K + 64 * j + l] = (v & 0xf) | (h0 << 4);
+                        q[sb * QK_K + 64 * j + 32 + l] = (v >> 4) | (h1 << 4);
                     }
-                    (b.d.to_f32(), b.dmin.to_f32(), b.scales)
-                } else {
-                    let bl: &[BlockQ5_K] = cast_blocks(row).expect("whole blocks");
-                    let b = &bl[sb];
-                    for j in 0..4 {
-                        for l in 0..32 {
-                            let v = b.qs[32 * j + l];
-                            let h0 = (b.qh[l] >> (2 * j)) & 1;
-                            let h1 = (b.qh[l] >> (2 * j + 1)) & 1;
-                            q[sb * QK_K + 64 * j + l] = (v & 0xf) | (h0 << 4);
-                            q[sb * QK_K + 64 * j + 32 + l] = (v >> 4) | (h1 << 4);
-                        }
-                    }
-                    (b.d.to_f32(), b.dmin.to_f32(), b.scales)
-                };
-                for j in 0..8 {
-                    let (sc, mn) = scale_min_k4(j, &scales);
-                    s[sb * 8 + j] = d * sc as f32;
-                    m[sb * 8 + j] = dmin * mn as f32;
                 }
             }
         }
         Fmt::Q6_K => {
-            // 16 groups of 16: w = d * sc * (q - 32).
             let bl: &[BlockQ6_K] = cast_blocks(row).expect("whole blocks");
             for (sb, b) in bl.iter().take(k / QK_K).enumerate() {
-                let d = b.d.to_f32();
                 for e in 0..QK_K {
                     let (h, kk, l) = (e / 128, (e % 128) / 32, e % 32);
                     let low = (b.ql[64 * h + 32 * (kk % 2) + l] >> (4 * (kk / 2))) & 0xf;
                     let high = (b.qh[32 * h + l] >> (2 * kk)) & 3;
                     q[sb * QK_K + e] = low | (high << 4);
                 }
-                for g in 0..16 {
-                    let sc = d * b.scales[g] as f32;
-                    s[sb * 16 + g] = sc;
-                    m[sb * 16 + g] = 32.0 * sc;
-                }
             }
         }
         Fmt::Q3_K => {
-            // 16 groups of 16: w = d * (sc - 32) * (q - 4), q = low 2 bits | high bit << 2.
+            // q = low 2 bits | high bit << 2.
             let bl: &[BlockQ3_K] = cast_blocks(row).expect("whole blocks");
             for (sb, b) in bl.iter().take(k / QK_K).enumerate() {
-                let d = b.d.to_f32();
                 for e in 0..QK_K {
                     let (h, kk, l) = (e / 128, (e % 128) / 32, e % 32);
                     let low = (b.qs[32 * h + l] >> (2 * kk)) & 3;
                     let high = (b.hmask[l] >> (4 * h + kk)) & 1;
                     q[sb * QK_K + e] = low | (high << 2);
                 }
-                for (g, sc) in scales_q3_k(&b.scales).iter().enumerate() {
-                    let v = d * (*sc as i32 - 32) as f32;
-                    s[sb * 16 + g] = v;
-                    m[sb * 16 + g] = 4.0 * v;
-                }
             }
         }
         Fmt::Q2_K => {
-            // 16 groups of 16: w = d * (sc & 15) * q - dmin * (sc >> 4).
             let bl: &[BlockQ2_K] = cast_blocks(row).expect("whole blocks");
             for (sb, b) in bl.iter().take(k / QK_K).enumerate() {
-                let (d, dmin) = (b.d.to_f32(), b.dmin.to_f32());
                 for e in 0..QK_K {
                     let (h, kk, l) = (e / 128, (e % 128) / 32, e % 32);
                     q[sb * QK_K + e] = (b.qs[32 * h + l] >> (2 * kk)) & 3;
-                }
-                for g in 0..16 {
-                    s[sb * 16 + g] = d * (b.scales[g] & 0xf) as f32;
-                    m[sb * 16 + g] = dmin * (b.scales[g] >> 4) as f32;
                 }
             }
         }
@@ -254,13 +313,14 @@ pub(crate) struct Panel {
     pub q: Vec<u8>,
     pub s: Vec<f32>,
     pub m: Vec<f32>,
-    row_q: Vec<u8>,
-    row_s: Vec<f32>,
-    row_m: Vec<f32>,
+    /// Scratch of the SIMD fills: the rows' levels in row order before interleaving.
+    pub rows: Vec<u8>,
 }
 
 impl Panel {
-    /// Unpacks rows `0..n` (n <= 8) of `w` (rows `w_row` bytes apart, `k` elements each).
+    /// Unpacks rows `0..n` (n <= 8) of `w` (rows `w_row` bytes apart, `k` elements each): the
+    /// specification of the panel layout that the SIMD fills are tested against.
+    #[cfg(test)]
     pub(crate) fn fill(
         &mut self,
         f: Fmt,
@@ -284,23 +344,21 @@ impl Panel {
                 self.m[g * PANEL_ROWS + r] = 0.0;
             }
         }
-        self.row_q.resize(k, 0);
-        self.row_s.resize(ng, 0.0);
-        self.row_m.resize(ng, 0.0);
+        let (mut row_q, mut row_s, mut row_m) = (vec![0u8; k], vec![0f32; ng], vec![0f32; ng]);
         for r in 0..n.min(PANEL_ROWS) {
             canon_row(
                 f,
                 &w[r * w_row..(r + 1) * w_row],
-                &mut self.row_q,
-                &mut self.row_s,
-                &mut self.row_m,
+                &mut row_q,
+                &mut row_s,
+                &mut row_m,
             );
-            for (e4, v) in self.row_q.chunks_exact(4).enumerate() {
+            for (e4, v) in row_q.chunks_exact(4).enumerate() {
                 self.q[e4 * 32 + r * 4..e4 * 32 + r * 4 + 4].copy_from_slice(v);
             }
             for g in 0..ng {
-                self.s[g * PANEL_ROWS + r] = self.row_s[g];
-                self.m[g * PANEL_ROWS + r] = self.row_m[g];
+                self.s[g * PANEL_ROWS + r] = row_s[g];
+                self.m[g * PANEL_ROWS + r] = row_m[g];
             }
         }
     }

@@ -915,11 +915,14 @@ pub fn gelu_tanh(x: f32) -> f32 {
 
 /// GELU of every f16 value, as f16 bits: ggml-cpu evaluates GELU through such a table (the
 /// input rounded to f16, the result rounded to f16), so GeGLU matches llama.cpp only this way.
-fn gelu_table() -> &'static [u16] {
+/// The GELU of every f16 value as f16 bits, indexed by the argument's bits; one extra zero
+/// entry at the end so a 4-byte read at any index stays inside (the AVX2 gather).
+pub(crate) fn gelu_table() -> &'static [u16] {
     static TABLE: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
     TABLE.get_or_init(|| {
         (0..=u16::MAX)
             .map(|b| f16::from_f32(gelu_tanh(f16::from_bits(b).to_f32())).to_bits())
+            .chain([0])
             .collect()
     })
 }

@@ -160,31 +160,44 @@ fn avx2_matches_scalar_specification() {
 
 #[test]
 fn result_does_not_depend_on_the_row_split_or_column_count() {
+    // Bit for bit, for every format: the rows in two calls, each column alone and in pairs
+    // and triples (the direct small-batch kernel) against all columns at once (the panels).
+    // Continuous batching relies on this: a sequence's numbers must not depend on its batch.
     let Some(fast) = avx2() else { return };
-    let ty = GgmlType::Q4_1;
-    let k = 576;
-    let c = case(&scalar(), ty, k, 24, 6, 99);
-    let whole = run(&fast, ty, &c);
-    let rb = row_size(ty, k);
-    // Rows 0..5 and 5..24 in two calls, and each column alone.
-    let mut split = vec![0f32; 6 * 24];
-    fast.gemm_panel(ty, k, &c.w[..5 * rb], 5, &c.act, 6, &mut split, 24);
-    fast.gemm_panel(ty, k, &c.w[5 * rb..], 19, &c.act, 6, &mut split[5..], 24);
-    assert_eq!(whole, split);
-    let ab = panel::act_row_bytes(k);
-    for col in 0..6 {
-        let mut one = vec![0f32; 24];
-        fast.gemm_panel(
-            ty,
-            k,
-            &c.w,
-            24,
-            &c.act[col * ab..(col + 1) * ab],
-            1,
-            &mut one,
-            24,
-        );
-        assert_eq!(&whole[col * 24..(col + 1) * 24], &one[..]);
+    for ty in PANEL_TYPES {
+        let k = if ty.block_size() == 256 { 512 } else { 576 };
+        let c = case(&scalar(), ty, k, 24, 7, 99 + ty as u64);
+        let whole = run(&fast, ty, &c);
+        let rb = row_size(ty, k);
+        let mut split = vec![0f32; 7 * 24];
+        fast.gemm_panel(ty, k, &c.w[..5 * rb], 5, &c.act, 7, &mut split, 24);
+        fast.gemm_panel(ty, k, &c.w[5 * rb..], 19, &c.act, 7, &mut split[5..], 24);
+        assert_eq!(whole, split, "{}: row split", ty.name());
+        let ab = panel::act_row_bytes(k);
+        for width in [1, 2, 3, 4, 5] {
+            let mut col = 0;
+            while col + width <= 7 {
+                let mut part = vec![0f32; width * 24];
+                fast.gemm_panel(
+                    ty,
+                    k,
+                    &c.w,
+                    24,
+                    &c.act[col * ab..(col + width) * ab],
+                    width,
+                    &mut part,
+                    24,
+                );
+                assert_eq!(
+                    &whole[col * 24..(col + width) * 24],
+                    &part[..],
+                    "{}: columns {col}..{}",
+                    ty.name(),
+                    col + width
+                );
+                col += width;
+            }
+        }
     }
 }
 

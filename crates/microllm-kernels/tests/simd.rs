@@ -324,3 +324,26 @@ fn path_selection() {
     fn assert_send_sync_copy<T: Send + Sync + Copy>() {}
     assert_send_sync_copy::<Kernels>();
 }
+
+#[test]
+fn geglu_is_bit_identical_to_reference() {
+    let Some(fast) = avx2() else { return };
+    let mut rng = Rng::new(11);
+    // Values across the table's range, its cut-offs at +-10, and a tail that is not a
+    // multiple of 8.
+    for n in [8, 64, 2048 + 5] {
+        let mut gate = rng.vec(n, 6.0);
+        gate[0] = -10.0;
+        gate[1] = 10.0;
+        gate[2] = -12.5;
+        gate[3] = 11.0;
+        gate[4] = 0.0;
+        gate[5] = -0.0;
+        let up = rng.vec(n, 2.0);
+        let (mut a, mut b) = (gate.clone(), gate.clone());
+        scalar().geglu(&mut a, &up);
+        fast.geglu(&mut b, &up);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a), bits(&b), "n = {n}");
+    }
+}

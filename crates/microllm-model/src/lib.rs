@@ -240,13 +240,14 @@ impl Model {
         Scratch::new(self, n_rows)
     }
 
-    /// What the ops need; `exact` forces llama.cpp-exact arithmetic for this call.
-    pub(crate) fn ctx(&self, exact: bool) -> Ctx<'_> {
+    /// What the ops need; `batch` for a continuous-batching call (batch-invariant numerics).
+    pub(crate) fn ctx(&self, batch: bool) -> Ctx<'_> {
         Ctx {
             kernels: &self.kernels,
             pool: &self.pool,
             file: &self.file,
-            exact: self.exact || exact,
+            exact: self.exact,
+            invariant: batch,
         }
     }
 
@@ -323,10 +324,10 @@ impl Model {
             )));
         }
         // Several sequences in one call (continuous batching): a sequence's results must not
-        // depend on which others share its batch, so this path keeps llama.cpp's arithmetic,
-        // whose per-row results do not depend on the batch for the legacy and float formats.
-        // (The panel kernels are batch-independent too, but switching to them by batch size
-        // would not be.)
+        // depend on which others share its batch. The matmuls use one kernel family for
+        // every batch size — the panel numerics (the panels for 4+ rows, the direct kernel
+        // below, bit-identical per row; tested in microllm-kernels' tests/panel.rs), or
+        // llama.cpp's per-pair kernels in exact mode — and attention runs row by row.
         self.forward_rows(scratch, seqs, &mut NoObserver, true)
     }
 
@@ -365,7 +366,7 @@ impl Model {
         scratch: &mut Scratch,
         seqs: &mut [SeqBatch<'_>],
         obs: &mut dyn Observer,
-        exact: bool,
+        batch: bool,
     ) -> Result<(), ModelError> {
         let mut n_tok = 0;
         for (si, sb) in seqs.iter().enumerate() {
@@ -382,10 +383,10 @@ impl Model {
         }
         match self.config.arch {
             Arch::Llama | Arch::Qwen2 | Arch::Mistral | Arch::Phi3 => {
-                arch::llama::forward(self, scratch, seqs, n_tok, obs, exact)?
+                arch::llama::forward(self, scratch, seqs, n_tok, obs, batch)?
             }
             Arch::Gemma2 | Arch::Gemma3 => {
-                arch::gemma::forward(self, scratch, seqs, n_tok, obs, exact)?
+                arch::gemma::forward(self, scratch, seqs, n_tok, obs, batch)?
             }
         }
         for sb in seqs.iter_mut() {

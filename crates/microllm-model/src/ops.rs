@@ -21,10 +21,14 @@ pub(crate) struct Ctx<'a> {
     pub file: &'a GgufFile,
     /// llama.cpp-exact matmuls only (no panel kernels).
     pub exact: bool,
+    /// A continuous-batching call: every row's results must not depend on the other rows of
+    /// the call, so the matmuls take one kernel family whatever the number of rows (the panel
+    /// numerics, unless `exact`) and attention the per-row exact path.
+    pub invariant: bool,
 }
 
-/// Fewest activation rows for which a matmul uses the panel kernels (below, the per-pair
-/// kernels are as fast: the panel's unpacking is paid once per weight row).
+/// Fewest activation rows for which a matmul uses the panel kernels outside continuous
+/// batching (below, llama.cpp's per-pair kernels decode a little faster on some formats).
 const PANEL_MIN_ROWS: usize = 4;
 
 /// The layout a [`QuantizedInput`] holds.
@@ -123,7 +127,8 @@ pub(crate) fn matmul(
     let rb = w.row_bytes;
     // The panel kernels for batches (unless exact), else the activation format of this
     // weight format (checked for every matrix at load).
-    let panel = n_tok >= PANEL_MIN_ROWS && !ctx.exact && kernels.panel_supports(w.ty);
+    let panel =
+        (n_tok >= PANEL_MIN_ROWS || ctx.invariant) && !ctx.exact && kernels.panel_supports(w.ty);
     let fmt = if panel {
         ActFormat::Panel
     } else {
@@ -141,16 +146,12 @@ pub(crate) fn matmul(
             .for_each_chunk_mut(&mut out[..n_rows], chunk, |ci, o| {
                 let r0 = ci * chunk;
                 let len = o.len();
-                kernels.gemm(
-                    w.ty,
-                    k,
-                    &wdata[r0 * rb..(r0 + len) * rb],
-                    len,
-                    act,
-                    1,
-                    o,
-                    len,
-                );
+                let wr = &wdata[r0 * rb..(r0 + len) * rb];
+                if panel {
+                    kernels.gemm_panel(w.ty, k, wr, len, act, 1, o, len);
+                } else {
+                    kernels.gemm(w.ty, k, wr, len, act, 1, o, len);
+                }
             });
         return;
     }
@@ -411,7 +412,7 @@ pub(crate) fn attention_any(
     let f16_kv = seqs
         .iter()
         .all(|s| matches!(s.state.kv, KvCache::F16 { .. }));
-    if rows.len() >= 2 && !ctx.exact && f16_kv {
+    if rows.len() >= 2 && !ctx.exact && !ctx.invariant && f16_kv {
         attention_rows(ctx, sh, q, rows, seqs, il, bufs, out);
     } else {
         attention(ctx, sh, q, rows, seqs, il, out);

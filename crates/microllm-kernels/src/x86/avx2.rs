@@ -156,7 +156,7 @@ pub(super) unsafe fn rd32(p: *const u8) -> u32 {
 /// `p..p+16` must be readable.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nibbles(p: *const u8) -> __m256i {
+pub(super) unsafe fn nibbles(p: *const u8) -> __m256i {
     // SAFETY: the caller guarantees 16 readable bytes; loadu has no alignment requirement.
     let q = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(p.cast()) });
     // Upper half shifted right by 4 (64-bit lanes: the bits that cross into a byte's low
@@ -168,7 +168,7 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
 /// Byte lane j = 0xFF where bit j of `qh` is set, else 0.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn bits_to_bytes(qh: u32) -> __m256i {
+pub(super) fn bits_to_bytes(qh: u32) -> __m256i {
     let v = _mm256_set1_epi32(qh as i32);
     // Lane j takes byte j/8 of qh (shuffle_epi8 works within each 128-bit half, and both
     // halves hold all four bytes of the broadcast).
@@ -1242,6 +1242,44 @@ pub(crate) unsafe fn swiglu(gate: &mut [f32], up: &[f32]) {
         let x = *g;
         *g = x / (1.0 + (-x).exp()) * u;
     }
+}
+
+/// `reference::geglu`, bit for bit: the f16 rounding of `cvtps_ph` (to nearest, ties to
+/// even) indexes the same table, read with a gather.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn geglu(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "geglu: lengths differ");
+    let table = crate::reference::gelu_table();
+    assert!(
+        table.len() > u16::MAX as usize + 1,
+        "geglu: table without its pad entry"
+    );
+    let n8 = gate.len() / 8 * 8;
+    let (gp, upp, tp) = (gate.as_mut_ptr(), up.as_ptr(), table.as_ptr());
+    let (lo, hi) = (_mm256_set1_ps(-10.0), _mm256_set1_ps(10.0));
+    let mut i = 0;
+    while i < n8 {
+        // SAFETY: i + 8 <= n8 <= len of both slices. The gather reads 4 bytes at
+        // `table + 2 * idx` for idx <= 65535, inside the 65537 entries (asserted above).
+        unsafe {
+            let x = _mm256_loadu_ps(gp.add(i));
+            let u = _mm256_loadu_ps(upp.add(i));
+            let idx = _mm256_cvtepu16_epi32(_mm256_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(x));
+            let g = _mm256_i32gather_epi32::<2>(tp.cast::<i32>(), idx);
+            let g = _mm256_and_si256(g, _mm256_set1_epi32(0xffff));
+            let g16 = _mm256_permute4x64_epi64::<0b1000>(_mm256_packus_epi32(g, g));
+            let gelu = _mm256_cvtph_ps(_mm256_castsi256_si128(g16));
+            let mut r = _mm256_mul_ps(gelu, u);
+            r = _mm256_blendv_ps(r, _mm256_mul_ps(x, u), _mm256_cmp_ps::<_CMP_GE_OQ>(x, hi));
+            r = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LE_OQ>(x, lo), r);
+            _mm256_storeu_ps(gp.add(i), r);
+        }
+        i += 8;
+    }
+    crate::reference::geglu(&mut gate[n8..], &up[n8..]);
 }
 
 /// `reference::attention_f16` with the accumulator rounded to f16 in registers

@@ -90,6 +90,9 @@ unsafe fn tile<const BLK: usize, const G: usize, const C: usize>(
     acc
 }
 
+/// Most activation columns for which the matmul skips the panel (`avx2_canon::gemm_direct`).
+const DIRECT_MAX_COLS: usize = 3;
+
 /// Panels filled together: every 4-column activation tile, once in L1, is multiplied with
 /// all of them before the next tile is loaded (activations are the operand that streams).
 const PANELS: usize = 4;
@@ -166,6 +169,29 @@ pub(crate) unsafe fn gemm(
         if ps.len() < PANELS {
             ps.resize_with(PANELS, Panel::default);
         }
+        if n_cols <= DIRECT_MAX_COLS {
+            // Few columns: no panel, each 8 rows straight from their packed bytes.
+            let mut r0 = 0;
+            while r0 < n_rows {
+                let n = PANEL_ROWS.min(n_rows - r0);
+                // SAFETY: same CPU contract; `act`/`out` sizes checked by the caller.
+                unsafe {
+                    super::avx2_canon::gemm_direct(
+                        f,
+                        k,
+                        &w[r0 * w_row..],
+                        w_row,
+                        n,
+                        act,
+                        n_cols,
+                        &mut out[r0..],
+                        out_stride,
+                    )
+                };
+                r0 += n;
+            }
+            return;
+        }
         let mut r0 = 0;
         while r0 < n_rows {
             let n = (PANELS * PANEL_ROWS).min(n_rows - r0);
@@ -173,7 +199,8 @@ pub(crate) unsafe fn gemm(
             for (pi, p) in ps[..np].iter_mut().enumerate() {
                 let rs = r0 + pi * PANEL_ROWS;
                 let len = PANEL_ROWS.min(r0 + n - rs);
-                p.fill(f, shape, k, &w[rs * w_row..], w_row, len);
+                // SAFETY: same CPU contract as this function's.
+                unsafe { super::avx2_canon::fill(p, f, shape, k, &w[rs * w_row..], w_row, len) };
             }
             let ps = &ps[..np];
             // SAFETY: same CPU contract as this function's; the panels were just filled for
@@ -205,6 +232,17 @@ pub(crate) unsafe fn quantize_act(x: &[f32], out: &mut [u8]) {
         let (d, _) = unsafe {
             super::avx2::quant_q8_act_block(x.as_ptr().add(b * 32), out.as_mut_ptr().add(b * 32))
         };
-        crate::panel::put_block_scales(out, k, b, d);
+        // The two halves' sums of the values just written, exactly (i8 sums in i32).
+        // SAFETY: the 32 bytes at b * 32 were just written.
+        let q = unsafe { _mm256_loadu_si256(out.as_ptr().add(b * 32).cast()) };
+        let s = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_set1_epi8(1), q),
+            _mm256_set1_epi16(1),
+        );
+        let mut l = [0i32; 8];
+        // SAFETY: 8 writable i32.
+        unsafe { _mm256_storeu_si256(l.as_mut_ptr().cast(), s) };
+        let (s0, s1) = (l[0] + l[1] + l[2] + l[3], l[4] + l[5] + l[6] + l[7]);
+        crate::panel::put_block_sums(out, k, b, d, s0, s1);
     }
 }

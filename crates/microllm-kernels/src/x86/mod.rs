@@ -2,6 +2,7 @@
 
 pub(crate) mod avx2;
 pub(crate) mod avx2_attn;
+pub(crate) mod avx2_canon;
 pub(crate) mod avx2_k;
 pub(crate) mod avx2_panel;
 

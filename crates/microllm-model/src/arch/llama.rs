@@ -16,11 +16,11 @@ pub(crate) fn forward(
     seqs: &mut [SeqBatch<'_>],
     n_tok: usize,
     obs: &mut dyn Observer,
-    exact: bool,
+    batch: bool,
 ) -> Result<(), ModelError> {
     let c = &model.config;
     let w = &model.weights;
-    let ctx = model.ctx(exact);
+    let ctx = model.ctx(batch);
     let (d, dq, dk, dv, dff) = (c.n_embd, c.q_dim(), c.k_dim(), c.v_dim(), c.n_ff);
     let dattn = c.n_head * c.head_dim_v;
     let rows = &s.rows[..n_tok];
