@@ -23,7 +23,7 @@
 
 use crate::blocks::{
     cast_blocks, scale_min_k4, scales_q3_k, BlockQ2_K, BlockQ3_K, BlockQ4_0, BlockQ4_1, BlockQ4_K,
-    BlockQ5_0, BlockQ5_1, BlockQ5_K, BlockQ6_K, QK, QK_K,
+    BlockQ5_0, BlockQ5_1, BlockQ5_K, BlockQ6_K, BlockQ8_0, QK, QK_K,
 };
 use crate::format::Fmt;
 
@@ -35,7 +35,8 @@ pub const PANEL_ROWS: usize = 8;
 pub(crate) struct PanelShape {
     /// Elements sharing one (scale, offset).
     pub blk: usize,
-    /// Largest unsigned level (15 for 4-bit formats...).
+    /// Largest unsigned level (15 for 4-bit formats...); for Q8_0, whose levels are signed
+    /// (-128..=127, offset 0), 128.
     pub qmax: u32,
 }
 
@@ -47,6 +48,7 @@ impl PanelShape {
             Fmt::Q6_K => (16, 63),
             Fmt::Q3_K => (16, 7),
             Fmt::Q2_K => (16, 3),
+            Fmt::Q8_0 => (32, 128),
             _ => return None,
         };
         Some(PanelShape { blk, qmax })
@@ -136,6 +138,12 @@ pub(crate) fn canon_scales(f: Fmt, row: &[u8], k: usize, mut put: impl FnMut(usi
                 put(b, blk.d.to_f32(), -blk.m.to_f32());
             }
         }
+        Fmt::Q8_0 => {
+            let bl: &[BlockQ8_0] = cast_blocks(row).expect("whole blocks");
+            for (b, blk) in bl.iter().take(k / QK).enumerate() {
+                put(b, blk.d.to_f32(), 0.0);
+            }
+        }
         Fmt::Q5_0 => {
             let bl: &[BlockQ5_0] = cast_blocks(row).expect("whole blocks");
             for (b, blk) in bl.iter().take(k / QK).enumerate() {
@@ -205,10 +213,19 @@ pub(crate) fn canon_scales(f: Fmt, row: &[u8], k: usize, mut put: impl FnMut(usi
     }
 }
 
-/// The unsigned levels of one weight row of `q.len()` elements (see [`canon_row`]).
+/// The levels of one weight row of `q.len()` elements (see [`canon_row`]): unsigned, but
+/// for Q8_0 the signed values' bytes.
 fn canon_levels(f: Fmt, row: &[u8], q: &mut [u8]) {
     let k = q.len();
     match f {
+        Fmt::Q8_0 => {
+            let bl: &[BlockQ8_0] = cast_blocks(row).expect("whole blocks");
+            for (b, blk) in bl.iter().take(k / QK).enumerate() {
+                for j in 0..QK {
+                    q[b * QK + j] = blk.qs[j] as u8;
+                }
+            }
+        }
         Fmt::Q4_0 => {
             let bl: &[BlockQ4_0] = cast_blocks(row).expect("whole blocks");
             for (b, blk) in bl.iter().take(k / QK).enumerate() {
@@ -392,9 +409,14 @@ pub(crate) fn gemm_ref(
             let mut acc = 0.0f32;
             for g in 0..ng {
                 let e0 = g * blk;
-                let isum: i32 = (e0..e0 + blk)
-                    .map(|e| q[e] as i32 * a[e] as i8 as i32)
-                    .sum();
+                let lv = |e: usize| {
+                    if f == Fmt::Q8_0 {
+                        q[e] as i8 as i32
+                    } else {
+                        q[e] as i32
+                    }
+                };
+                let isum: i32 = (e0..e0 + blk).map(|e| lv(e) * a[e] as i8 as i32).sum();
                 let da = get_f32(a, od + 4 * (e0 / QK));
                 let sa = if blk == QK {
                     get_f32(a, o32 + 4 * g)

@@ -8,7 +8,8 @@ use common::{avx2, row_size, scalar, Rng};
 use microllm_kernels::{panel, GgmlType, Kernels};
 
 /// Every weight format with a panel kernel.
-const PANEL_TYPES: [GgmlType; 9] = [
+const PANEL_TYPES: [GgmlType; 10] = [
+    GgmlType::Q8_0,
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_0,
@@ -204,7 +205,8 @@ fn result_does_not_depend_on_the_row_split_or_column_count() {
 #[test]
 fn unsupported_and_short_inputs() {
     let s = scalar();
-    assert!(!s.panel_supports(GgmlType::Q8_0));
+    assert!(s.panel_supports(GgmlType::Q8_0));
+    assert!(!s.panel_supports(GgmlType::F16));
     assert!(!s.panel_supports(GgmlType::F32));
     assert!(s.panel_supports(GgmlType::Q4_K));
     let r = std::panic::catch_unwind(|| {

@@ -25,6 +25,7 @@ const F_Q5_K: u8 = 5;
 const F_Q6_K: u8 = 6;
 const F_Q3_K: u8 = 7;
 const F_Q2_K: u8 = 8;
+const F_Q8_0: u8 = 9;
 
 /// (elements, bytes) of one block of format `F`.
 const fn block_shape(f: u8) -> (usize, usize) {
@@ -37,6 +38,7 @@ const fn block_shape(f: u8) -> (usize, usize) {
         F_Q5_K => (256, 176),
         F_Q6_K => (256, 210),
         F_Q3_K => (256, 110),
+        F_Q8_0 => (32, 34),
         _ => (256, 84),
     }
 }
@@ -67,6 +69,7 @@ unsafe fn levels<const F: u8>(row: *const u8, c: usize) -> __m256i {
         let load = |at: usize| _mm256_loadu_si256(b.add(at).cast());
         match F {
             F_Q4_0 => nibbles(b.add(2)), // d(0) qs(2)
+            F_Q8_0 => load(2),           // d(0) qs(2), signed
             F_Q4_1 => nibbles(b.add(4)), // d(0) m(2) qs(4)
             F_Q5_0 | F_Q5_1 => {
                 // d(0) [m(2)] qh(2|4) qs(6|8)
@@ -227,7 +230,7 @@ unsafe fn fill_scales(
     let ng = k / shape.blk;
     p.s.resize(ng * PANEL_ROWS, 0.0);
     p.m.resize(ng * PANEL_ROWS, 0.0);
-    let legacy = matches!(f, Fmt::Q4_0 | Fmt::Q4_1 | Fmt::Q5_0 | Fmt::Q5_1);
+    let legacy = matches!(f, Fmt::Q4_0 | Fmt::Q4_1 | Fmt::Q5_0 | Fmt::Q5_1 | Fmt::Q8_0);
     if legacy {
         // SAFETY: same CPU contract; p.s/p.m were sized above; row lengths asserted inside.
         unsafe { legacy_scales(p, f, k, w, w_row, n) };
@@ -306,7 +309,7 @@ unsafe fn rows_direct<const F: u8, const BLK: usize, const C: usize>(
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); C];
     // One group's float step, exactly as avx2_panel::tile.
-    let legacy = matches!(F, F_Q4_0 | F_Q4_1 | F_Q5_0 | F_Q5_1);
+    let legacy = matches!(F, F_Q4_0 | F_Q4_1 | F_Q5_0 | F_Q5_1 | F_Q8_0);
     // The K-quants' scales of the current super-block, [group][row], computed when the pass
     // reaches it (by the shared scalar definition).
     let mut ks = [0f32; 16 * PANEL_ROWS];
@@ -363,8 +366,18 @@ unsafe fn rows_direct<const F: u8, const BLK: usize, const C: usize>(
         for c in 0..C {
             // SAFETY: the column's 32 activation bytes of this chunk (caller's contract).
             let av = unsafe { _mm256_loadu_si256(a.add(c * a_row + 32 * ch).cast()) };
-            let p: [__m256i; PANEL_ROWS] =
-                core::array::from_fn(|r| _mm256_madd_epi16(_mm256_maddubs_epi16(lv[r], av), ones));
+            let p: [__m256i; PANEL_ROWS] = core::array::from_fn(|r| {
+                let prod = if F == F_Q8_0 {
+                    // Signed levels: |w| times a with w's sign (pairs <= 2 * 128 * 127).
+                    _mm256_maddubs_epi16(
+                        _mm256_sign_epi8(lv[r], lv[r]),
+                        _mm256_sign_epi8(av, lv[r]),
+                    )
+                } else {
+                    _mm256_maddubs_epi16(lv[r], av)
+                };
+                _mm256_madd_epi16(prod, ones)
+            });
             (lo[c], hi[c]) = row_halves(&p);
         }
         if BLK == 32 {
@@ -383,6 +396,7 @@ unsafe fn rows_direct<const F: u8, const BLK: usize, const C: usize>(
                 let dm = _mm256_setr_epi32(rd(0), rd(1), rd(2), rd(3), rd(4), rd(5), rd(6), rd(7));
                 let d = f16_lanes(_mm256_and_si256(dm, _mm256_set1_epi32(0xffff)));
                 let mw = match F {
+                    F_Q8_0 => _mm256_setzero_ps(),
                     F_Q4_0 => _mm256_mul_ps(_mm256_set1_ps(8.0), d),
                     F_Q5_0 => _mm256_mul_ps(_mm256_set1_ps(16.0), d),
                     _ => {
@@ -549,6 +563,7 @@ pub(crate) unsafe fn gemm_direct(
         Fmt::Q6_K => go!(F_Q6_K, 16),
         Fmt::Q3_K => go!(F_Q3_K, 16),
         Fmt::Q2_K => go!(F_Q2_K, 16),
+        Fmt::Q8_0 => go!(F_Q8_0, 32),
         _ => unreachable!("no panel kernel for {f:?}"),
     }
 }
@@ -569,6 +584,7 @@ fn fill_q(p: &mut Panel, f: Fmt, k: usize, w: &[u8], w_row: usize, n: usize) {
             Fmt::Q6_K => fill_levels::<F_Q6_K>(q, tmp, k, w, w_row, n),
             Fmt::Q3_K => fill_levels::<F_Q3_K>(q, tmp, k, w, w_row, n),
             Fmt::Q2_K => fill_levels::<F_Q2_K>(q, tmp, k, w, w_row, n),
+            Fmt::Q8_0 => fill_levels::<F_Q8_0>(q, tmp, k, w, w_row, n),
             _ => unreachable!("no panel kernel for {f:?}"),
         }
     }
@@ -587,6 +603,7 @@ unsafe fn legacy_scales(p: &mut Panel, f: Fmt, k: usize, w: &[u8], w_row: usize,
         Fmt::Q4_0 => 18,
         Fmt::Q4_1 => 20,
         Fmt::Q5_0 => 22,
+        Fmt::Q8_0 => 34,
         _ => 24,
     };
     let nb = k / 32;
@@ -611,6 +628,7 @@ unsafe fn legacy_scales(p: &mut Panel, f: Fmt, k: usize, w: &[u8], w_row: usize,
                 let dm = unsafe { rd32(w.as_ptr().add(r * w_row + b * bytes)) };
                 let d = h2f(dm as u16);
                 let mn = match f {
+                    Fmt::Q8_0 => 0.0,
                     Fmt::Q4_0 => 8.0 * d,
                     Fmt::Q5_0 => 16.0 * d,
                     _ => -h2f((dm >> 16) as u16),
@@ -650,6 +668,7 @@ mod tests {
         }
         let mut seed = 5;
         for f in [
+            Fmt::Q8_0,
             Fmt::Q4_0,
             Fmt::Q4_1,
             Fmt::Q5_0,
@@ -662,6 +681,7 @@ mod tests {
         ] {
             let shape = PanelShape::of(f).unwrap();
             let (elems, bytes) = block_shape(match f {
+                Fmt::Q8_0 => F_Q8_0,
                 Fmt::Q4_0 => F_Q4_0,
                 Fmt::Q4_1 => F_Q4_1,
                 Fmt::Q5_0 => F_Q5_0,

@@ -31,7 +31,7 @@ thread_local! {
 /// `BLK`; `a + (C - 1) * a_row + act_row_bytes(k)` bytes are readable.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile<const BLK: usize, const G: usize, const C: usize>(
+unsafe fn tile<const BLK: usize, const G: usize, const C: usize, const SIGNED: bool>(
     k: usize,
     p: &Panel,
     a: *const u8,
@@ -62,7 +62,13 @@ unsafe fn tile<const BLK: usize, const G: usize, const C: usize>(
                                 .cast::<i32>()
                                 .read_unaligned(),
                         );
-                        *s = _mm256_add_epi16(*s, _mm256_maddubs_epi16(wv, av));
+                        let prod = if SIGNED {
+                            // Q8_0: |w| times a with w's sign (G = 1: one step fills i16).
+                            _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv))
+                        } else {
+                            _mm256_maddubs_epi16(wv, av)
+                        };
+                        *s = _mm256_add_epi16(*s, prod);
                     }
                 }
             }
@@ -105,7 +111,7 @@ const PANELS: usize = 4;
 /// `(n_cols - 1) * out_stride + r0 + n` floats.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn run_panels<const BLK: usize, const G: usize>(
+unsafe fn run_panels<const BLK: usize, const G: usize, const SIGNED: bool>(
     k: usize,
     ps: &[Panel],
     act: &[u8],
@@ -130,7 +136,7 @@ unsafe fn run_panels<const BLK: usize, const G: usize>(
     while c0 + COLS <= n_cols {
         for (pi, p) in ps.iter().enumerate() {
             // SAFETY: columns c0 .. c0 + COLS are inside `act` (asserted above).
-            let t = unsafe { tile::<BLK, G, COLS>(k, p, ap.add(c0 * a_row), a_row) };
+            let t = unsafe { tile::<BLK, G, COLS, SIGNED>(k, p, ap.add(c0 * a_row), a_row) };
             for (c, v) in t.into_iter().enumerate() {
                 put(c0 + c, pi, v);
             }
@@ -140,7 +146,7 @@ unsafe fn run_panels<const BLK: usize, const G: usize>(
     while c0 < n_cols {
         for (pi, p) in ps.iter().enumerate() {
             // SAFETY: column c0 is inside `act` (asserted above).
-            let t = unsafe { tile::<BLK, G, 1>(k, p, ap.add(c0 * a_row), a_row) };
+            let t = unsafe { tile::<BLK, G, 1, SIGNED>(k, p, ap.add(c0 * a_row), a_row) };
             put(c0, pi, t[0]);
         }
         c0 += 1;
@@ -207,10 +213,19 @@ pub(crate) unsafe fn gemm(
             // `k`; `act` and `out` sizes are checked by the caller (and asserted again).
             unsafe {
                 match (shape.blk, shape.qmax) {
-                    (32, 15) => run_panels::<32, 8>(k, ps, act, n_cols, out, out_stride, r0, n),
-                    (32, _) => run_panels::<32, 4>(k, ps, act, n_cols, out, out_stride, r0, n),
-                    (16, 63) => run_panels::<16, 2>(k, ps, act, n_cols, out, out_stride, r0, n),
-                    _ => run_panels::<16, 4>(k, ps, act, n_cols, out, out_stride, r0, n),
+                    (32, 15) => {
+                        run_panels::<32, 8, false>(k, ps, act, n_cols, out, out_stride, r0, n)
+                    }
+                    (32, 128) => {
+                        run_panels::<32, 1, true>(k, ps, act, n_cols, out, out_stride, r0, n)
+                    }
+                    (32, _) => {
+                        run_panels::<32, 4, false>(k, ps, act, n_cols, out, out_stride, r0, n)
+                    }
+                    (16, 63) => {
+                        run_panels::<16, 2, false>(k, ps, act, n_cols, out, out_stride, r0, n)
+                    }
+                    _ => run_panels::<16, 4, false>(k, ps, act, n_cols, out, out_stride, r0, n),
                 }
             }
             r0 += n;
