@@ -72,6 +72,86 @@ pub(crate) unsafe fn attention_rows(
     out: &mut [f32],
     dv: usize,
 ) {
+    let sh = Shape {
+        dk,
+        dv,
+        window,
+        k_stride,
+        v_stride,
+        scale,
+        softcap,
+        from: 0,
+        to: usize::MAX,
+    };
+    // SAFETY: same CPU contract.
+    unsafe { rows(&sh, q, last, keys, values, out, None) }
+}
+
+/// See `Kernels::attention_rows_part` (shapes checked there). `dk % 8 == 0`, `dv % 16 == 0`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn attention_rows_part(
+    q: &[f32],
+    dk: usize,
+    last: &[u32],
+    window: usize,
+    keys: &[f16],
+    k_stride: usize,
+    values: &[f16],
+    v_stride: usize,
+    scale: f32,
+    softcap: f32,
+    keys_from: usize,
+    keys_to: usize,
+    out: &mut [f32],
+    dv: usize,
+    ml: &mut [f32],
+) {
+    let sh = Shape {
+        dk,
+        dv,
+        window,
+        k_stride,
+        v_stride,
+        scale,
+        softcap,
+        from: keys_from,
+        to: keys_to,
+    };
+    // SAFETY: same CPU contract.
+    unsafe { rows(&sh, q, last, keys, values, out, Some(ml)) }
+}
+
+/// The scalar parameters of one call.
+#[derive(Clone, Copy)]
+struct Shape {
+    dk: usize,
+    dv: usize,
+    window: usize,
+    k_stride: usize,
+    v_stride: usize,
+    scale: f32,
+    softcap: f32,
+    /// Only keys `from..to` are seen.
+    from: usize,
+    to: usize,
+}
+
+/// All the rows, [`TR`] at a time; `ml` as in `attention_rows_part` (then `out` is not
+/// divided by the sums).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows(
+    sh: &Shape,
+    q: &[f32],
+    last: &[u32],
+    keys: &[f16],
+    values: &[f16],
+    out: &mut [f32],
+    mut ml: Option<&mut [f32]>,
+) {
+    let (dk, dv) = (sh.dk, sh.dv);
     let n = last.len();
     let mut r0 = 0;
     SCRATCH.with(|cell| {
@@ -82,22 +162,18 @@ pub(crate) unsafe fn attention_rows(
         sc.vf.resize(dv * TK, 0.0);
         while r0 < n {
             let nr = TR.min(n - r0);
+            let ml = ml.as_deref_mut().map(|m| &mut m[2 * r0..2 * (r0 + nr)]);
             // SAFETY: same CPU contract; the caller checked every slice against `last`/`n`.
             unsafe {
                 group(
                     sc,
+                    sh,
                     &q[r0 * dk..(r0 + nr) * dk],
-                    dk,
                     &last[r0..r0 + nr],
-                    window,
                     keys,
-                    k_stride,
                     values,
-                    v_stride,
-                    scale,
-                    softcap,
                     &mut out[r0 * dv..(r0 + nr) * dv],
-                    dv,
+                    ml,
                 )
             };
             r0 += nr;
@@ -110,19 +186,25 @@ pub(crate) unsafe fn attention_rows(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn group(
     sc: &mut Scratch,
+    sh: &Shape,
     q: &[f32],
-    dk: usize,
     last: &[u32],
-    window: usize,
     keys: &[f16],
-    k_stride: usize,
     values: &[f16],
-    v_stride: usize,
-    scale: f32,
-    softcap: f32,
     out: &mut [f32],
-    dv: usize,
+    ml: Option<&mut [f32]>,
 ) {
+    let Shape {
+        dk,
+        dv,
+        window,
+        k_stride,
+        v_stride,
+        scale,
+        softcap,
+        from,
+        to,
+    } = *sh;
     let nr = last.len();
     let nch = nr.div_ceil(8);
     // Transposed, pre-scaled queries: qt[d * TR + r] (rows past nr are zero).
@@ -144,10 +226,15 @@ unsafe fn group(
         } else {
             0
         };
+        // Restricted to from..to; an empty range leaves lo_v > hi_v (nothing visible).
+        let (f, e) = (f.max(from), (l + 1).min(to));
+        if f >= e {
+            continue;
+        }
         lo_v[r] = f as i32;
-        hi_v[r] = l as i32;
+        hi_v[r] = (e - 1) as i32;
         lo = lo.min(f);
-        hi = hi.max(l + 1);
+        hi = hi.max(e);
     }
     let acc = &mut sc.acc[..TR * dv];
     acc[..nr * dv].fill(0.0);
@@ -302,6 +389,19 @@ unsafe fn group(
     for c in 0..nch {
         // SAFETY: 8 writable floats at c * 8 < TR.
         unsafe { _mm256_storeu_ps(ls[c * 8..].as_mut_ptr(), l[c]) };
+    }
+    if let Some(ml) = ml {
+        let mut ms = [0.0f32; TR];
+        for c in 0..nch {
+            // SAFETY: 8 writable floats at c * 8 < TR.
+            unsafe { _mm256_storeu_ps(ms[c * 8..].as_mut_ptr(), m[c]) };
+        }
+        for r in 0..nr {
+            ml[2 * r] = ms[r];
+            ml[2 * r + 1] = ls[r];
+        }
+        out[..nr * dv].copy_from_slice(&acc[..nr * dv]);
+        return;
     }
     for r in 0..nr {
         let inv = if ls[r] == 0.0 { 0.0 } else { 1.0 / ls[r] };
