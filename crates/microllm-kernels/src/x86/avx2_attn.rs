@@ -31,15 +31,6 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// The first 8 floats of `s` (panics if shorter).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn ld8(s: &[f32]) -> __m256 {
-    let s = &s[..8];
-    // SAFETY: 8 readable floats (sliced above).
-    unsafe { _mm256_loadu_ps(s.as_ptr()) }
-}
-
 /// The first 8 ints of `s` (panics if shorter).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -267,35 +258,18 @@ unsafe fn group(
                 }
             }
         }
+        // Scores of every row against the tile's keys: s[c][jj] = rows c*8.. of key j0 + jj.
+        let mut s = [[_mm256_setzero_ps(); TK]; TR / 8];
+        // SAFETY: same CPU contract; qt holds dk x TR floats, kf nk rows of dk.
+        unsafe { tile_scores(nch, qt, kf, dk, nk, &mut s) };
+        // Per chunk of 8 rows: soft-capping, masking, running maximum, exponentials.
+        // p[jj][r]: weight of key j0 + jj for row r; cr[r]: rescaling of row r's accumulator.
+        let mut p = [[0.0f32; TR]; TK];
+        let mut cr = [0.0f32; TR];
         for c in 0..nch {
             let lov = ld8i(&lo_v[c * 8..]);
             let hiv = ld8i(&hi_v[c * 8..]);
-            // Scores: s[jj] = 8 rows of key j0 + jj.
-            let mut s = [_mm256_setzero_ps(); TK];
-            let mut jj = 0;
-            while jj < nk {
-                if jj + 4 <= nk {
-                    let mut a = [_mm256_setzero_ps(); 4];
-                    for d in 0..dk {
-                        let qv = ld8(&qt[d * TR + c * 8..]);
-                        for (u, au) in a.iter_mut().enumerate() {
-                            let kv = _mm256_set1_ps(kf[(jj + u) * dk + d]);
-                            *au = _mm256_fmadd_ps(kv, qv, *au);
-                        }
-                    }
-                    s[jj..jj + 4].copy_from_slice(&a);
-                    jj += 4;
-                } else {
-                    let mut a = _mm256_setzero_ps();
-                    for d in 0..dk {
-                        let qv = ld8(&qt[d * TR + c * 8..]);
-                        a = _mm256_fmadd_ps(_mm256_set1_ps(kf[jj * dk + d]), qv, a);
-                    }
-                    s[jj] = a;
-                    jj += 1;
-                }
-            }
-            // Soft-capping, masking, running maximum.
+            let s = &mut s[c];
             let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
             let mut valid = [_mm256_setzero_ps(); TK];
             let mut mt = ninf;
@@ -328,61 +302,21 @@ unsafe fn group(
                 expf8(_mm256_sub_ps(m_old, m_safe)),
                 _mm256_cmp_ps::<_CMP_NEQ_OQ>(m_old, ninf),
             );
-            let mut p = [[0.0f32; 8]; TK];
             let mut psum = _mm256_setzero_ps();
             for jj in 0..nk {
                 let e = _mm256_and_ps(expf8(_mm256_sub_ps(s[jj], m_safe)), valid[jj]);
                 psum = _mm256_add_ps(psum, e);
-                // SAFETY: 8 writable floats.
-                unsafe { _mm256_storeu_ps(p[jj].as_mut_ptr(), e) };
+                // SAFETY: 8 writable floats at c * 8 < TR.
+                unsafe { _mm256_storeu_ps(p[jj][c * 8..].as_mut_ptr(), e) };
             }
             l[c] = _mm256_fmadd_ps(l[c], corr, psum);
             m[c] = m_new;
-            let mut cr = [0.0f32; 8];
-            // SAFETY: 8 writable floats.
-            unsafe { _mm256_storeu_ps(cr.as_mut_ptr(), corr) };
-            // acc[row] = acc[row] * corr + sum_jj p[jj][row] * v[jj], two rows at a time.
-            let rows = (nr - c * 8).min(8);
-            let mut i = 0;
-            while i < rows {
-                let two = i + 1 < rows;
-                let (ra, rb) = (c * 8 + i, c * 8 + i + 1);
-                for d0 in (0..dv).step_by(16) {
-                    let ap = acc.as_mut_ptr();
-                    // SAFETY: rows ra, rb < TR and d0 + 16 <= dv: inside acc (TR rows of dv).
-                    unsafe {
-                        let ca = _mm256_set1_ps(cr[i]);
-                        let mut a0 = _mm256_mul_ps(_mm256_loadu_ps(ap.add(ra * dv + d0)), ca);
-                        let mut a1 = _mm256_mul_ps(_mm256_loadu_ps(ap.add(ra * dv + d0 + 8)), ca);
-                        let (mut b0, mut b1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                        if two {
-                            let cb = _mm256_set1_ps(cr[i + 1]);
-                            b0 = _mm256_mul_ps(_mm256_loadu_ps(ap.add(rb * dv + d0)), cb);
-                            b1 = _mm256_mul_ps(_mm256_loadu_ps(ap.add(rb * dv + d0 + 8)), cb);
-                        }
-                        for jj in 0..nk {
-                            let v0 = _mm256_loadu_ps(vf.as_ptr().add(jj * dv + d0));
-                            let v1 = _mm256_loadu_ps(vf.as_ptr().add(jj * dv + d0 + 8));
-                            let pa = _mm256_set1_ps(p[jj][i]);
-                            a0 = _mm256_fmadd_ps(pa, v0, a0);
-                            a1 = _mm256_fmadd_ps(pa, v1, a1);
-                            if two {
-                                let pb = _mm256_set1_ps(p[jj][i + 1]);
-                                b0 = _mm256_fmadd_ps(pb, v0, b0);
-                                b1 = _mm256_fmadd_ps(pb, v1, b1);
-                            }
-                        }
-                        _mm256_storeu_ps(ap.add(ra * dv + d0), a0);
-                        _mm256_storeu_ps(ap.add(ra * dv + d0 + 8), a1);
-                        if two {
-                            _mm256_storeu_ps(ap.add(rb * dv + d0), b0);
-                            _mm256_storeu_ps(ap.add(rb * dv + d0 + 8), b1);
-                        }
-                    }
-                }
-                i += 2;
-            }
+            // SAFETY: 8 writable floats at c * 8 < TR.
+            unsafe { _mm256_storeu_ps(cr[c * 8..].as_mut_ptr(), corr) };
         }
+        // acc[row] = acc[row] * corr + sum_jj p[jj][row] * v[jj], a few rows at a time.
+        // SAFETY: same CPU contract; acc holds TR rows of dv, vf nk rows of dv.
+        unsafe { tile_values(nr, acc, dv, &cr, &p, vf, nk) };
         j0 += nk;
     }
     let mut ls = [0.0f32; TR];
@@ -409,4 +343,190 @@ unsafe fn group(
             out[r * dv + d] = acc[r * dv + d] * inv;
         }
     }
+}
+
+/// Scores of a tile: `s[c][jj]` = the 8 rows of chunk `c` (of `nch`) against key `jj` (of
+/// `nk`), from the transposed queries `qt` (`[dk][TR]`) and the keys `kf` (`[nk][dk]`).
+/// Several chunks and keys per pass keep about 8 independent FMA chains in flight.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `qt` holds `dk * TR` floats, `kf` `nk * dk`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_scores(
+    nch: usize,
+    qt: &[f32],
+    kf: &[f32],
+    dk: usize,
+    nk: usize,
+    s: &mut [[__m256; TK]; TR / 8],
+) {
+    debug_assert!(qt.len() >= dk * TR && kf.len() >= nk * dk);
+    // SAFETY (all arms): forwarded contract.
+    unsafe {
+        match nch {
+            1 => scores_c::<1, 8>(qt, kf, dk, nk, s),
+            2 => scores_c::<2, 4>(qt, kf, dk, nk, s),
+            3 => scores_c::<3, 2>(qt, kf, dk, nk, s),
+            _ => scores_c::<4, 2>(qt, kf, dk, nk, s),
+        }
+    }
+}
+
+/// [`tile_scores`] for `C` chunks, `K` keys per pass (then one at a time for the rest).
+///
+/// # Safety
+/// As [`tile_scores`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_c<const C: usize, const K: usize>(
+    qt: &[f32],
+    kf: &[f32],
+    dk: usize,
+    nk: usize,
+    s: &mut [[__m256; TK]; TR / 8],
+) {
+    let mut jj = 0;
+    while jj + K <= nk {
+        // SAFETY: keys jj..jj + K < nk.
+        unsafe { scores_block::<C, K>(qt, kf, dk, jj, s) };
+        jj += K;
+    }
+    while jj < nk {
+        // SAFETY: key jj < nk.
+        unsafe { scores_block::<C, 1>(qt, kf, dk, jj, s) };
+        jj += 1;
+    }
+}
+
+/// Scores of chunks `0..C` against keys `j..j + K`.
+///
+/// # Safety
+/// As [`tile_scores`], with `j + K <= nk`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_block<const C: usize, const K: usize>(
+    qt: &[f32],
+    kf: &[f32],
+    dk: usize,
+    j: usize,
+    s: &mut [[__m256; TK]; TR / 8],
+) {
+    let mut a = [[_mm256_setzero_ps(); K]; C];
+    let (qp, kp) = (qt.as_ptr(), kf.as_ptr());
+    for d in 0..dk {
+        let mut qv = [_mm256_setzero_ps(); C];
+        for (c, v) in qv.iter_mut().enumerate() {
+            // SAFETY: d < dk and c * 8 + 8 <= TR: inside qt.
+            *v = unsafe { _mm256_loadu_ps(qp.add(d * TR + c * 8)) };
+        }
+        for u in 0..K {
+            // SAFETY: key j + u < nk, d < dk: inside kf.
+            let kv = unsafe { _mm256_broadcast_ss(&*kp.add((j + u) * dk + d)) };
+            for c in 0..C {
+                a[c][u] = _mm256_fmadd_ps(kv, qv[c], a[c][u]);
+            }
+        }
+    }
+    for c in 0..C {
+        s[c][j..j + K].copy_from_slice(&a[c]);
+    }
+}
+
+/// `acc[r] = acc[r] * cr[r] + sum_jj p[jj][r] * vf[jj]` for rows `0..nr`, in blocks of up to
+/// 3 rows by 16 to 64 columns (about 8 to 12 independent accumulators).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `acc` holds `nr` rows of `dv` (`dv % 16 == 0`), `vf`
+/// `nk` rows of `dv`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_values(
+    nr: usize,
+    acc: &mut [f32],
+    dv: usize,
+    cr: &[f32; TR],
+    p: &[[f32; TR]; TK],
+    vf: &[f32],
+    nk: usize,
+) {
+    debug_assert!(acc.len() >= nr * dv && vf.len() >= nk * dv && dv % 16 == 0);
+    let mut r = 0;
+    while r < nr {
+        let left = nr - r;
+        // 3 rows unless that would leave 1 alone next (4 = 2 + 2).
+        let rows = if left >= 3 && left != 4 {
+            3
+        } else {
+            left.min(2)
+        };
+        let mut d0 = 0;
+        while d0 < dv {
+            let w = dv - d0;
+            // SAFETY (all arms): rows r..r + rows < nr and columns d0..d0 + 8B <= dv.
+            unsafe {
+                d0 += match (rows, w) {
+                    (3, 32..) => values_block::<3, 4>(acc, dv, r, d0, cr, p, vf, nk),
+                    (3, _) => values_block::<3, 2>(acc, dv, r, d0, cr, p, vf, nk),
+                    (2, 32..) => values_block::<2, 4>(acc, dv, r, d0, cr, p, vf, nk),
+                    (2, _) => values_block::<2, 2>(acc, dv, r, d0, cr, p, vf, nk),
+                    (_, 64..) => values_block::<1, 8>(acc, dv, r, d0, cr, p, vf, nk),
+                    (_, 32..) => values_block::<1, 4>(acc, dv, r, d0, cr, p, vf, nk),
+                    _ => values_block::<1, 2>(acc, dv, r, d0, cr, p, vf, nk),
+                };
+            }
+        }
+        r += rows;
+    }
+}
+
+/// Rows `r..r + R`, columns `d0..d0 + 8B` of [`tile_values`]; returns `8B`.
+///
+/// # Safety
+/// As [`tile_values`], with `r + R <= nr` and `d0 + 8B <= dv`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn values_block<const R: usize, const B: usize>(
+    acc: &mut [f32],
+    dv: usize,
+    r: usize,
+    d0: usize,
+    cr: &[f32; TR],
+    p: &[[f32; TR]; TK],
+    vf: &[f32],
+    nk: usize,
+) -> usize {
+    let ap = acc.as_mut_ptr();
+    let vp = vf.as_ptr();
+    let mut a = [[_mm256_setzero_ps(); B]; R];
+    for i in 0..R {
+        let c = _mm256_set1_ps(cr[r + i]);
+        for b in 0..B {
+            // SAFETY: row r + i, columns d0 + 8b..+8 inside acc.
+            a[i][b] = _mm256_mul_ps(
+                unsafe { _mm256_loadu_ps(ap.add((r + i) * dv + d0 + 8 * b)) },
+                c,
+            );
+        }
+    }
+    for jj in 0..nk {
+        let mut v = [_mm256_setzero_ps(); B];
+        for (b, vb) in v.iter_mut().enumerate() {
+            // SAFETY: value row jj < nk, columns inside dv.
+            *vb = unsafe { _mm256_loadu_ps(vp.add(jj * dv + d0 + 8 * b)) };
+        }
+        for i in 0..R {
+            let pi = _mm256_set1_ps(p[jj][r + i]);
+            for b in 0..B {
+                a[i][b] = _mm256_fmadd_ps(pi, v[b], a[i][b]);
+            }
+        }
+    }
+    for i in 0..R {
+        for b in 0..B {
+            // SAFETY: as the loads above.
+            unsafe { _mm256_storeu_ps(ap.add((r + i) * dv + d0 + 8 * b), a[i][b]) };
+        }
+    }
+    8 * B
 }
