@@ -362,7 +362,7 @@ unsafe fn tile_scores(
     s: &mut [[__m256; TK]; TR / 8],
 ) {
     debug_assert!(qt.len() >= dk * TR && kf.len() >= nk * dk);
-    // SAFETY (all arms): forwarded contract.
+    // SAFETY: the contract of this function, forwarded to every arm.
     unsafe {
         match nch {
             1 => scores_c::<1, 8>(qt, kf, dk, nk, s),
@@ -463,7 +463,7 @@ unsafe fn tile_values(
         let mut d0 = 0;
         while d0 < dv {
             let w = dv - d0;
-            // SAFETY (all arms): rows r..r + rows < nr and columns d0..d0 + 8B <= dv.
+            // SAFETY: every arm gets rows r..r + rows <= nr and columns d0..d0 + 8B <= dv.
             unsafe {
                 d0 += match (rows, w) {
                     (3, 32..) => values_block::<3, 4>(acc, dv, r, d0, cr, p, vf, nk),
