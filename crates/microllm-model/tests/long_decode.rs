@@ -2,8 +2,9 @@
 //! attention (GQA heads as the rows of one tiled kernel call, keys split over threads into
 //! parts merged by log-sum-exp) against the llama.cpp-exact one, and split against unsplit.
 //!
-//! Both states are prefilled in exact mode and decode the same tokens; one token per forward
-//! call uses the same matmul kernels in both modes, so the logits differ only by attention.
+//! Both states are prefilled the same way (fast mode, the cheaper in debug builds) and decode
+//! the same tokens; one token per forward call uses the same matmul kernels in both modes, so
+//! the logits differ only by the decode attention.
 
 use microllm_gguf::GgufFile;
 use microllm_kernels::Kernels;
@@ -49,8 +50,8 @@ fn tokens(n: usize, n_vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 37 + 11) % n_vocab) as u32).collect()
 }
 
-/// Prefills `N_PROMPT` tokens exactly, then decodes `N_DECODE` in the given mode; returns the
-/// logits of every decode step.
+/// Prefills `N_PROMPT` tokens (fast mode), then decodes `N_DECODE` in the given mode; returns
+/// the logits of every decode step.
 fn decode(model: &mut Model, exact: bool) -> Vec<Vec<f32>> {
     let toks = tokens(N_PROMPT + N_DECODE, model.config.n_vocab);
     let mut state: State = model
@@ -60,7 +61,7 @@ fn decode(model: &mut Model, exact: bool) -> Vec<Vec<f32>> {
             ..Default::default()
         })
         .unwrap();
-    model.set_exact(true);
+    model.set_exact(false);
     for chunk in toks[..N_PROMPT].chunks(128) {
         model.forward(&mut state, chunk, Logits::Last).unwrap();
     }
@@ -132,8 +133,10 @@ fn fast_decode_attention_agrees_with_exact_at_long_context() {
 #[test]
 fn split_decode_attention_equals_unsplit() {
     // One thread never splits the keys; two and three threads do (the context is past
-    // 2 x 256 keys). The parts change only the f32 summation order.
-    const TOL: f32 = 1e-4;
+    // 2 x 256 keys). The parts change only the f32 summation order (and so does the fast
+    // prefill's split over threads: ~2e-4 at most here); merging parts without rescaling them
+    // moves these logits by ~2e-2.
+    const TOL: f32 = 1e-3;
     for (name, spec) in specs() {
         let one = decode(&mut load(&spec, 1), false);
         for n in [2, 3] {
