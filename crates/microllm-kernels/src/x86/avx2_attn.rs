@@ -20,6 +20,8 @@ use super::avx2::expf8_pub as expf8;
 struct Scratch {
     /// Transposed queries `[dk][TR]`.
     qt: Vec<f32>,
+    /// The same queries row-major `[TR][dk]` (for a last chunk of few rows).
+    qr: Vec<f32>,
     /// Output accumulators `[TR][dv]`.
     acc: Vec<f32>,
     /// One tile of keys `[TK][dk]` and values `[TK][dv]` in f32.
@@ -148,6 +150,7 @@ unsafe fn rows(
     SCRATCH.with(|cell| {
         let sc = &mut *cell.borrow_mut();
         sc.qt.resize(dk * TR, 0.0);
+        sc.qr.resize(dk * TR, 0.0);
         sc.acc.resize(dv * TR, 0.0);
         sc.kf.resize(dk * TK, 0.0);
         sc.vf.resize(dv * TK, 0.0);
@@ -206,6 +209,13 @@ unsafe fn group(
             qt[d * TR + r] = q[r * dk + d] * if softcap != 0.0 { 1.0 } else { scale };
         }
     }
+    let qr = &mut sc.qr[..dk * TR];
+    for r in 0..nr {
+        for d in 0..dk {
+            qr[r * dk + d] = qt[d * TR + r];
+        }
+    }
+    let qr = &*sc.qr;
     // Visible key range per row: first..=last (rows past nr see nothing).
     let mut lo_v = [i32::MAX; TR];
     let mut hi_v = [-1i32; TR];
@@ -261,7 +271,7 @@ unsafe fn group(
         // Scores of every row against the tile's keys: s[c][jj] = rows c*8.. of key j0 + jj.
         let mut s = [[_mm256_setzero_ps(); TK]; TR / 8];
         // SAFETY: same CPU contract; qt holds dk x TR floats, kf nk rows of dk.
-        unsafe { tile_scores(nch, qt, kf, dk, nk, &mut s) };
+        unsafe { tile_scores(nr, qt, qr, kf, dk, nk, &mut s) };
         // Per chunk of 8 rows: soft-capping, masking, running maximum, exponentials.
         // p[jj][r]: weight of key j0 + jj for row r; cr[r]: rescaling of row r's accumulator.
         let mut p = [[0.0f32; TR]; TK];
@@ -345,31 +355,119 @@ unsafe fn group(
     }
 }
 
-/// Scores of a tile: `s[c][jj]` = the 8 rows of chunk `c` (of `nch`) against key `jj` (of
-/// `nk`), from the transposed queries `qt` (`[dk][TR]`) and the keys `kf` (`[nk][dk]`).
-/// Several chunks and keys per pass keep about 8 independent FMA chains in flight.
+/// Scores of a tile: `s[c][jj]` = the 8 rows of chunk `c` against key `jj` (of `nk`), from
+/// the transposed queries `qt` (`[dk][TR]`) and the keys `kf` (`[nk][dk]`). Several chunks
+/// and keys per pass keep about 8 independent FMA chains in flight. A last chunk of at most 4
+/// rows (GQA groups of 9 or 4 heads) takes dot products over the dimensions instead from the
+/// row-major queries `qr` (`[TR][dk]`), so its empty lanes cost nothing.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; `qt` holds `dk * TR` floats, `kf` `nk * dk`.
+/// The CPU must support AVX2 and FMA; `qt` and `qr` hold `dk * TR` floats, `kf` `nk * dk`,
+/// `dk % 8 == 0`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_scores(
-    nch: usize,
+    nr: usize,
     qt: &[f32],
+    qr: &[f32],
     kf: &[f32],
     dk: usize,
     nk: usize,
     s: &mut [[__m256; TK]; TR / 8],
 ) {
-    debug_assert!(qt.len() >= dk * TR && kf.len() >= nk * dk);
+    debug_assert!(qt.len() >= dk * TR && qr.len() >= dk * TR && kf.len() >= nk * dk);
+    let nch = nr.div_ceil(8);
+    let tail = nr - (nch - 1) * 8;
+    let full = if tail <= 4 { nch - 1 } else { nch };
     // SAFETY: the contract of this function, forwarded to every arm.
     unsafe {
-        match nch {
+        match full {
+            0 => {}
             1 => scores_c::<1, 8>(qt, kf, dk, nk, s),
             2 => scores_c::<2, 4>(qt, kf, dk, nk, s),
             3 => scores_c::<3, 2>(qt, kf, dk, nk, s),
             _ => scores_c::<4, 2>(qt, kf, dk, nk, s),
         }
+        if full < nch {
+            scores_dot(&qr[full * 8 * dk..], tail, kf, dk, nk, &mut s[full]);
+        }
+    }
+}
+
+/// Scores of `rows` (at most 8) row-major queries against the `nk` keys of `kf`, as
+/// `s[jj]` = the rows' scores of key `jj` in lanes `0..rows` (the others zero): 8 keys at a
+/// time, 8 independent dot products reduced together.
+///
+/// # Safety
+/// As [`tile_scores`]; `q` holds `rows * dk` floats.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_dot(
+    q: &[f32],
+    rows: usize,
+    kf: &[f32],
+    dk: usize,
+    nk: usize,
+    s: &mut [__m256; TK],
+) {
+    debug_assert!(q.len() >= rows * dk && rows <= 8);
+    let (qp, kp) = (q.as_ptr(), kf.as_ptr());
+    // t[jj][r]: score of key jj for row r.
+    let mut t = [[0.0f32; 8]; TK];
+    for r in 0..rows {
+        let mut jj = 0;
+        while jj + 8 <= nk {
+            let mut a = [_mm256_setzero_ps(); 8];
+            for d in (0..dk).step_by(8) {
+                // SAFETY: row r < rows, d + 8 <= dk: inside q.
+                let qv = unsafe { _mm256_loadu_ps(qp.add(r * dk + d)) };
+                for (u, au) in a.iter_mut().enumerate() {
+                    // SAFETY: key jj + u < nk, d + 8 <= dk: inside kf.
+                    let kv = unsafe { _mm256_loadu_ps(kp.add((jj + u) * dk + d)) };
+                    *au = _mm256_fmadd_ps(qv, kv, *au);
+                }
+            }
+            // Horizontal sums of a[0..8] into the lanes of one vector, in order.
+            let t0 = _mm256_hadd_ps(a[0], a[1]);
+            let t1 = _mm256_hadd_ps(a[2], a[3]);
+            let t2 = _mm256_hadd_ps(a[4], a[5]);
+            let t3 = _mm256_hadd_ps(a[6], a[7]);
+            let u0 = _mm256_hadd_ps(t0, t1);
+            let u1 = _mm256_hadd_ps(t2, t3);
+            let sum = _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(u0, u1),
+                _mm256_permute2f128_ps::<0x31>(u0, u1),
+            );
+            let mut b = [0.0f32; 8];
+            // SAFETY: 8 writable floats.
+            unsafe { _mm256_storeu_ps(b.as_mut_ptr(), sum) };
+            for u in 0..8 {
+                t[jj + u][r] = b[u];
+            }
+            jj += 8;
+        }
+        while jj < nk {
+            let mut a = _mm256_setzero_ps();
+            for d in (0..dk).step_by(8) {
+                // SAFETY: as above.
+                unsafe {
+                    a = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(qp.add(r * dk + d)),
+                        _mm256_loadu_ps(kp.add(jj * dk + d)),
+                        a,
+                    );
+                }
+            }
+            let mut b = [0.0f32; 8];
+            // SAFETY: 8 writable floats.
+            unsafe { _mm256_storeu_ps(b.as_mut_ptr(), a) };
+            t[jj][r] = b.iter().sum();
+            jj += 1;
+        }
+    }
+    for jj in 0..nk {
+        // SAFETY: 8 readable floats.
+        s[jj] = unsafe { _mm256_loadu_ps(t[jj].as_ptr()) };
     }
 }
 
