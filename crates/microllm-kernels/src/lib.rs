@@ -548,6 +548,18 @@ impl Kernels {
         )
     }
 
+    /// Grows the calling thread's buffers of [`Kernels::attention_rows`] and
+    /// [`Kernels::attention_rows_part`] for heads up to `dk`/`dv` wide, so that later calls on
+    /// this thread do not allocate (run it once on every thread that will call them).
+    pub fn reserve_attention(&self, dk: usize, dv: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self.path, KernelPath::Avx2) {
+            x86::avx2_attn::reserve(dk, dv);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (dk, dv);
+    }
+
     /// One part of [`Kernels::attention_rows`] when the keys are split (flash-decoding; see
     /// [`reference::attention_rows_part`]): only keys `keys_from..keys_to` are seen, `out`
     /// gets the rows' softmax-weighted sums of values before the division, and `ml` (2 floats

@@ -33,6 +33,27 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
+impl Scratch {
+    /// Room for heads of `dk`/`dv` (never shrinks).
+    fn grow(&mut self, dk: usize, dv: usize) {
+        let grow = |v: &mut Vec<f32>, n: usize| {
+            if v.len() < n {
+                v.resize(n, 0.0);
+            }
+        };
+        grow(&mut self.qt, dk * TR);
+        grow(&mut self.qr, dk * TR);
+        grow(&mut self.acc, dv * TR);
+        grow(&mut self.kf, dk * TK);
+        grow(&mut self.vf, dv * TK);
+    }
+}
+
+/// Grows this thread's buffers for heads of `dk`/`dv` (`Kernels::reserve_attention`).
+pub(crate) fn reserve(dk: usize, dv: usize) {
+    SCRATCH.with(|cell| cell.borrow_mut().grow(dk, dv));
+}
+
 /// The first 8 ints of `s` (panics if shorter).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -149,11 +170,7 @@ unsafe fn rows(
     let mut r0 = 0;
     SCRATCH.with(|cell| {
         let sc = &mut *cell.borrow_mut();
-        sc.qt.resize(dk * TR, 0.0);
-        sc.qr.resize(dk * TR, 0.0);
-        sc.acc.resize(dv * TR, 0.0);
-        sc.kf.resize(dk * TK, 0.0);
-        sc.vf.resize(dv * TK, 0.0);
+        sc.grow(dk, dv);
         while r0 < n {
             let nr = TR.min(n - r0);
             let ml = ml.as_deref_mut().map(|m| &mut m[2 * r0..2 * (r0 + nr)]);
