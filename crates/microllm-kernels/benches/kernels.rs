@@ -212,5 +212,45 @@ fn bench_small(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_matmul, bench_small);
+/// Decode attention of one KV head's query group over a 2048-token f16 cache (GQA heads as
+/// the rows of the tiled kernel): SmolLM2 (9 heads of 64 per KV head) and Gemma 3 270M (4
+/// heads of 256). Throughput in FLOPs (scores and weighted sum: 4 per row, key and dim).
+fn bench_decode_attn(c: &mut Criterion) {
+    let mut g = c.benchmark_group("decode_attn");
+    let n_kv = 2048;
+    for (name, rows, d) in [("smollm2_9x64", 9, 64), ("gemma3_4x256", 4, 256)] {
+        let kv: Vec<half::f16> = data(n_kv * d, 6, 1.0)
+            .iter()
+            .map(|&v| half::f16::from_f32(v))
+            .collect();
+        let q = data(rows * d, 7, 0.3);
+        let last = vec![(n_kv - 1) as u32; rows];
+        let mut out = vec![0f32; rows * d];
+        g.throughput(Throughput::Elements((4 * rows * n_kv * d) as u64));
+        for k in paths() {
+            g.bench_function(BenchmarkId::new(name, k.path()), |b| {
+                b.iter(|| {
+                    k.attention_rows(
+                        black_box(&q),
+                        d,
+                        &last,
+                        0,
+                        &kv,
+                        d,
+                        &kv,
+                        d,
+                        0.125,
+                        0.0,
+                        &mut out,
+                        d,
+                    );
+                    black_box(&out);
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_matmul, bench_small, bench_decode_attn);
 criterion_main!(benches);

@@ -548,6 +548,91 @@ impl Kernels {
         )
     }
 
+    /// Grows the calling thread's buffers of [`Kernels::attention_rows`] and
+    /// [`Kernels::attention_rows_part`] for heads up to `dk`/`dv` wide, so that later calls on
+    /// this thread do not allocate (run it once on every thread that will call them).
+    pub fn reserve_attention(&self, dk: usize, dv: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if matches!(self.path, KernelPath::Avx2) {
+            x86::avx2_attn::reserve(dk, dv);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (dk, dv);
+    }
+
+    /// One part of [`Kernels::attention_rows`] when the keys are split (flash-decoding; see
+    /// [`reference::attention_rows_part`]): only keys `keys_from..keys_to` are seen, `out`
+    /// gets the rows' softmax-weighted sums of values before the division, and `ml` (2 floats
+    /// per row) their score maximum and sum of exponentials. [`Kernels::attention_merge`]
+    /// combines the parts.
+    ///
+    /// # Panics
+    /// If a slice is too short for the rows, keys or values it must hold.
+    pub fn attention_rows_part(
+        &self,
+        q: &[f32],
+        dk: usize,
+        last: &[u32],
+        window: usize,
+        keys: &[f16],
+        k_stride: usize,
+        values: &[f16],
+        v_stride: usize,
+        scale: f32,
+        softcap: f32,
+        keys_from: usize,
+        keys_to: usize,
+        out: &mut [f32],
+        dv: usize,
+        ml: &mut [f32],
+    ) {
+        let n = last.len();
+        assert!(q.len() >= n * dk, "attention_rows_part: q too short");
+        assert!(out.len() >= n * dv, "attention_rows_part: out too short");
+        assert!(ml.len() >= 2 * n, "attention_rows_part: ml too short");
+        // The last key any row sees.
+        let hi = last
+            .iter()
+            .map(|&l| l as usize)
+            .filter(|&l| l >= keys_from)
+            .max();
+        if let Some(hi) = hi.map(|h| h.min(keys_to.saturating_sub(1))) {
+            assert!(
+                keys.len() >= hi * k_stride + dk,
+                "attention_rows_part: keys too short"
+            );
+            assert!(
+                values.len() >= hi * v_stride + dv,
+                "attention_rows_part: values too short"
+            );
+        }
+        let simd = dk % 8 == 0 && dv % 16 == 0 && dk > 0;
+        dispatch!(self,
+            scalar => reference::attention_rows_part(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, keys_from, keys_to, out, dv, ml),
+            avx2 => if simd {
+                x86::avx2_attn::attention_rows_part(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, keys_from, keys_to, out, dv, ml)
+            } else {
+                reference::attention_rows_part(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, keys_from, keys_to, out, dv, ml)
+            },
+        )
+    }
+
+    /// Merges the parts of [`Kernels::attention_rows_part`] over disjoint key ranges into
+    /// `out` (`n_rows` rows of `dv`): see [`reference::attention_merge`] for the layout of
+    /// `parts` and the formula. Every path runs the scalar version (a few hundred floats).
+    ///
+    /// # Panics
+    /// If `parts` is not whole parts of `n_rows * (dv + 2)` floats or `out` is too short.
+    pub fn attention_merge(&self, parts: &[f32], n_rows: usize, dv: usize, out: &mut [f32]) {
+        let stride = n_rows * (dv + 2);
+        assert!(
+            stride > 0 && parts.len() % stride == 0,
+            "attention_merge: parts must be whole parts"
+        );
+        assert!(out.len() >= n_rows * dv, "attention_merge: out too short");
+        reference::attention_merge(parts, n_rows, dv, out)
+    }
+
     /// GeGLU in place: `gate[i] = gelu_tanh(gate[i]) * up[i]`, through ggml's f16 GELU table
     /// (see [`reference::geglu`]).
     pub fn geglu(&self, gate: &mut [f32], up: &[f32]) {

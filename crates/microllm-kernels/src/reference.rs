@@ -842,9 +842,6 @@ pub fn attention_f16(
     }
 }
 
-/// A flash-attention score: `dot * scale`, or with soft-capping `cap * tanh(dot * (scale / cap))`
-/// (ggml folds 1/cap into the scale first).
-#[inline]
 /// Attention of several query rows (`q`: `last.len()` rows of `dk`) over shared f16 keys and
 /// values: row `r` sees keys `first..=last[r]` (`first = last[r] + 1 - window` when
 /// `window > 0`, else 0) and gets `softmax(softcap_score(q·k)) · v` in `out` (rows of `dv`).
@@ -898,6 +895,104 @@ pub fn attention_rows(
     }
 }
 
+/// The specification of `Kernels::attention_rows_part`: [`attention_rows`] restricted to the
+/// keys `keys_from..keys_to`, without the final division. Row `r` sees the keys of
+/// `first..=last[r]` that lie in the range; with `s_j` their scores, it gets
+/// `ml[2r] = m = max s_j`, `ml[2r + 1] = l = sum exp(s_j - m)` and `out` row
+/// `sum exp(s_j - m) · v_j`. A row that sees no key gets `m = -inf`, `l = 0` and zeros.
+/// [`attention_merge`] combines the parts of a key range split this way.
+pub fn attention_rows_part(
+    q: &[f32],
+    dk: usize,
+    last: &[u32],
+    window: usize,
+    keys: &[f16],
+    k_stride: usize,
+    values: &[f16],
+    v_stride: usize,
+    scale: f32,
+    softcap: f32,
+    keys_from: usize,
+    keys_to: usize,
+    out: &mut [f32],
+    dv: usize,
+    ml: &mut [f32],
+) {
+    for (r, &l) in last.iter().enumerate() {
+        let l = l as usize;
+        let first = if window > 0 {
+            (l + 1).saturating_sub(window)
+        } else {
+            0
+        };
+        let (a, b) = (first.max(keys_from), (l + 1).min(keys_to));
+        let qr = &q[r * dk..(r + 1) * dk];
+        let scores: Vec<f32> = (a..b.max(a))
+            .map(|j| {
+                let k = &keys[j * k_stride..j * k_stride + dk];
+                let dot: f32 = qr.iter().zip(k).map(|(x, y)| x * y.to_f32()).sum();
+                softcap_score(dot, scale, softcap)
+            })
+            .collect();
+        let m = scores.iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
+        let o = &mut out[r * dv..(r + 1) * dv];
+        o.fill(0.0);
+        let mut sum = 0.0f32;
+        for (i, s) in scores.iter().enumerate() {
+            let p = (s - m).exp();
+            sum += p;
+            let v = &values[(a + i) * v_stride..(a + i) * v_stride + dv];
+            for (ov, vv) in o.iter_mut().zip(v) {
+                *ov += p * vv.to_f32();
+            }
+        }
+        ml[2 * r] = m;
+        ml[2 * r + 1] = sum;
+    }
+}
+
+/// Combines the partial results of [`attention_rows_part`] over disjoint key ranges into the
+/// attention over their union: `parts` holds `n_parts` blocks of `n_rows * (dv + 2)` floats,
+/// each the part's `out` (`n_rows` rows of `dv`) followed by its `ml` (`2 * n_rows`). With
+/// `M = max m_p`, row `r` of `out` is `sum_p exp(m_p - M) o_p / sum_p exp(m_p - M) l_p`
+/// (zeros when no part saw a key).
+pub fn attention_merge(parts: &[f32], n_rows: usize, dv: usize, out: &mut [f32]) {
+    let stride = n_rows * (dv + 2);
+    let n_parts = parts.len() / stride;
+    for r in 0..n_rows {
+        let ml = |p: usize| {
+            let b = p * stride + n_rows * dv + 2 * r;
+            (parts[b], parts[b + 1])
+        };
+        let m = (0..n_parts).fold(f32::NEG_INFINITY, |a, p| a.max(ml(p).0));
+        let o = &mut out[r * dv..(r + 1) * dv];
+        o.fill(0.0);
+        if m == f32::NEG_INFINITY {
+            continue;
+        }
+        let mut sum = 0.0f32;
+        for p in 0..n_parts {
+            let (mp, lp) = ml(p);
+            if mp == f32::NEG_INFINITY {
+                continue;
+            }
+            let c = (mp - m).exp();
+            sum += c * lp;
+            let src = &parts[p * stride + r * dv..p * stride + (r + 1) * dv];
+            for (ov, &s) in o.iter_mut().zip(src) {
+                *ov += c * s;
+            }
+        }
+        let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+        for ov in o.iter_mut() {
+            *ov *= inv;
+        }
+    }
+}
+
+/// A flash-attention score: `dot * scale`, or with soft-capping `cap * tanh(dot * (scale / cap))`
+/// (ggml folds 1/cap into the scale first).
+#[inline]
 pub fn softcap_score(dot: f32, scale: f32, softcap: f32) -> f32 {
     if softcap != 0.0 {
         softcap * (dot * (scale / softcap)).tanh()

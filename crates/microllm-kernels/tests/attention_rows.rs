@@ -147,3 +147,136 @@ fn short_inputs_panic() {
     });
     assert!(r.is_err());
 }
+
+/// `attention_rows_part` over `from..to`: (unnormalised out, ml).
+fn run_part(
+    k: &microllm_kernels::Kernels,
+    c: &Case,
+    window: usize,
+    softcap: f32,
+    from: usize,
+    to: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let n = c.last.len();
+    let (mut out, mut ml) = (vec![f32::NAN; n * c.dv], vec![f32::NAN; 2 * n]);
+    k.attention_rows_part(
+        &c.q,
+        c.dk,
+        &c.last,
+        window,
+        &c.keys,
+        c.stride_k,
+        &c.values,
+        c.stride_v,
+        1.0 / (c.dk as f32).sqrt(),
+        softcap,
+        from,
+        to,
+        &mut out,
+        c.dv,
+        &mut ml,
+    );
+    (out, ml)
+}
+
+/// Splits `0..n_kv` into `n_parts` ranges, runs each part and merges them.
+fn run_split(
+    k: &microllm_kernels::Kernels,
+    c: &Case,
+    window: usize,
+    softcap: f32,
+    n_kv: usize,
+    n_parts: usize,
+) -> Vec<f32> {
+    let n = c.last.len();
+    let mut parts = Vec::new();
+    for p in 0..n_parts {
+        let (from, to) = (p * n_kv / n_parts, (p + 1) * n_kv / n_parts);
+        let (o, ml) = run_part(k, c, window, softcap, from, to);
+        parts.extend_from_slice(&o);
+        parts.extend_from_slice(&ml);
+    }
+    let mut out = vec![f32::NAN; n * c.dv];
+    k.attention_merge(&parts, n, c.dv, &mut out);
+    out
+}
+
+#[test]
+fn avx2_part_matches_the_specification() {
+    let Some(fast) = avx2() else { return };
+    let s = scalar();
+    for (dk, dv) in [(64, 64), (256, 256), (8, 16)] {
+        // Decode-like groups (9 heads per KV head for SmolLM2, 4 for Gemma 3) and odd counts.
+        for (n_rows, n_kv) in [(1, 1), (4, 37), (9, 101), (9, 300), (33, 70)] {
+            for (window, softcap) in [(0, 0.0), (50, 0.0), (0, 30.0)] {
+                let c = case(dk, dv, n_rows, n_kv, (dk * 5 + n_rows * 11 + n_kv) as u64);
+                for (from, to) in [(0, n_kv), (n_kv / 3, n_kv), (1, n_kv / 2 + 1), (n_kv, n_kv)] {
+                    let (wo, wml) = run_part(&s, &c, window, softcap, from, to);
+                    let (go, gml) = run_part(&fast, &c, window, softcap, from, to);
+                    let ctx = format!(
+                        "dk={dk} rows={n_rows} kv={n_kv} win={window} cap={softcap} {from}..{to}"
+                    );
+                    for r in 0..n_rows {
+                        let (wm, wl) = (wml[2 * r], wml[2 * r + 1]);
+                        let (gm, gl) = (gml[2 * r], gml[2 * r + 1]);
+                        if wm == f32::NEG_INFINITY {
+                            assert!(gm == f32::NEG_INFINITY && gl == 0.0, "{ctx} row {r}");
+                        } else {
+                            assert!((gm - wm).abs() <= 2e-5 * (1.0 + wm.abs()), "{ctx} m {r}");
+                            assert!((gl - wl).abs() <= 2e-5 * (1.0 + wl.abs()), "{ctx} l {r}");
+                        }
+                        for d in 0..dv {
+                            let (g, w) = (go[r * dv + d], wo[r * dv + d]);
+                            // Unnormalised: relative to the row's sum of weights.
+                            assert!(
+                                (g - w).abs() <= 2e-5 * (1.0 + wl),
+                                "{ctx} [{r},{d}]: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn split_and_unsplit_agree() {
+    let kernels: Vec<_> = [Some(scalar()), avx2()].into_iter().flatten().collect();
+    for k in &kernels {
+        for (dk, dv, n_rows) in [(64, 64, 9), (256, 256, 4)] {
+            for n_kv in [5, 97, 513] {
+                for (window, softcap) in [(0, 0.0), (40, 0.0), (0, 50.0)] {
+                    let c = case(dk, dv, n_rows, n_kv, (n_kv * 3 + dk) as u64);
+                    let want = run(k, &c, window, softcap);
+                    for n_parts in [1, 2, 3, 7] {
+                        let got = run_split(k, &c, window, softcap, n_kv, n_parts);
+                        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                                "{:?} dk={dk} kv={n_kv} win={window} cap={softcap} \
+                                 parts={n_parts} [{i}]: {g} vs {w}",
+                                k.path()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn merge_of_nothing_is_zero() {
+    // Every part saw no key (m = -inf, l = 0): zeros, not NaN.
+    let (n_rows, dv) = (2, 16);
+    let mut parts = vec![0f32; 3 * n_rows * (dv + 2)];
+    for p in 0..3 {
+        for r in 0..n_rows {
+            parts[p * n_rows * (dv + 2) + n_rows * dv + 2 * r] = f32::NEG_INFINITY;
+        }
+    }
+    let mut out = vec![f32::NAN; n_rows * dv];
+    scalar().attention_merge(&parts, n_rows, dv, &mut out);
+    assert!(out.iter().all(|&v| v == 0.0));
+}

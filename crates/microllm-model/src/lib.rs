@@ -194,6 +194,11 @@ impl Model {
             }
         }
         state::act_type(&model, model.weights.output.ty)?;
+        // The tiled attention's per-thread buffers, grown now so that no decode step allocates.
+        let (dk, dv) = (model.config.head_dim, model.config.head_dim_v);
+        model
+            .pool
+            .broadcast(&|_| model.kernels.reserve_attention(dk, dv));
         Ok(model)
     }
 
@@ -232,6 +237,10 @@ impl Model {
 
     /// A fresh sequence state (KV cache + its own activations for [`Model::forward`]).
     pub fn new_state(&self, opts: StateOptions) -> Result<State, ModelError> {
+        // The calling thread runs part of every forward: its attention buffers too (see
+        // `from_gguf`), in case it is not the thread that loaded the model.
+        let (dk, dv) = (self.config.head_dim, self.config.head_dim_v);
+        self.kernels.reserve_attention(dk, dv);
         State::new(self, opts)
     }
 

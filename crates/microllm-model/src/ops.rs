@@ -412,10 +412,122 @@ pub(crate) fn attention_any(
     let f16_kv = seqs
         .iter()
         .all(|s| matches!(s.state.kv, KvCache::F16 { .. }));
-    if rows.len() >= 2 && !ctx.exact && !ctx.invariant && f16_kv {
+    // Continuous batching (`invariant`) keeps the per-row exact attention: the tiled paths'
+    // results depend on how a prompt is chunked, which depends on the other requests.
+    let fast = !ctx.exact && !ctx.invariant && f16_kv;
+    if rows.len() == 1 && fast {
+        attention_decode(ctx, sh, q, rows[0], seqs, il, bufs, out);
+    } else if rows.len() >= 2 && fast {
         attention_rows(ctx, sh, q, rows, seqs, il, bufs, out);
     } else {
         attention(ctx, sh, q, rows, seqs, il, out);
+    }
+}
+
+/// Most parts the keys of one KV head are split into by [`attention_decode`].
+pub(crate) const DECODE_MAX_PARTS: usize = 8;
+/// Fewest keys per part of [`attention_decode`]: below, a part costs more in pool and merge
+/// overhead than it saves.
+const DECODE_MIN_PART_KEYS: usize = 256;
+
+/// Attention of one token (decode), microllm's fast path: the `n_rep` query heads sharing a KV
+/// head are the rows of one `Kernels::attention_rows` call, so each key and value is
+/// converted once for all of them. With a long context every KV head's keys are also split
+/// into parts run on different threads (flash-decoding), each returning its score maximum,
+/// sum of exponentials and unnormalised output, merged afterwards with log-sum-exp
+/// rescaling, so every thread is busy even with a single KV head. Not llama.cpp-exact (see
+/// [`attention`]); f16 caches only.
+pub(crate) fn attention_decode(
+    ctx: Ctx<'_>,
+    sh: AttnShape,
+    q: &[f32],
+    row: Row,
+    seqs: &[SeqBatch<'_>],
+    il: usize,
+    b: AttnBufs<'_>,
+    out: &mut [f32],
+) {
+    let (dk, dv) = (sh.head_dim, sh.head_dim_v);
+    let k_dim = sh.n_head_kv * dk;
+    let v_dim = sh.n_head_kv * dv;
+    let n_rep = sh.n_head / sh.n_head_kv;
+    let state = &*seqs[row.seq].state;
+    let n_ctx = state.n_ctx;
+    let KvCache::F16 { k, v } = &state.kv else {
+        unreachable!("attention_any routes only f16 caches here")
+    };
+    let (k, v) = (k.reinterpret_cast::<f16>(), v.reinterpret_cast::<f16>());
+    let kc = &k[il * n_ctx * k_dim..(il + 1) * n_ctx * k_dim];
+    let vc = &v[il * n_ctx * v_dim..(il + 1) * n_ctx * v_dim];
+    let window = sh.window.unwrap_or(0);
+    let start = if window > 0 {
+        (row.pos + 1).saturating_sub(window)
+    } else {
+        0
+    };
+    let n_kv = row.pos + 1 - start;
+    // Enough parts for about two tasks per thread, each of at least DECODE_MIN_PART_KEYS
+    // (none on one thread: a split only adds work there).
+    let n_threads = ctx.pool.n_threads();
+    let want = if n_threads > 1 {
+        (2 * n_threads).div_ceil(sh.n_head_kv)
+    } else {
+        1
+    };
+    let n_parts = want
+        .min(n_kv / DECODE_MIN_PART_KEYS)
+        .clamp(1, DECODE_MAX_PARTS);
+    let last = &mut b.last[..n_rep];
+    last.fill(row.pos as u32);
+    let last = &*last;
+    let kernels = ctx.kernels;
+    let out = &mut out[..sh.n_head * dv];
+    if n_parts == 1 {
+        ctx.pool.for_each_chunk_mut(out, n_rep * dv, |g, o| {
+            kernels.attention_rows(
+                &q[g * n_rep * dk..(g + 1) * n_rep * dk],
+                dk,
+                last,
+                window,
+                &kc[g * dk..],
+                k_dim,
+                &vc[g * dv..],
+                v_dim,
+                sh.scale,
+                sh.softcap,
+                o,
+                dv,
+            );
+        });
+        return;
+    }
+    // Task i: KV head i / n_parts, keys of part i % n_parts.
+    let part_len = n_rep * (dv + 2);
+    let parts = &mut b.parts[..sh.n_head_kv * n_parts * part_len];
+    ctx.pool.for_each_chunk_mut(parts, part_len, |i, p| {
+        let (g, part) = (i / n_parts, i % n_parts);
+        let (o, ml) = p.split_at_mut(n_rep * dv);
+        kernels.attention_rows_part(
+            &q[g * n_rep * dk..(g + 1) * n_rep * dk],
+            dk,
+            last,
+            window,
+            &kc[g * dk..],
+            k_dim,
+            &vc[g * dv..],
+            v_dim,
+            sh.scale,
+            sh.softcap,
+            start + part * n_kv / n_parts,
+            start + (part + 1) * n_kv / n_parts,
+            o,
+            dv,
+            ml,
+        );
+    });
+    for (g, o) in out.chunks_exact_mut(n_rep * dv).enumerate() {
+        let gp = &parts[g * n_parts * part_len..(g + 1) * n_parts * part_len];
+        kernels.attention_merge(gp, n_rep, dv, o);
     }
 }
 
@@ -432,6 +544,8 @@ pub(crate) struct AttnBufs<'a> {
     /// Per regrouped row: the last key it sees and its (sequence, KV head) group.
     pub last: &'a mut [u32],
     pub grp: &'a mut [u32],
+    /// Partial results of [`attention_decode`]: `n_head * DECODE_MAX_PARTS * (head_dim_v + 2)`.
+    pub parts: &'a mut [f32],
 }
 
 /// Causal attention like [`attention`], microllm's fast path for batches: the query rows that

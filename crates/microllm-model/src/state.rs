@@ -91,16 +91,16 @@ pub(crate) enum KvCache {
 #[derive(Default)]
 pub struct Scratch {
     pub(crate) n_rows: usize,
-    pub(crate) x: Vec<f32>,         // (n_rows, n_embd) residual stream
-    pub(crate) xn: Vec<f32>,        // (n_rows, n_embd) normalised input of a sub-block
-    pub(crate) q: Vec<f32>,         // (n_rows, q_dim)
-    pub(crate) k: Vec<f32>,         // (n_rows, k_dim)
-    pub(crate) v: Vec<f32>,         // (n_rows, v_dim)
-    pub(crate) attn: Vec<f32>,      // (n_rows, n_head * head_dim_v)
-    pub(crate) gate: Vec<f32>,      // (n_rows, n_ff)
-    pub(crate) up: Vec<f32>,        // (n_rows, n_ff)
-    pub(crate) act_q: Vec<u8>,      // (n_rows, activation row bytes) quantized matmul input
-    pub(crate) scratch: Vec<f32>,   // matmul output transposed per row chunk
+    pub(crate) x: Vec<f32>,          // (n_rows, n_embd) residual stream
+    pub(crate) xn: Vec<f32>,         // (n_rows, n_embd) normalised input of a sub-block
+    pub(crate) q: Vec<f32>,          // (n_rows, q_dim)
+    pub(crate) k: Vec<f32>,          // (n_rows, k_dim)
+    pub(crate) v: Vec<f32>,          // (n_rows, v_dim)
+    pub(crate) attn: Vec<f32>,       // (n_rows, n_head * head_dim_v)
+    pub(crate) gate: Vec<f32>,       // (n_rows, n_ff)
+    pub(crate) up: Vec<f32>,         // (n_rows, n_ff)
+    pub(crate) act_q: Vec<u8>,       // (n_rows, activation row bytes) quantized matmul input
+    pub(crate) scratch: Vec<f32>,    // matmul output transposed per row chunk
     pub(crate) rope_cos: Vec<f32>, // (2, n_rows, n_rot/2): global layers, then sliding-window layers
     pub(crate) rope_sin: Vec<f32>, // (2, n_rows, n_rot/2)
     pub(crate) rows: Vec<Row>,     // (n_rows) which sequence and position each row is
@@ -108,6 +108,7 @@ pub struct Scratch {
     pub(crate) attn_tmp: Vec<f32>, // (n_rows * n_head, head_dim_v) batched attention output, regrouped
     pub(crate) attn_last: Vec<u32>, // (n_rows * n_head) last visible key per regrouped query row
     pub(crate) attn_grp: Vec<u32>, // (n_rows * n_head) (sequence, KV head) of each regrouped row
+    pub(crate) attn_parts: Vec<f32>, // (n_head * DECODE_MAX_PARTS, head_dim_v + 2) split decode attention
 }
 
 /// One token row of a batched forward.
@@ -162,6 +163,7 @@ impl Scratch {
             attn_tmp: vec![0.0; n_rows * c.n_head * c.head_dim_v],
             attn_last: vec![0; n_rows * c.n_head],
             attn_grp: vec![0; n_rows * c.n_head],
+            attn_parts: vec![0.0; c.n_head * crate::ops::DECODE_MAX_PARTS * (c.head_dim_v + 2)],
         })
     }
 

@@ -20,6 +20,8 @@ use super::avx2::expf8_pub as expf8;
 struct Scratch {
     /// Transposed queries `[dk][TR]`.
     qt: Vec<f32>,
+    /// The same queries row-major `[TR][dk]` (for a last chunk of few rows).
+    qr: Vec<f32>,
     /// Output accumulators `[TR][dv]`.
     acc: Vec<f32>,
     /// One tile of keys `[TK][dk]` and values `[TK][dv]` in f32.
@@ -31,13 +33,25 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// The first 8 floats of `s` (panics if shorter).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn ld8(s: &[f32]) -> __m256 {
-    let s = &s[..8];
-    // SAFETY: 8 readable floats (sliced above).
-    unsafe { _mm256_loadu_ps(s.as_ptr()) }
+impl Scratch {
+    /// Room for heads of `dk`/`dv` (never shrinks).
+    fn grow(&mut self, dk: usize, dv: usize) {
+        let grow = |v: &mut Vec<f32>, n: usize| {
+            if v.len() < n {
+                v.resize(n, 0.0);
+            }
+        };
+        grow(&mut self.qt, dk * TR);
+        grow(&mut self.qr, dk * TR);
+        grow(&mut self.acc, dv * TR);
+        grow(&mut self.kf, dk * TK);
+        grow(&mut self.vf, dv * TK);
+    }
+}
+
+/// Grows this thread's buffers for heads of `dk`/`dv` (`Kernels::reserve_attention`).
+pub(crate) fn reserve(dk: usize, dv: usize) {
+    SCRATCH.with(|cell| cell.borrow_mut().grow(dk, dv));
 }
 
 /// The first 8 ints of `s` (panics if shorter).
@@ -72,32 +86,105 @@ pub(crate) unsafe fn attention_rows(
     out: &mut [f32],
     dv: usize,
 ) {
+    let sh = Shape {
+        dk,
+        dv,
+        window,
+        k_stride,
+        v_stride,
+        scale,
+        softcap,
+        from: 0,
+        to: usize::MAX,
+    };
+    // SAFETY: same CPU contract.
+    unsafe { rows(&sh, q, last, keys, values, out, None) }
+}
+
+/// See `Kernels::attention_rows_part` (shapes checked there). `dk % 8 == 0`, `dv % 16 == 0`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn attention_rows_part(
+    q: &[f32],
+    dk: usize,
+    last: &[u32],
+    window: usize,
+    keys: &[f16],
+    k_stride: usize,
+    values: &[f16],
+    v_stride: usize,
+    scale: f32,
+    softcap: f32,
+    keys_from: usize,
+    keys_to: usize,
+    out: &mut [f32],
+    dv: usize,
+    ml: &mut [f32],
+) {
+    let sh = Shape {
+        dk,
+        dv,
+        window,
+        k_stride,
+        v_stride,
+        scale,
+        softcap,
+        from: keys_from,
+        to: keys_to,
+    };
+    // SAFETY: same CPU contract.
+    unsafe { rows(&sh, q, last, keys, values, out, Some(ml)) }
+}
+
+/// The scalar parameters of one call.
+#[derive(Clone, Copy)]
+struct Shape {
+    dk: usize,
+    dv: usize,
+    window: usize,
+    k_stride: usize,
+    v_stride: usize,
+    scale: f32,
+    softcap: f32,
+    /// Only keys `from..to` are seen.
+    from: usize,
+    to: usize,
+}
+
+/// All the rows, [`TR`] at a time; `ml` as in `attention_rows_part` (then `out` is not
+/// divided by the sums).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows(
+    sh: &Shape,
+    q: &[f32],
+    last: &[u32],
+    keys: &[f16],
+    values: &[f16],
+    out: &mut [f32],
+    mut ml: Option<&mut [f32]>,
+) {
+    let (dk, dv) = (sh.dk, sh.dv);
     let n = last.len();
     let mut r0 = 0;
     SCRATCH.with(|cell| {
         let sc = &mut *cell.borrow_mut();
-        sc.qt.resize(dk * TR, 0.0);
-        sc.acc.resize(dv * TR, 0.0);
-        sc.kf.resize(dk * TK, 0.0);
-        sc.vf.resize(dv * TK, 0.0);
+        sc.grow(dk, dv);
         while r0 < n {
             let nr = TR.min(n - r0);
+            let ml = ml.as_deref_mut().map(|m| &mut m[2 * r0..2 * (r0 + nr)]);
             // SAFETY: same CPU contract; the caller checked every slice against `last`/`n`.
             unsafe {
                 group(
                     sc,
+                    sh,
                     &q[r0 * dk..(r0 + nr) * dk],
-                    dk,
                     &last[r0..r0 + nr],
-                    window,
                     keys,
-                    k_stride,
                     values,
-                    v_stride,
-                    scale,
-                    softcap,
                     &mut out[r0 * dv..(r0 + nr) * dv],
-                    dv,
+                    ml,
                 )
             };
             r0 += nr;
@@ -110,19 +197,25 @@ pub(crate) unsafe fn attention_rows(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn group(
     sc: &mut Scratch,
+    sh: &Shape,
     q: &[f32],
-    dk: usize,
     last: &[u32],
-    window: usize,
     keys: &[f16],
-    k_stride: usize,
     values: &[f16],
-    v_stride: usize,
-    scale: f32,
-    softcap: f32,
     out: &mut [f32],
-    dv: usize,
+    ml: Option<&mut [f32]>,
 ) {
+    let Shape {
+        dk,
+        dv,
+        window,
+        k_stride,
+        v_stride,
+        scale,
+        softcap,
+        from,
+        to,
+    } = *sh;
     let nr = last.len();
     let nch = nr.div_ceil(8);
     // Transposed, pre-scaled queries: qt[d * TR + r] (rows past nr are zero).
@@ -133,6 +226,13 @@ unsafe fn group(
             qt[d * TR + r] = q[r * dk + d] * if softcap != 0.0 { 1.0 } else { scale };
         }
     }
+    let qr = &mut sc.qr[..dk * TR];
+    for r in 0..nr {
+        for d in 0..dk {
+            qr[r * dk + d] = qt[d * TR + r];
+        }
+    }
+    let qr = &*sc.qr;
     // Visible key range per row: first..=last (rows past nr see nothing).
     let mut lo_v = [i32::MAX; TR];
     let mut hi_v = [-1i32; TR];
@@ -144,10 +244,15 @@ unsafe fn group(
         } else {
             0
         };
+        // Restricted to from..to; an empty range leaves lo_v > hi_v (nothing visible).
+        let (f, e) = (f.max(from), (l + 1).min(to));
+        if f >= e {
+            continue;
+        }
         lo_v[r] = f as i32;
-        hi_v[r] = l as i32;
+        hi_v[r] = (e - 1) as i32;
         lo = lo.min(f);
-        hi = hi.max(l + 1);
+        hi = hi.max(e);
     }
     let acc = &mut sc.acc[..TR * dv];
     acc[..nr * dv].fill(0.0);
@@ -180,35 +285,18 @@ unsafe fn group(
                 }
             }
         }
+        // Scores of every row against the tile's keys: s[c][jj] = rows c*8.. of key j0 + jj.
+        let mut s = [[_mm256_setzero_ps(); TK]; TR / 8];
+        // SAFETY: same CPU contract; qt holds dk x TR floats, kf nk rows of dk.
+        unsafe { tile_scores(nr, qt, qr, kf, dk, nk, &mut s) };
+        // Per chunk of 8 rows: soft-capping, masking, running maximum, exponentials.
+        // p[jj][r]: weight of key j0 + jj for row r; cr[r]: rescaling of row r's accumulator.
+        let mut p = [[0.0f32; TR]; TK];
+        let mut cr = [0.0f32; TR];
         for c in 0..nch {
             let lov = ld8i(&lo_v[c * 8..]);
             let hiv = ld8i(&hi_v[c * 8..]);
-            // Scores: s[jj] = 8 rows of key j0 + jj.
-            let mut s = [_mm256_setzero_ps(); TK];
-            let mut jj = 0;
-            while jj < nk {
-                if jj + 4 <= nk {
-                    let mut a = [_mm256_setzero_ps(); 4];
-                    for d in 0..dk {
-                        let qv = ld8(&qt[d * TR + c * 8..]);
-                        for (u, au) in a.iter_mut().enumerate() {
-                            let kv = _mm256_set1_ps(kf[(jj + u) * dk + d]);
-                            *au = _mm256_fmadd_ps(kv, qv, *au);
-                        }
-                    }
-                    s[jj..jj + 4].copy_from_slice(&a);
-                    jj += 4;
-                } else {
-                    let mut a = _mm256_setzero_ps();
-                    for d in 0..dk {
-                        let qv = ld8(&qt[d * TR + c * 8..]);
-                        a = _mm256_fmadd_ps(_mm256_set1_ps(kf[jj * dk + d]), qv, a);
-                    }
-                    s[jj] = a;
-                    jj += 1;
-                }
-            }
-            // Soft-capping, masking, running maximum.
+            let s = &mut s[c];
             let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
             let mut valid = [_mm256_setzero_ps(); TK];
             let mut mt = ninf;
@@ -241,61 +329,21 @@ unsafe fn group(
                 expf8(_mm256_sub_ps(m_old, m_safe)),
                 _mm256_cmp_ps::<_CMP_NEQ_OQ>(m_old, ninf),
             );
-            let mut p = [[0.0f32; 8]; TK];
             let mut psum = _mm256_setzero_ps();
             for jj in 0..nk {
                 let e = _mm256_and_ps(expf8(_mm256_sub_ps(s[jj], m_safe)), valid[jj]);
                 psum = _mm256_add_ps(psum, e);
-                // SAFETY: 8 writable floats.
-                unsafe { _mm256_storeu_ps(p[jj].as_mut_ptr(), e) };
+                // SAFETY: 8 writable floats at c * 8 < TR.
+                unsafe { _mm256_storeu_ps(p[jj][c * 8..].as_mut_ptr(), e) };
             }
             l[c] = _mm256_fmadd_ps(l[c], corr, psum);
             m[c] = m_new;
-            let mut cr = [0.0f32; 8];
-            // SAFETY: 8 writable floats.
-            unsafe { _mm256_storeu_ps(cr.as_mut_ptr(), corr) };
-            // acc[row] = acc[row] * corr + sum_jj p[jj][row] * v[jj], two rows at a time.
-            let rows = (nr - c * 8).min(8);
-            let mut i = 0;
-            while i < rows {
-                let two = i + 1 < rows;
-                let (ra, rb) = (c * 8 + i, c * 8 + i + 1);
-                for d0 in (0..dv).step_by(16) {
-                    let ap = acc.as_mut_ptr();
-                    // SAFETY: rows ra, rb < TR and d0 + 16 <= dv: inside acc (TR rows of dv).
-                    unsafe {
-                        let ca = _mm256_set1_ps(cr[i]);
-                        let mut a0 = _mm256_mul_ps(_mm256_loadu_ps(ap.add(ra * dv + d0)), ca);
-                        let mut a1 = _mm256_mul_ps(_mm256_loadu_ps(ap.add(ra * dv + d0 + 8)), ca);
-                        let (mut b0, mut b1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                        if two {
-                            let cb = _mm256_set1_ps(cr[i + 1]);
-                            b0 = _mm256_mul_ps(_mm256_loadu_ps(ap.add(rb * dv + d0)), cb);
-                            b1 = _mm256_mul_ps(_mm256_loadu_ps(ap.add(rb * dv + d0 + 8)), cb);
-                        }
-                        for jj in 0..nk {
-                            let v0 = _mm256_loadu_ps(vf.as_ptr().add(jj * dv + d0));
-                            let v1 = _mm256_loadu_ps(vf.as_ptr().add(jj * dv + d0 + 8));
-                            let pa = _mm256_set1_ps(p[jj][i]);
-                            a0 = _mm256_fmadd_ps(pa, v0, a0);
-                            a1 = _mm256_fmadd_ps(pa, v1, a1);
-                            if two {
-                                let pb = _mm256_set1_ps(p[jj][i + 1]);
-                                b0 = _mm256_fmadd_ps(pb, v0, b0);
-                                b1 = _mm256_fmadd_ps(pb, v1, b1);
-                            }
-                        }
-                        _mm256_storeu_ps(ap.add(ra * dv + d0), a0);
-                        _mm256_storeu_ps(ap.add(ra * dv + d0 + 8), a1);
-                        if two {
-                            _mm256_storeu_ps(ap.add(rb * dv + d0), b0);
-                            _mm256_storeu_ps(ap.add(rb * dv + d0 + 8), b1);
-                        }
-                    }
-                }
-                i += 2;
-            }
+            // SAFETY: 8 writable floats at c * 8 < TR.
+            unsafe { _mm256_storeu_ps(cr[c * 8..].as_mut_ptr(), corr) };
         }
+        // acc[row] = acc[row] * corr + sum_jj p[jj][row] * v[jj], a few rows at a time.
+        // SAFETY: same CPU contract; acc holds TR rows of dv, vf nk rows of dv.
+        unsafe { tile_values(nr, acc, dv, &cr, &p, vf, nk) };
         j0 += nk;
     }
     let mut ls = [0.0f32; TR];
@@ -303,10 +351,297 @@ unsafe fn group(
         // SAFETY: 8 writable floats at c * 8 < TR.
         unsafe { _mm256_storeu_ps(ls[c * 8..].as_mut_ptr(), l[c]) };
     }
+    if let Some(ml) = ml {
+        let mut ms = [0.0f32; TR];
+        for c in 0..nch {
+            // SAFETY: 8 writable floats at c * 8 < TR.
+            unsafe { _mm256_storeu_ps(ms[c * 8..].as_mut_ptr(), m[c]) };
+        }
+        for r in 0..nr {
+            ml[2 * r] = ms[r];
+            ml[2 * r + 1] = ls[r];
+        }
+        out[..nr * dv].copy_from_slice(&acc[..nr * dv]);
+        return;
+    }
     for r in 0..nr {
         let inv = if ls[r] == 0.0 { 0.0 } else { 1.0 / ls[r] };
         for d in 0..dv {
             out[r * dv + d] = acc[r * dv + d] * inv;
         }
     }
+}
+
+/// Scores of a tile: `s[c][jj]` = the 8 rows of chunk `c` against key `jj` (of `nk`), from
+/// the transposed queries `qt` (`[dk][TR]`) and the keys `kf` (`[nk][dk]`). Several chunks
+/// and keys per pass keep about 8 independent FMA chains in flight. A last chunk of at most 4
+/// rows (GQA groups of 9 or 4 heads) takes dot products over the dimensions instead from the
+/// row-major queries `qr` (`[TR][dk]`), so its empty lanes cost nothing.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `qt` and `qr` hold `dk * TR` floats, `kf` `nk * dk`,
+/// `dk % 8 == 0`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_scores(
+    nr: usize,
+    qt: &[f32],
+    qr: &[f32],
+    kf: &[f32],
+    dk: usize,
+    nk: usize,
+    s: &mut [[__m256; TK]; TR / 8],
+) {
+    debug_assert!(qt.len() >= dk * TR && qr.len() >= dk * TR && kf.len() >= nk * dk);
+    let nch = nr.div_ceil(8);
+    let tail = nr - (nch - 1) * 8;
+    let full = if tail <= 4 { nch - 1 } else { nch };
+    // SAFETY: the contract of this function, forwarded to every arm.
+    unsafe {
+        match full {
+            0 => {}
+            1 => scores_c::<1, 8>(qt, kf, dk, nk, s),
+            2 => scores_c::<2, 4>(qt, kf, dk, nk, s),
+            3 => scores_c::<3, 2>(qt, kf, dk, nk, s),
+            _ => scores_c::<4, 2>(qt, kf, dk, nk, s),
+        }
+        if full < nch {
+            scores_dot(&qr[full * 8 * dk..], tail, kf, dk, nk, &mut s[full]);
+        }
+    }
+}
+
+/// Scores of `rows` (at most 8) row-major queries against the `nk` keys of `kf`, as
+/// `s[jj]` = the rows' scores of key `jj` in lanes `0..rows` (the others zero): 8 keys at a
+/// time, 8 independent dot products reduced together.
+///
+/// # Safety
+/// As [`tile_scores`]; `q` holds `rows * dk` floats.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_dot(
+    q: &[f32],
+    rows: usize,
+    kf: &[f32],
+    dk: usize,
+    nk: usize,
+    s: &mut [__m256; TK],
+) {
+    debug_assert!(q.len() >= rows * dk && rows <= 8);
+    let (qp, kp) = (q.as_ptr(), kf.as_ptr());
+    // t[jj][r]: score of key jj for row r.
+    let mut t = [[0.0f32; 8]; TK];
+    for r in 0..rows {
+        let mut jj = 0;
+        while jj + 8 <= nk {
+            let mut a = [_mm256_setzero_ps(); 8];
+            for d in (0..dk).step_by(8) {
+                // SAFETY: row r < rows, d + 8 <= dk: inside q.
+                let qv = unsafe { _mm256_loadu_ps(qp.add(r * dk + d)) };
+                for (u, au) in a.iter_mut().enumerate() {
+                    // SAFETY: key jj + u < nk, d + 8 <= dk: inside kf.
+                    let kv = unsafe { _mm256_loadu_ps(kp.add((jj + u) * dk + d)) };
+                    *au = _mm256_fmadd_ps(qv, kv, *au);
+                }
+            }
+            // Horizontal sums of a[0..8] into the lanes of one vector, in order.
+            let t0 = _mm256_hadd_ps(a[0], a[1]);
+            let t1 = _mm256_hadd_ps(a[2], a[3]);
+            let t2 = _mm256_hadd_ps(a[4], a[5]);
+            let t3 = _mm256_hadd_ps(a[6], a[7]);
+            let u0 = _mm256_hadd_ps(t0, t1);
+            let u1 = _mm256_hadd_ps(t2, t3);
+            let sum = _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(u0, u1),
+                _mm256_permute2f128_ps::<0x31>(u0, u1),
+            );
+            let mut b = [0.0f32; 8];
+            // SAFETY: 8 writable floats.
+            unsafe { _mm256_storeu_ps(b.as_mut_ptr(), sum) };
+            for u in 0..8 {
+                t[jj + u][r] = b[u];
+            }
+            jj += 8;
+        }
+        while jj < nk {
+            let mut a = _mm256_setzero_ps();
+            for d in (0..dk).step_by(8) {
+                // SAFETY: as above.
+                unsafe {
+                    a = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(qp.add(r * dk + d)),
+                        _mm256_loadu_ps(kp.add(jj * dk + d)),
+                        a,
+                    );
+                }
+            }
+            let mut b = [0.0f32; 8];
+            // SAFETY: 8 writable floats.
+            unsafe { _mm256_storeu_ps(b.as_mut_ptr(), a) };
+            t[jj][r] = b.iter().sum();
+            jj += 1;
+        }
+    }
+    for jj in 0..nk {
+        // SAFETY: 8 readable floats.
+        s[jj] = unsafe { _mm256_loadu_ps(t[jj].as_ptr()) };
+    }
+}
+
+/// [`tile_scores`] for `C` chunks, `K` keys per pass (then one at a time for the rest).
+///
+/// # Safety
+/// As [`tile_scores`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_c<const C: usize, const K: usize>(
+    qt: &[f32],
+    kf: &[f32],
+    dk: usize,
+    nk: usize,
+    s: &mut [[__m256; TK]; TR / 8],
+) {
+    let mut jj = 0;
+    while jj + K <= nk {
+        // SAFETY: keys jj..jj + K < nk.
+        unsafe { scores_block::<C, K>(qt, kf, dk, jj, s) };
+        jj += K;
+    }
+    while jj < nk {
+        // SAFETY: key jj < nk.
+        unsafe { scores_block::<C, 1>(qt, kf, dk, jj, s) };
+        jj += 1;
+    }
+}
+
+/// Scores of chunks `0..C` against keys `j..j + K`.
+///
+/// # Safety
+/// As [`tile_scores`], with `j + K <= nk`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_block<const C: usize, const K: usize>(
+    qt: &[f32],
+    kf: &[f32],
+    dk: usize,
+    j: usize,
+    s: &mut [[__m256; TK]; TR / 8],
+) {
+    let mut a = [[_mm256_setzero_ps(); K]; C];
+    let (qp, kp) = (qt.as_ptr(), kf.as_ptr());
+    for d in 0..dk {
+        let mut qv = [_mm256_setzero_ps(); C];
+        for (c, v) in qv.iter_mut().enumerate() {
+            // SAFETY: d < dk and c * 8 + 8 <= TR: inside qt.
+            *v = unsafe { _mm256_loadu_ps(qp.add(d * TR + c * 8)) };
+        }
+        for u in 0..K {
+            // SAFETY: key j + u < nk, d < dk: inside kf.
+            let kv = unsafe { _mm256_broadcast_ss(&*kp.add((j + u) * dk + d)) };
+            for c in 0..C {
+                a[c][u] = _mm256_fmadd_ps(kv, qv[c], a[c][u]);
+            }
+        }
+    }
+    for c in 0..C {
+        s[c][j..j + K].copy_from_slice(&a[c]);
+    }
+}
+
+/// `acc[r] = acc[r] * cr[r] + sum_jj p[jj][r] * vf[jj]` for rows `0..nr`, in blocks of up to
+/// 3 rows by 16 to 64 columns (about 8 to 12 independent accumulators).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `acc` holds `nr` rows of `dv` (`dv % 16 == 0`), `vf`
+/// `nk` rows of `dv`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_values(
+    nr: usize,
+    acc: &mut [f32],
+    dv: usize,
+    cr: &[f32; TR],
+    p: &[[f32; TR]; TK],
+    vf: &[f32],
+    nk: usize,
+) {
+    debug_assert!(acc.len() >= nr * dv && vf.len() >= nk * dv && dv % 16 == 0);
+    let mut r = 0;
+    while r < nr {
+        let left = nr - r;
+        // 3 rows unless that would leave 1 alone next (4 = 2 + 2).
+        let rows = if left >= 3 && left != 4 {
+            3
+        } else {
+            left.min(2)
+        };
+        let mut d0 = 0;
+        while d0 < dv {
+            let w = dv - d0;
+            // SAFETY: every arm gets rows r..r + rows <= nr and columns d0..d0 + 8B <= dv.
+            unsafe {
+                d0 += match (rows, w) {
+                    (3, 32..) => values_block::<3, 4>(acc, dv, r, d0, cr, p, vf, nk),
+                    (3, _) => values_block::<3, 2>(acc, dv, r, d0, cr, p, vf, nk),
+                    (2, 32..) => values_block::<2, 4>(acc, dv, r, d0, cr, p, vf, nk),
+                    (2, _) => values_block::<2, 2>(acc, dv, r, d0, cr, p, vf, nk),
+                    (_, 64..) => values_block::<1, 8>(acc, dv, r, d0, cr, p, vf, nk),
+                    (_, 32..) => values_block::<1, 4>(acc, dv, r, d0, cr, p, vf, nk),
+                    _ => values_block::<1, 2>(acc, dv, r, d0, cr, p, vf, nk),
+                };
+            }
+        }
+        r += rows;
+    }
+}
+
+/// Rows `r..r + R`, columns `d0..d0 + 8B` of [`tile_values`]; returns `8B`.
+///
+/// # Safety
+/// As [`tile_values`], with `r + R <= nr` and `d0 + 8B <= dv`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn values_block<const R: usize, const B: usize>(
+    acc: &mut [f32],
+    dv: usize,
+    r: usize,
+    d0: usize,
+    cr: &[f32; TR],
+    p: &[[f32; TR]; TK],
+    vf: &[f32],
+    nk: usize,
+) -> usize {
+    let ap = acc.as_mut_ptr();
+    let vp = vf.as_ptr();
+    let mut a = [[_mm256_setzero_ps(); B]; R];
+    for i in 0..R {
+        let c = _mm256_set1_ps(cr[r + i]);
+        for b in 0..B {
+            // SAFETY: row r + i, columns d0 + 8b..+8 inside acc.
+            a[i][b] = _mm256_mul_ps(
+                unsafe { _mm256_loadu_ps(ap.add((r + i) * dv + d0 + 8 * b)) },
+                c,
+            );
+        }
+    }
+    for jj in 0..nk {
+        let mut v = [_mm256_setzero_ps(); B];
+        for (b, vb) in v.iter_mut().enumerate() {
+            // SAFETY: value row jj < nk, columns inside dv.
+            *vb = unsafe { _mm256_loadu_ps(vp.add(jj * dv + d0 + 8 * b)) };
+        }
+        for i in 0..R {
+            let pi = _mm256_set1_ps(p[jj][r + i]);
+            for b in 0..B {
+                a[i][b] = _mm256_fmadd_ps(pi, v[b], a[i][b]);
+            }
+        }
+    }
+    for i in 0..R {
+        for b in 0..B {
+            // SAFETY: as the loads above.
+            unsafe { _mm256_storeu_ps(ap.add((r + i) * dv + d0 + 8 * b), a[i][b]) };
+        }
+    }
+    8 * B
 }

@@ -101,6 +101,7 @@ pub(crate) fn forward(
             og: &mut s.attn_tmp[..],
             last: &mut s.attn_last[..],
             grp: &mut s.attn_grp[..],
+            parts: &mut s.attn_parts[..],
         };
         ops::attention_any(ctx, shape, q, rows, seqs, il, bufs, attn);
         tap("kqv_out", il, attn);
