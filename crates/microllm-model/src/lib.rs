@@ -470,6 +470,45 @@ pub(crate) fn output_logits(
     }
     let xs = &mut gathered[..n_out * d];
     ops::rms_norm_in_place(xs, &w.output_norm, c.rms_eps);
+    let count_of = |sb: &SeqBatch<'_>| match sb.logits {
+        Logits::None => 0,
+        Logits::Last => 1,
+        Logits::All(_) => sb.tokens.len(),
+    };
+    // Several rows (continuous batching's decode rows): one projection for all of them, so
+    // the output matrix, often the largest, is read once per step, not once per sequence.
+    // Half the scratch holds the matmul's transposed chunks, the other half the logits.
+    let pair = scratch.len() / (2 * n_vocab);
+    if n_out >= 2 && pair >= 2 {
+        let (tmp, outb) = scratch.split_at_mut(pair * n_vocab);
+        let (mut si, mut j) = (0, 0); // the sequence and its row the next gathered row is
+        let mut g0 = 0;
+        while g0 < n_out {
+            let nt = pair.min(n_out - g0);
+            let src = &xs[g0 * d..(g0 + nt) * d];
+            input.invalidate();
+            obs.matmul_input(&w.output, src, nt);
+            let logits = &mut outb[..nt * n_vocab];
+            ops::matmul(ctx, &w.output, src, nt, input, tmp, logits);
+            for row in logits.chunks_exact_mut(n_vocab) {
+                final_softcap(c, row);
+                while j == count_of(&seqs[si]) {
+                    (si, j) = (si + 1, 0);
+                }
+                let sb = &mut seqs[si];
+                let last = j + 1 == count_of(sb);
+                if let Logits::All(buf) = &mut sb.logits {
+                    buf[j * n_vocab..(j + 1) * n_vocab].copy_from_slice(row);
+                }
+                if last {
+                    sb.state.logits.copy_from_slice(row);
+                }
+                j += 1;
+            }
+            g0 += nt;
+        }
+        return Ok(());
+    }
     // Project and scatter, `cols` rows at a time.
     let cols = (scratch.len() / n_vocab).max(1);
     let mut out_row = 0; // index into the gathered rows
