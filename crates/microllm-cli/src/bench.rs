@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
-use microllm_engine::{KvType, LoadedModel, Logits, State, StateOptions};
+use microllm_engine::{KvType, LoadedModel, Logits, SeqBatch, State, StateOptions};
 use serde::Serialize;
 
 use crate::ModelArgs;
@@ -48,6 +48,12 @@ pub struct BenchArgs {
     /// KV cache format: f16, or q8_0 (about half the memory, slightly less precise).
     #[arg(long = "kv-type", default_value = "f16", value_name = "f16|q8_0")]
     pub kv_type: KvType,
+    /// Sequences decoded together (continuous batching, like `microllm serve --parallel`):
+    /// with N, a tgM test runs N sequences of M tokens through one batched forward per step
+    /// (the server's numerics) and reports their aggregate tokens/s. Comma-separated; without
+    /// it generation runs one sequence through the single-sequence forward.
+    #[arg(long = "parallel", value_delimiter = ',')]
+    pub parallel: Vec<usize>,
     /// Print a JSON array (llama-bench field names) instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -65,6 +71,8 @@ struct Row {
     n_prompt: usize,
     n_gen: usize,
     n_depth: usize,
+    /// Sequences decoded together (0: the single-sequence forward).
+    n_parallel: usize,
     test: String,
     type_k: &'static str,
     type_v: &'static str,
@@ -122,18 +130,73 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let weight_read = lm.model.weight_bytes() - w.token_embd.n_bytes()
         + if w.tied_output { w.output.n_bytes() } else { 0 };
     let kv_per_pos = state.kv_bytes() as u64 / n_ctx as u64;
+    if a.parallel.contains(&0) {
+        anyhow::bail!("--parallel takes sequence counts of at least 1");
+    }
+    let max_par = a.parallel.iter().copied().max().unwrap_or(0);
+    // The parallel sequences' states and the batched forward's scratch (made once).
+    let mut par_states = (0..max_par)
+        .map(|_| {
+            lm.model.new_state(StateOptions {
+                n_ctx,
+                n_batch: a.batch,
+                kv_type: a.kv_type,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut par_scratch = if max_par > 0 {
+        Some(lm.model.new_scratch(max_par.max(a.batch))?)
+    } else {
+        None
+    };
     let mut rows = Vec::new();
-    let tokens = pseudo_random_tokens(max_depth + max_new, c.n_vocab);
+    let tokens = pseudo_random_tokens(max_depth + max_new + max_par, c.n_vocab);
     for &d in &a.depth {
+        let pars: Vec<usize> = if a.parallel.is_empty() {
+            vec![0]
+        } else {
+            a.parallel.clone()
+        };
         let tests = a
             .n_prompt
             .iter()
             .filter(|&&n| n > 0)
-            .map(|&n| (n, 0))
-            .chain(a.n_gen.iter().filter(|&&n| n > 0).map(|&n| (0, n)));
-        for (np, ng) in tests {
+            .map(|&n| (n, 0, 0))
+            .chain(
+                a.n_gen
+                    .iter()
+                    .filter(|&&n| n > 0)
+                    .flat_map(|&n| pars.iter().map(move |&p| (0, n, p))),
+            );
+        for (np, ng, par) in tests {
             let mut samples = Vec::with_capacity(a.reps);
             for rep in 0..=a.reps {
+                if par > 0 {
+                    let scratch = par_scratch.as_mut().expect("made when --parallel is set");
+                    let states = &mut par_states[..par];
+                    // Each sequence's context: the depth's tokens shifted by its index.
+                    for (i, st) in states.iter_mut().enumerate() {
+                        prepare_depth(&lm, st, &tokens[i..i + d])?;
+                    }
+                    let t0 = Instant::now();
+                    for step in 0..ng {
+                        let mut seqs: Vec<SeqBatch<'_>> = states
+                            .iter_mut()
+                            .enumerate()
+                            .map(|(i, st)| SeqBatch {
+                                state: st,
+                                tokens: std::slice::from_ref(&tokens[d + i + step]),
+                                logits: Logits::Last,
+                            })
+                            .collect();
+                        lm.model.forward_batch(scratch, &mut seqs)?;
+                    }
+                    let secs = t0.elapsed().as_secs_f64();
+                    if rep > 0 {
+                        samples.push((par * ng) as f64 / secs);
+                    }
+                    continue;
+                }
                 prepare_depth(&lm, &mut state, &tokens[..d])?;
                 let t0 = Instant::now();
                 if np > 0 {
@@ -157,6 +220,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             } else {
                 format!("tg{ng}")
             };
+            if par > 0 {
+                test.push_str(&format!(" x{par}"));
+            }
             if d > 0 {
                 test.push_str(&format!(" @ d{d}"));
             }
@@ -172,6 +238,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 n_prompt: np,
                 n_gen: ng,
                 n_depth: d,
+                n_parallel: par,
                 test,
                 type_k: a.kv_type.name(),
                 type_v: a.kv_type.name(),
@@ -181,7 +248,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 stddev_ts: sd,
                 samples_ts: samples,
                 bytes_per_token,
-                read_gbs: (ng > 0).then(|| bytes_per_token as f64 * avg / 1e9),
+                // A batched step reads the weights once for all its sequences.
+                read_gbs: (ng > 0).then(|| bytes_per_token as f64 * avg / par.max(1) as f64 / 1e9),
                 mem_read_gbs: mem_gbs,
             });
             if !a.json {

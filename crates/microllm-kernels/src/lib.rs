@@ -471,6 +471,96 @@ impl Kernels {
         )
     }
 
+    /// Fills the panels of a weight matrix once (`n_rows` rows of format `w_ty`, `k`
+    /// elements each), so that [`Kernels::gemm_packed`] can multiply batches without the fill
+    /// [`Kernels::gemm_panel`] does on every call — at about one byte per weight plus eight
+    /// per group of 32 (16 for Q2_K, Q3_K, Q6_K) of memory. `None` on paths without a packed
+    /// kernel (scalar) and for formats without a panel kernel.
+    ///
+    /// # Panics
+    /// If `w` is shorter than `n_rows` rows or `k` is not a multiple of the format's block.
+    pub fn pack_panels(
+        &self,
+        w_ty: GgmlType,
+        k: usize,
+        w: &[u8],
+        n_rows: usize,
+    ) -> Option<PackedPanels> {
+        let f = Fmt::of(w_ty).filter(|f| panel::PanelShape::of(*f).is_some())?;
+        let s = DotShape::new(w_ty, k);
+        let need = n_rows.checked_mul(s.w_row).expect("weight size overflows");
+        assert!(
+            w.len() >= need,
+            "pack_panels: weights have {} bytes, need {need}",
+            w.len()
+        );
+        match self.path {
+            KernelPath::Scalar => None,
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 => Some(PackedPanels {
+                ty: w_ty,
+                k,
+                n_rows,
+                // SAFETY: the Avx2 path is only built after detecting AVX2, FMA and F16C.
+                panels: unsafe { x86::avx2_panel::pack(f, k, &w[..need], s.w_row, n_rows) },
+            }),
+            #[cfg(not(target_arch = "x86_64"))]
+            KernelPath::Avx2 => unreachable!("the Avx2 path is never built off x86-64"),
+        }
+    }
+
+    /// [`Kernels::gemm_panel`] over rows `row0..row0 + n_rows` of a matrix packed by
+    /// [`Kernels::pack_panels`]: bit-identical to it, faster for more than
+    /// [`panel::DIRECT_MAX_COLS`] columns (no fill).
+    ///
+    /// # Panics
+    /// If `row0` is not a multiple of [`panel::PANEL_ROWS`], the rows are outside the matrix,
+    /// `p` was packed by another path, or `act`/`out` are too short (as `gemm_panel`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_packed(
+        &self,
+        p: &PackedPanels,
+        row0: usize,
+        n_rows: usize,
+        act: &[u8],
+        n_cols: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        assert!(
+            row0 % panel::PANEL_ROWS == 0,
+            "gemm_packed: row0 {row0} is not a multiple of {}",
+            panel::PANEL_ROWS
+        );
+        assert!(
+            row0.checked_add(n_rows).is_some_and(|e| e <= p.n_rows),
+            "gemm_packed: rows {row0}+{n_rows} outside the {} packed rows",
+            p.n_rows
+        );
+        let f = Fmt::of(p.ty).expect("packed format has a kernel");
+        let a_row = panel::act_row_bytes(p.k);
+        // The weight check of gemm_sizes does not apply (the panels are the weights).
+        let Some((_, a_need, out_need)) = gemm_sizes(
+            "gemm_packed",
+            &[],
+            0,
+            n_rows,
+            act,
+            a_row,
+            n_cols,
+            out,
+            out_stride,
+        ) else {
+            return;
+        };
+        let (act, out) = (&act[..a_need], &mut out[..out_need]);
+        let ps = &p.panels[row0 / panel::PANEL_ROWS..];
+        dispatch!(self,
+            scalar => panic!("gemm_packed: panels packed by another kernel path"),
+            avx2 => x86::avx2_panel::gemm_packed(f, p.k, ps, n_rows, act, n_cols, out, out_stride),
+        )
+    }
+
     /// `sum(a[i] * b[i])`.
     pub fn dot_f32(&self, a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len(), "dot_f32: lengths differ");
@@ -523,6 +613,56 @@ impl Kernels {
         out: &mut [f32],
         dv: usize,
     ) {
+        self.attention_rows_with(
+            q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, out, dv, false,
+        )
+    }
+
+    /// [`Kernels::attention_rows`] for continuous batching: the same definition, computed so
+    /// that every row's result depends only on its own query, `last` and the keys and values
+    /// it sees — bit-identical whatever the other rows of the call and however a prompt's
+    /// rows are split between calls (row-wise dot products, key tiles at fixed positions).
+    /// A little slower than [`Kernels::attention_rows`] for many rows, as fast for few.
+    ///
+    /// # Panics
+    /// As [`Kernels::attention_rows`].
+    pub fn attention_rows_invariant(
+        &self,
+        q: &[f32],
+        dk: usize,
+        last: &[u32],
+        window: usize,
+        keys: &[f16],
+        k_stride: usize,
+        values: &[f16],
+        v_stride: usize,
+        scale: f32,
+        softcap: f32,
+        out: &mut [f32],
+        dv: usize,
+    ) {
+        self.attention_rows_with(
+            q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, out, dv, true,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_rows_with(
+        &self,
+        q: &[f32],
+        dk: usize,
+        last: &[u32],
+        window: usize,
+        keys: &[f16],
+        k_stride: usize,
+        values: &[f16],
+        v_stride: usize,
+        scale: f32,
+        softcap: f32,
+        out: &mut [f32],
+        dv: usize,
+        rowwise: bool,
+    ) {
         let n = last.len();
         assert!(q.len() >= n * dk, "attention_rows: q too short");
         assert!(out.len() >= n * dv, "attention_rows: out too short");
@@ -537,11 +677,13 @@ impl Kernels {
                 "attention_rows: values too short"
             );
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = rowwise;
         let simd = dk % 8 == 0 && dv % 16 == 0 && dk > 0;
         dispatch!(self,
             scalar => reference::attention_rows(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, out, dv),
             avx2 => if simd {
-                x86::avx2_attn::attention_rows(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, out, dv)
+                x86::avx2_attn::attention_rows(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, out, dv, rowwise)
             } else {
                 reference::attention_rows(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, out, dv)
             },
@@ -694,5 +836,49 @@ impl Kernels {
 impl Default for Kernels {
     fn default() -> Self {
         Self::detect()
+    }
+}
+
+/// A weight matrix whose panels were filled once ([`Kernels::pack_panels`]), for
+/// [`Kernels::gemm_packed`].
+pub struct PackedPanels {
+    ty: GgmlType,
+    k: usize,
+    n_rows: usize,
+    panels: Vec<panel::Panel>,
+}
+
+impl PackedPanels {
+    /// The weight format it was packed from.
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    /// Rows of the matrix.
+    pub fn n_rows(&self) -> usize {
+        self.n_rows
+    }
+
+    /// Elements per row.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Heap bytes held.
+    pub fn heap_bytes(&self) -> usize {
+        self.panels
+            .iter()
+            .map(|p| p.q.capacity() + 4 * (p.s.capacity() + p.m.capacity()))
+            .sum()
+    }
+}
+
+impl std::fmt::Debug for PackedPanels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedPanels")
+            .field("ty", &self.ty)
+            .field("k", &self.k)
+            .field("n_rows", &self.n_rows)
+            .finish()
     }
 }

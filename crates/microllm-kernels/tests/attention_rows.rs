@@ -280,3 +280,103 @@ fn merge_of_nothing_is_zero() {
     scalar().attention_merge(&parts, n_rows, dv, &mut out);
     assert!(out.iter().all(|&v| v == 0.0));
 }
+
+/// `attention_rows_invariant` on rows `rows` of `c` (their queries and `last`), with `last`
+/// optionally overridden; returns the rows' outputs.
+fn run_invariant(
+    k: &microllm_kernels::Kernels,
+    c: &Case,
+    q: &[f32],
+    last: &[u32],
+    window: usize,
+    softcap: f32,
+) -> Vec<f32> {
+    let mut out = vec![f32::NAN; last.len() * c.dv];
+    k.attention_rows_invariant(
+        q,
+        c.dk,
+        last,
+        window,
+        &c.keys,
+        c.stride_k,
+        &c.values,
+        c.stride_v,
+        1.0 / (c.dk as f32).sqrt(),
+        softcap,
+        &mut out,
+        c.dv,
+    );
+    out
+}
+
+/// Continuous batching's requirement: a row's result is bit-identical whatever rows share
+/// its call — alone, with its prompt's neighbours, split at any point, with rows that see
+/// more keys (later tiles) or fewer — on every path, and it agrees with the specification.
+#[test]
+fn invariant_rows_do_not_depend_on_their_company() {
+    let s = scalar();
+    let kernels: Vec<_> = [Some(scalar()), avx2()].into_iter().flatten().collect();
+    for k in &kernels {
+        for (dk, dv) in [(64, 64), (256, 256), (128, 64)] {
+            for (window, softcap) in [(0, 0.0), (21, 0.0), (0, 30.0)] {
+                let n_rows = 45;
+                let c = case(dk, dv, n_rows, 100, (dk + window) as u64);
+                let alone: Vec<Vec<f32>> = (0..n_rows)
+                    .map(|r| {
+                        let q = &c.q[r * dk..(r + 1) * dk];
+                        run_invariant(k, &c, q, &c.last[r..r + 1], window, softcap)
+                    })
+                    .collect();
+                // Against the specification (same tolerance as the fast path).
+                let want = run(&s, &c, window, softcap);
+                for (r, a) in alone.iter().enumerate() {
+                    for (i, (g, w)) in a.iter().zip(&want[r * dv..]).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 2e-5 * (1.0 + w.abs()),
+                            "row {r} [{i}]: {g} vs {w}"
+                        );
+                    }
+                }
+                // The whole call, then splits at several points.
+                for split in [n_rows, 1, 3, 7, 8, 9, 17, 32, 33] {
+                    let mut r0 = 0;
+                    while r0 < n_rows {
+                        let r1 = (r0 + split).min(n_rows);
+                        let got = run_invariant(
+                            k,
+                            &c,
+                            &c.q[r0 * dk..r1 * dk],
+                            &c.last[r0..r1],
+                            window,
+                            softcap,
+                        );
+                        for r in r0..r1 {
+                            let g = &got[(r - r0) * dv..(r - r0 + 1) * dv];
+                            assert!(
+                                g.iter().zip(&alone[r]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "row {r} differs in a call of rows {r0}..{r1} (dk {dk}, window {window}, softcap {softcap})"
+                            );
+                        }
+                        r0 = r1;
+                    }
+                }
+                // Decode company: each row next to rows that see far fewer or more keys.
+                for r in [0, 10, 44] {
+                    let q: Vec<f32> = [r, 0, 44, 3]
+                        .iter()
+                        .flat_map(|&i| c.q[i * dk..(i + 1) * dk].to_vec())
+                        .collect();
+                    let last = [c.last[r], 2, 99, 40];
+                    let got = run_invariant(k, &c, &q, &last, window, softcap);
+                    assert!(
+                        got[..dv]
+                            .iter()
+                            .zip(&alone[r])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "row {r} differs next to rows of other lengths"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -23,7 +23,8 @@ pub(crate) struct Ctx<'a> {
     pub exact: bool,
     /// A continuous-batching call: every row's results must not depend on the other rows of
     /// the call, so the matmuls take one kernel family whatever the number of rows (the panel
-    /// numerics, unless `exact`) and attention the per-row exact path.
+    /// numerics, unless `exact`) and attention the tiled kernel's row-invariant variant (f16
+    /// caches) or the per-row exact path.
     pub invariant: bool,
 }
 
@@ -412,10 +413,12 @@ pub(crate) fn attention_any(
     let f16_kv = seqs
         .iter()
         .all(|s| matches!(s.state.kv, KvCache::F16 { .. }));
-    // Continuous batching (`invariant`) keeps the per-row exact attention: the tiled paths'
-    // results depend on how a prompt is chunked, which depends on the other requests.
-    let fast = !ctx.exact && !ctx.invariant && f16_kv;
-    if rows.len() == 1 && fast {
+    // Continuous batching (`invariant`) takes the tiled kernel's row-invariant variant: the
+    // other paths' results depend on how a prompt is chunked and on the other rows.
+    let fast = !ctx.exact && f16_kv;
+    if ctx.invariant && fast {
+        attention_rows(ctx, sh, q, rows, seqs, il, bufs, out);
+    } else if rows.len() == 1 && fast {
         attention_decode(ctx, sh, q, rows[0], seqs, il, bufs, out);
     } else if rows.len() >= 2 && fast {
         attention_rows(ctx, sh, q, rows, seqs, il, bufs, out);
@@ -551,7 +554,9 @@ pub(crate) struct AttnBufs<'a> {
 /// Causal attention like [`attention`], microllm's fast path for batches: the query rows that
 /// share a sequence and a KV head go through `Kernels::attention_rows` together, so each key
 /// and value is converted once per tile for up to 32 rows, and the softmax is vectorized.
-/// Not llama.cpp-exact (see [`attention`]).
+/// Not llama.cpp-exact (see [`attention`]). With `ctx.invariant` (continuous batching) it
+/// takes `Kernels::attention_rows_invariant`, whose rows do not depend on their company, so
+/// the rows can be split between tasks finely enough to keep every thread busy.
 pub(crate) fn attention_rows(
     ctx: Ctx<'_>,
     sh: AttnShape,
@@ -580,9 +585,19 @@ pub(crate) fn attention_rows(
     });
     let (qg, last, grp) = (&*b.qg, &*b.last, &*b.grp);
     let kernels = ctx.kernels;
+    // About four tasks per thread when the rows are few (continuous batching's decode steps),
+    // whole GQA groups each.
+    let task_rows = if ctx.invariant {
+        (n / (4 * ctx.pool.n_threads()))
+            .next_multiple_of(n_rep)
+            .clamp(n_rep, ATTN_TASK_ROWS)
+    } else {
+        ATTN_TASK_ROWS
+    };
+    let invariant = ctx.invariant;
     ctx.pool
-        .for_each_chunk_mut(&mut b.og[..n * dv], ATTN_TASK_ROWS * dv, |ci, o| {
-            let r0 = ci * ATTN_TASK_ROWS;
+        .for_each_chunk_mut(&mut b.og[..n * dv], task_rows * dv, |ci, o| {
+            let r0 = ci * task_rows;
             let r1 = r0 + o.len() / dv;
             let mut a = r0;
             while a < r1 {
@@ -598,7 +613,13 @@ pub(crate) fn attention_rows(
                 let (k, v) = (k.reinterpret_cast::<f16>(), v.reinterpret_cast::<f16>());
                 let kc = &k[il * n_ctx * k_dim..(il + 1) * n_ctx * k_dim];
                 let vc = &v[il * n_ctx * v_dim..(il + 1) * n_ctx * v_dim];
-                kernels.attention_rows(
+                let f = if invariant {
+                    Kernels::attention_rows_invariant
+                } else {
+                    Kernels::attention_rows
+                };
+                f(
+                    kernels,
                     &qg[a * dk..e * dk],
                     dk,
                     &last[a..e],

@@ -85,6 +85,7 @@ pub(crate) unsafe fn attention_rows(
     softcap: f32,
     out: &mut [f32],
     dv: usize,
+    rowwise: bool,
 ) {
     let sh = Shape {
         dk,
@@ -96,6 +97,7 @@ pub(crate) unsafe fn attention_rows(
         softcap,
         from: 0,
         to: usize::MAX,
+        rowwise,
     };
     // SAFETY: same CPU contract.
     unsafe { rows(&sh, q, last, keys, values, out, None) }
@@ -133,6 +135,7 @@ pub(crate) unsafe fn attention_rows_part(
         softcap,
         from: keys_from,
         to: keys_to,
+        rowwise: false,
     };
     // SAFETY: same CPU contract.
     unsafe { rows(&sh, q, last, keys, values, out, Some(ml)) }
@@ -151,6 +154,9 @@ struct Shape {
     /// Only keys `from..to` are seen.
     from: usize,
     to: usize,
+    /// Every row's scores by [`scores_dot`], so that a row's result does not depend on the
+    /// other rows of the call (`Kernels::attention_rows_invariant`).
+    rowwise: bool,
 }
 
 /// All the rows, [`TR`] at a time; `ml` as in `attention_rows_part` (then `out` is not
@@ -215,6 +221,7 @@ unsafe fn group(
         softcap,
         from,
         to,
+        rowwise,
     } = *sh;
     let nr = last.len();
     let nch = nr.div_ceil(8);
@@ -262,7 +269,9 @@ unsafe fn group(
     let vf = &mut sc.vf[..TK * dv];
     let kp = keys.as_ptr().cast::<u8>();
     let vp = values.as_ptr().cast::<u8>();
-    let mut j0 = lo;
+    // Tiles start at multiples of TK, so a row meets the same tiles whatever the other rows
+    // (tiles before its first key or past its last leave its state unchanged: zero weights).
+    let mut j0 = lo - lo % TK;
     while j0 < hi {
         let nk = TK.min(hi - j0);
         // Convert the tile's keys and values to f32.
@@ -288,7 +297,7 @@ unsafe fn group(
         // Scores of every row against the tile's keys: s[c][jj] = rows c*8.. of key j0 + jj.
         let mut s = [[_mm256_setzero_ps(); TK]; TR / 8];
         // SAFETY: same CPU contract; qt holds dk x TR floats, kf nk rows of dk.
-        unsafe { tile_scores(nr, qt, qr, kf, dk, nk, &mut s) };
+        unsafe { tile_scores(nr, qt, qr, kf, dk, nk, rowwise, &mut s) };
         // Per chunk of 8 rows: soft-capping, masking, running maximum, exponentials.
         // p[jj][r]: weight of key j0 + jj for row r; cr[r]: rescaling of row r's accumulator.
         let mut p = [[0.0f32; TR]; TK];
@@ -376,7 +385,8 @@ unsafe fn group(
 /// the transposed queries `qt` (`[dk][TR]`) and the keys `kf` (`[nk][dk]`). Several chunks
 /// and keys per pass keep about 8 independent FMA chains in flight. A last chunk of at most 4
 /// rows (GQA groups of 9 or 4 heads) takes dot products over the dimensions instead from the
-/// row-major queries `qr` (`[TR][dk]`), so its empty lanes cost nothing.
+/// row-major queries `qr` (`[TR][dk]`), so its empty lanes cost nothing. With `rowwise`
+/// every chunk does so, which makes each row's scores independent of the number of rows.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; `qt` and `qr` hold `dk * TR` floats, `kf` `nk * dk`,
@@ -390,10 +400,19 @@ unsafe fn tile_scores(
     kf: &[f32],
     dk: usize,
     nk: usize,
+    rowwise: bool,
     s: &mut [[__m256; TK]; TR / 8],
 ) {
     debug_assert!(qt.len() >= dk * TR && qr.len() >= dk * TR && kf.len() >= nk * dk);
     let nch = nr.div_ceil(8);
+    if rowwise {
+        for (c, sc) in s.iter_mut().enumerate().take(nch) {
+            let rows = 8.min(nr - c * 8);
+            // SAFETY: the contract of this function; chunk c's rows are inside qr.
+            unsafe { scores_dot(&qr[c * 8 * dk..], rows, kf, dk, nk, sc) };
+        }
+        return;
+    }
     let tail = nr - (nch - 1) * 8;
     let full = if tail <= 4 { nch - 1 } else { nch };
     // SAFETY: the contract of this function, forwarded to every arm.
@@ -413,7 +432,8 @@ unsafe fn tile_scores(
 
 /// Scores of `rows` (at most 8) row-major queries against the `nk` keys of `kf`, as
 /// `s[jj]` = the rows' scores of key `jj` in lanes `0..rows` (the others zero): 8 keys at a
-/// time, 8 independent dot products reduced together.
+/// time, 8 independent dot products reduced together. A key's score is the same whichever
+/// way it is reached: the keys past the last group of 8 are reduced in the same order.
 ///
 /// # Safety
 /// As [`tile_scores`]; `q` holds `rows * dk` floats.
@@ -478,7 +498,8 @@ unsafe fn scores_dot(
             let mut b = [0.0f32; 8];
             // SAFETY: 8 writable floats.
             unsafe { _mm256_storeu_ps(b.as_mut_ptr(), a) };
-            t[jj][r] = b.iter().sum();
+            // The order of the hadd tree above.
+            t[jj][r] = ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7]));
             jj += 1;
         }
     }
