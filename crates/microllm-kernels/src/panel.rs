@@ -30,11 +30,6 @@ use crate::format::Fmt;
 /// Weight rows per panel (the lanes of one 8 x f32 vector).
 pub const PANEL_ROWS: usize = 8;
 
-/// Most activation columns for which `Kernels::gemm_panel` multiplies straight from the
-/// packed rows instead of filling panels (on AVX2): with more, `Kernels::gemm_packed` over
-/// panels filled once (`Kernels::pack_panels`) saves the fill.
-pub const DIRECT_MAX_COLS: usize = 3;
-
 /// Canonical group size and largest level of a format with a panel kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct PanelShape {

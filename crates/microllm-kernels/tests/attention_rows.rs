@@ -49,11 +49,31 @@ fn case(dk: usize, dv: usize, n_rows: usize, n_kv: usize, seed: u64) -> Case {
 }
 
 fn run(k: &microllm_kernels::Kernels, c: &Case, window: usize, softcap: f32) -> Vec<f32> {
-    let mut out = vec![f32::NAN; c.last.len() * c.dv];
-    k.attention_rows(
-        &c.q,
+    run_rows(k, c, &c.q, &c.last, window, softcap, false)
+}
+
+/// `attention_rows` (or `attention_rows_invariant`) on queries `q` with their `last`, over
+/// the keys and values of `c`.
+fn run_rows(
+    k: &microllm_kernels::Kernels,
+    c: &Case,
+    q: &[f32],
+    last: &[u32],
+    window: usize,
+    softcap: f32,
+    invariant: bool,
+) -> Vec<f32> {
+    let mut out = vec![f32::NAN; last.len() * c.dv];
+    let f = if invariant {
+        microllm_kernels::Kernels::attention_rows_invariant
+    } else {
+        microllm_kernels::Kernels::attention_rows
+    };
+    f(
+        k,
+        q,
         c.dk,
-        &c.last,
+        last,
         window,
         &c.keys,
         c.stride_k,
@@ -281,34 +301,6 @@ fn merge_of_nothing_is_zero() {
     assert!(out.iter().all(|&v| v == 0.0));
 }
 
-/// `attention_rows_invariant` on rows `rows` of `c` (their queries and `last`), with `last`
-/// optionally overridden; returns the rows' outputs.
-fn run_invariant(
-    k: &microllm_kernels::Kernels,
-    c: &Case,
-    q: &[f32],
-    last: &[u32],
-    window: usize,
-    softcap: f32,
-) -> Vec<f32> {
-    let mut out = vec![f32::NAN; last.len() * c.dv];
-    k.attention_rows_invariant(
-        q,
-        c.dk,
-        last,
-        window,
-        &c.keys,
-        c.stride_k,
-        &c.values,
-        c.stride_v,
-        1.0 / (c.dk as f32).sqrt(),
-        softcap,
-        &mut out,
-        c.dv,
-    );
-    out
-}
-
 /// Continuous batching's requirement: a row's result is bit-identical whatever rows share
 /// its call — alone, with its prompt's neighbours, split at any point, with rows that see
 /// more keys (later tiles) or fewer — on every path, and it agrees with the specification.
@@ -324,7 +316,7 @@ fn invariant_rows_do_not_depend_on_their_company() {
                 let alone: Vec<Vec<f32>> = (0..n_rows)
                     .map(|r| {
                         let q = &c.q[r * dk..(r + 1) * dk];
-                        run_invariant(k, &c, q, &c.last[r..r + 1], window, softcap)
+                        run_rows(k, &c, q, &c.last[r..r + 1], window, softcap, true)
                     })
                     .collect();
                 // Against the specification (same tolerance as the fast path).
@@ -342,13 +334,14 @@ fn invariant_rows_do_not_depend_on_their_company() {
                     let mut r0 = 0;
                     while r0 < n_rows {
                         let r1 = (r0 + split).min(n_rows);
-                        let got = run_invariant(
+                        let got = run_rows(
                             k,
                             &c,
                             &c.q[r0 * dk..r1 * dk],
                             &c.last[r0..r1],
                             window,
                             softcap,
+                            true,
                         );
                         for r in r0..r1 {
                             let g = &got[(r - r0) * dv..(r - r0 + 1) * dv];
@@ -367,7 +360,7 @@ fn invariant_rows_do_not_depend_on_their_company() {
                         .flat_map(|&i| c.q[i * dk..(i + 1) * dk].to_vec())
                         .collect();
                     let last = [c.last[r], 2, 99, 40];
-                    let got = run_invariant(k, &c, &q, &last, window, softcap);
+                    let got = run_rows(k, &c, &q, &last, window, softcap, true);
                     assert!(
                         got[..dv]
                             .iter()

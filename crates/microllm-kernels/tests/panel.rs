@@ -203,56 +203,6 @@ fn result_does_not_depend_on_the_row_split_or_column_count() {
 }
 
 #[test]
-fn packed_panels_are_bit_identical_to_the_fill_per_call() {
-    // gemm_packed over panels filled once must give gemm_panel's bits, for every format,
-    // column count (including the direct kernel's 1..=3), row range and a partial last panel.
-    assert!(scalar()
-        .pack_panels(GgmlType::Q4_0, 32, &[0u8; 20], 1)
-        .is_none());
-    let Some(fast) = avx2() else { return };
-    assert!(fast.pack_panels(GgmlType::F16, 32, &[0u8; 64], 1).is_none());
-    for ty in PANEL_TYPES {
-        let k = if ty.block_size() == 256 { 512 } else { 576 };
-        let n_rows = 45;
-        let c = case(&scalar(), ty, k, n_rows, 9, 7 + ty as u64);
-        let packed = fast
-            .pack_panels(ty, k, &c.w, n_rows)
-            .expect("AVX2 packs every panel format");
-        assert_eq!((packed.n_rows(), packed.k(), packed.ty()), (n_rows, k, ty));
-        assert!(packed.heap_bytes() >= n_rows * k);
-        let rb = row_size(ty, k);
-        let ab = panel::act_row_bytes(k);
-        for n_cols in [1, 2, 3, 4, 5, 8, 9] {
-            for (r0, n) in [(0, n_rows), (8, 24), (40, 5), (16, 1)] {
-                let act = &c.act[..n_cols * ab];
-                let mut want = vec![0f32; n_cols * n];
-                fast.gemm_panel(ty, k, &c.w[r0 * rb..], n, act, n_cols, &mut want, n);
-                let mut got = vec![f32::NAN; n_cols * n];
-                fast.gemm_packed(&packed, r0, n, act, n_cols, &mut got, n);
-                assert!(
-                    want.iter()
-                        .zip(&got)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{}: {n_cols} columns, rows {r0}..{}",
-                    ty.name(),
-                    r0 + n
-                );
-            }
-        }
-        let bad = std::panic::catch_unwind(|| {
-            let mut out = vec![0f32; 8];
-            fast.gemm_packed(&packed, 4, 4, &c.act, 1, &mut out, 8);
-        });
-        assert!(bad.is_err(), "a row0 inside a panel must be refused");
-        let bad = std::panic::catch_unwind(|| {
-            let mut out = vec![0f32; 16];
-            fast.gemm_packed(&packed, 40, 16, &c.act, 1, &mut out, 16);
-        });
-        assert!(bad.is_err(), "rows past the matrix must be refused");
-    }
-}
-
-#[test]
 fn unsupported_and_short_inputs() {
     let s = scalar();
     assert!(s.panel_supports(GgmlType::Q8_0));

@@ -96,7 +96,8 @@ unsafe fn tile<const BLK: usize, const G: usize, const C: usize, const SIGNED: b
     acc
 }
 
-use crate::panel::DIRECT_MAX_COLS;
+/// Most activation columns for which the matmul skips the panel (`avx2_canon::gemm_direct`).
+const DIRECT_MAX_COLS: usize = 3;
 
 /// Panels filled together: every 4-column activation tile, once in L1, is multiplied with
 /// all of them before the next tile is loaded (activations are the operand that streams).
@@ -242,68 +243,6 @@ unsafe fn run_shape(
             (16, 63) => run_panels::<16, 2, false>(k, ps, act, n_cols, out, out_stride, r0, n),
             _ => run_panels::<16, 4, false>(k, ps, act, n_cols, out, out_stride, r0, n),
         }
-    }
-}
-
-/// Every 8 rows of `w` filled into a panel once (`Kernels::pack_panels`).
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C; `w` holds `n_rows` rows of `w_row` bytes.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn pack(f: Fmt, k: usize, w: &[u8], w_row: usize, n_rows: usize) -> Vec<Panel> {
-    let shape = PanelShape::of(f).expect("panel format checked by the caller");
-    (0..n_rows.div_ceil(PANEL_ROWS))
-        .map(|i| {
-            let mut p = Panel::default();
-            let rs = i * PANEL_ROWS;
-            let len = PANEL_ROWS.min(n_rows - rs);
-            // SAFETY: same CPU contract; rows rs..rs + len are inside `w`.
-            unsafe { super::avx2_canon::fill(&mut p, f, shape, k, &w[rs * w_row..], w_row, len) };
-            // The fill's scratch is not part of the panel.
-            p.rows = Vec::new();
-            p
-        })
-        .collect()
-}
-
-/// [`gemm`] over panels filled beforehand (`Kernels::gemm_packed`): `ps` are the panels of
-/// the call's `n_rows` rows, in order.
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C; `ps` were packed for `f` and `k`; `act`/`out`
-/// sizes checked by the caller.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_packed(
-    f: Fmt,
-    k: usize,
-    ps: &[Panel],
-    n_rows: usize,
-    act: &[u8],
-    n_cols: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    let shape = PanelShape::of(f).expect("panel format checked by the caller");
-    let mut r0 = 0;
-    while r0 < n_rows {
-        let n = (PANELS * PANEL_ROWS).min(n_rows - r0);
-        let (p0, np) = (r0 / PANEL_ROWS, n.div_ceil(PANEL_ROWS));
-        // SAFETY: the caller's contract; panels p0..p0 + np hold rows r0..r0 + n.
-        unsafe {
-            run_shape(
-                shape,
-                k,
-                &ps[p0..p0 + np],
-                act,
-                n_cols,
-                out,
-                out_stride,
-                r0,
-                n,
-            )
-        };
-        r0 += n;
     }
 }
 
