@@ -181,11 +181,15 @@ fn main() {
 
     let t0 = Instant::now();
     let mut rss_samples = Vec::new();
+    // (time, generated tokens) at every sample while all the clients are busy.
+    let mut gen_samples = Vec::new();
     while t0.elapsed() < Duration::from_secs(a.seconds) {
         std::thread::sleep(Duration::from_secs(5).min(Duration::from_secs(a.seconds)));
         let (_, m) = call(&ag, &a, "/metrics", None);
         let rss = metric(&m, "process_resident_memory_bytes").unwrap_or(0.0);
         let q = metric(&m, "microllm_queue_depth").unwrap_or(0.0);
+        let gen = metric(&m, "microllm_generated_tokens_total").unwrap_or(0.0);
+        gen_samples.push((t0.elapsed().as_secs_f64(), gen));
         rss_samples.push((t0.elapsed().as_secs(), rss));
         eprintln!(
             "t={:>3}s rss={:.1} MiB queue={q}",
@@ -237,6 +241,19 @@ fn main() {
         gen1 - gen0,
         (gen1 - gen0) / wall
     );
+    // Steady state: from the first sample (every client has a request running) to the last
+    // one before the clients stop, so neither the start nor the drain of the last requests
+    // (fewer streams) counts.
+    if let (Some(f), Some(l)) = (gen_samples.first(), gen_samples.last()) {
+        if l.0 > f.0 {
+            println!(
+                "  steady-state decode: {:.1} tok/s aggregate ({:.0} tokens in {:.1} s between the first and last samples)",
+                (l.1 - f.1) / (l.0 - f.0),
+                l.1 - f.1,
+                l.0 - f.0
+            );
+        }
+    }
     let first = rss_samples.first().map_or(rss0, |s| s.1);
     println!(
         "  server RSS: before {:.1} MiB, first sample {:.1} MiB, end {:.1} MiB ({:+.1}% vs first sample)",
