@@ -591,9 +591,10 @@ fn fill_q(p: &mut Panel, f: Fmt, k: usize, w: &[u8], w_row: usize, n: usize) {
 }
 
 /// The scales and offsets of the legacy formats (one f16 scale, and for Q4_1/Q5_1 an f16
-/// min, at the start of each 32-element block) for the 8 rows of each group at once: one
-/// gather of the blocks' first 4 bytes, one f16 conversion; the same floats as
-/// `panel::canon_scales` (s = d; m = 8d, 16d or -min).
+/// min, at the start of each 32-element block): the blocks' first 4 bytes are collected row
+/// by row (memory order, prefetched), then each block's 8 rows are converted at once (one
+/// pack, one f16 conversion for the 8 scales and the 8 second fields); the same floats as
+/// `panel::canon_scales` (s = d; m = 8d, 16d or -min; rows past `n` zero).
 ///
 /// # Safety
 /// `p.s`/`p.m` hold `k / 32 * 8` floats.
@@ -613,32 +614,66 @@ unsafe fn legacy_scales(p: &mut Panel, f: Fmt, k: usize, w: &[u8], w_row: usize,
         "panel: rows too short"
     );
     assert!(p.s.len() >= nb * PANEL_ROWS && p.m.len() >= nb * PANEL_ROWS);
-    let (s, m) = (&mut p.s, &mut p.m);
+    // dm[b * 8 + r]: the first 4 bytes of block b of row r (zero past n), in p.rows.
+    let dm_bytes = nb * PANEL_ROWS * 4;
+    if p.rows.len() < dm_bytes {
+        p.rows.resize(dm_bytes, 0);
+    }
+    let dm = p.rows.as_mut_ptr();
     for r in 0..PANEL_ROWS {
         for b in 0..nb {
-            // Weights are read once, from memory: keep the next pages coming (the hardware
-            // prefetcher stops at page boundaries).
-            prefetch_ahead(
-                w.as_ptr().wrapping_add(r * w_row + b * bytes),
-                PREFETCH_AHEAD,
-            );
-            let (d, mn) = if r < n {
+            let v = if r < n {
+                let at = r * w_row + b * bytes;
+                // Weights are read once, from memory: keep the next pages coming (the
+                // hardware prefetcher stops at page boundaries).
+                if b % 4 == 0 {
+                    prefetch_ahead(w.as_ptr().wrapping_add(at), PREFETCH_AHEAD);
+                }
                 // SAFETY: block b of row r < n starts inside `w` with 4 readable bytes
-                // (asserted above): d, then the min (Q4_1/Q5_1) or other fields.
-                let dm = unsafe { rd32(w.as_ptr().add(r * w_row + b * bytes)) };
-                let d = h2f(dm as u16);
-                let mn = match f {
-                    Fmt::Q8_0 => 0.0,
-                    Fmt::Q4_0 => 8.0 * d,
-                    Fmt::Q5_0 => 16.0 * d,
-                    _ => -h2f((dm >> 16) as u16),
-                };
-                (d, mn)
+                // (asserted above).
+                unsafe { rd32(w.as_ptr().add(at)) }
             } else {
-                (0.0, 0.0)
+                0
             };
-            s[b * PANEL_ROWS + r] = d;
-            m[b * PANEL_ROWS + r] = mn;
+            // SAFETY: (b * 8 + r) * 4 + 4 <= dm_bytes, the size of p.rows (grown above).
+            unsafe {
+                dm.add((b * PANEL_ROWS + r) * 4)
+                    .cast::<u32>()
+                    .write_unaligned(v)
+            };
+        }
+    }
+    let lo_mask = _mm256_set1_epi32(0xffff);
+    let live = _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(n as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    );
+    let (sp, mp) = (p.s.as_mut_ptr(), p.m.as_mut_ptr());
+    for b in 0..nb {
+        // SAFETY: 32 bytes of dm at b * 32 (< dm_bytes); 8 floats of s/m at b * 8 (sizes
+        // asserted above).
+        unsafe {
+            let v = _mm256_loadu_si256(dm.add(b * 32).cast());
+            // [d0..3 m0..3 | d4..7 m4..7] as u16, then [d0..7 | m0..7].
+            let packed =
+                _mm256_packus_epi32(_mm256_and_si256(v, lo_mask), _mm256_srli_epi32::<16>(v));
+            let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(packed);
+            let d = _mm256_cvtph_ps(_mm256_castsi256_si128(packed));
+            let m = match f {
+                Fmt::Q8_0 => _mm256_setzero_ps(),
+                Fmt::Q4_0 => _mm256_mul_ps(_mm256_set1_ps(8.0), d),
+                Fmt::Q5_0 => _mm256_mul_ps(_mm256_set1_ps(16.0), d),
+                _ => {
+                    let mn = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(packed));
+                    // -min, and plain zeros (not -0.0) for the rows past n.
+                    _mm256_and_ps(
+                        _mm256_xor_ps(mn, _mm256_set1_ps(-0.0)),
+                        _mm256_castsi256_ps(live),
+                    )
+                }
+            };
+            _mm256_storeu_ps(sp.add(b * PANEL_ROWS), d);
+            _mm256_storeu_ps(mp.add(b * PANEL_ROWS), m);
         }
     }
 }
