@@ -262,6 +262,14 @@ fn main() {
         rss1 / 1048576.0,
         if first > 0.0 { (rss1 / first - 1.0) * 100.0 } else { 0.0 }
     );
+    // The soak criterion: RSS at the end against RSS after the first minute of load.
+    if let Some(&(t, minute)) = rss_samples.iter().find(|s| s.0 >= 60) {
+        println!(
+            "  server RSS after the first minute (t={t}s): {:.1} MiB; end {:+.1}% vs it",
+            minute / 1048576.0,
+            if minute > 0.0 { (rss1 / minute - 1.0) * 100.0 } else { 0.0 }
+        );
+    }
     let bad: u64 = statuses
         .iter()
         .filter(|(s, _)| **s == 0 || **s >= 500)
