@@ -267,7 +267,11 @@ fn main() {
         println!(
             "  server RSS after the first minute (t={t}s): {:.1} MiB; end {:+.1}% vs it",
             minute / 1048576.0,
-            if minute > 0.0 { (rss1 / minute - 1.0) * 100.0 } else { 0.0 }
+            if minute > 0.0 {
+                (rss1 / minute - 1.0) * 100.0
+            } else {
+                0.0
+            }
         );
     }
     let bad: u64 = statuses
