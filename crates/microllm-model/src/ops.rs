@@ -93,7 +93,7 @@ impl<'s> QuantizedInput<'s> {
                 }
                 .expect("activation format checked at load");
             };
-            if n_tok >= 4 {
+            if n_tok * k >= SERIAL_MAX_ELEMS {
                 ctx.pool.for_each_chunk_mut(dst, row, quantize);
             } else {
                 for (i, out) in dst.chunks_mut(row).enumerate() {
@@ -126,37 +126,14 @@ pub(crate) fn matmul(
     let kernels = ctx.kernels;
     let wdata = w.data(ctx.file);
     let rb = w.row_bytes;
-    // The panel kernels for batches (unless exact), else the activation format of this
-    // weight format (checked for every matrix at load).
-    let panel =
-        (n_tok >= PANEL_MIN_ROWS || ctx.invariant) && !ctx.exact && kernels.panel_supports(w.ty);
-    let fmt = if panel {
-        ActFormat::Panel
-    } else {
-        ActFormat::Ggml(
-            kernels
-                .vec_dot_type(w.ty)
-                .expect("activation format checked at load"),
-        )
-    };
+    let (panel, fmt) = act_format(ctx, w, n_tok);
     let arow = input.ensure(ctx, fmt, x, n_tok, k);
     let act = &input.buf[..n_tok * arow];
     if n_tok == 1 {
-        // One contiguous run of rows per thread: decode streams the weights from memory once,
-        // and each thread reading one long run keeps the hardware prefetchers ahead (finer
-        // tasks restart a stream at every task: 16 per matrix decoded SmolLM2 at 171 tok/s,
-        // 2 per matrix at 205-220; Gemma 3 96 -> 118).
-        let chunk = chunk_rows(n_rows, n_threads, 16);
+        let chunk = decode_chunk(n_rows, n_threads);
         ctx.pool
             .for_each_chunk_mut(&mut out[..n_rows], chunk, |ci, o| {
-                let r0 = ci * chunk;
-                let len = o.len();
-                let wr = &wdata[r0 * rb..(r0 + len) * rb];
-                if panel {
-                    kernels.gemm_panel(w.ty, k, wr, len, act, 1, o, len);
-                } else {
-                    kernels.gemm(w.ty, k, wr, len, act, 1, o, len);
-                }
+                decode_rows(ctx, w, panel, act, ci * chunk, o)
             });
         return;
     }
@@ -182,20 +159,71 @@ pub(crate) fn matmul(
     scatter(ctx, &scratch[..n_rows * n_tok], n_rows, n_tok, chunk, out);
 }
 
+/// Whether a matmul of `w` over `n_tok` rows takes the panel kernels (batches, unless exact;
+/// every row count in continuous batching), and the activation format that needs.
+fn act_format(ctx: Ctx<'_>, w: &QMatrix, n_tok: usize) -> (bool, ActFormat) {
+    let panel = (n_tok >= PANEL_MIN_ROWS || ctx.invariant)
+        && !ctx.exact
+        && ctx.kernels.panel_supports(w.ty);
+    let fmt = if panel {
+        ActFormat::Panel
+    } else {
+        ActFormat::Ggml(
+            ctx.kernels
+                .vec_dot_type(w.ty)
+                .expect("activation format checked at load"),
+        )
+    };
+    (panel, fmt)
+}
+
+/// Rows per task of a one-token matmul: one contiguous run of rows per thread. Decode streams
+/// the weights from memory once, and each thread reading one long run keeps the hardware
+/// prefetchers ahead (finer tasks restart a stream at every task: 16 per matrix decoded
+/// SmolLM2 at 171 tok/s, 2 per matrix at 205-220; Gemma 3 96 -> 118).
+fn decode_chunk(n_rows: usize, n_threads: usize) -> usize {
+    chunk_rows(n_rows, n_threads, 16)
+}
+
+/// Rows `r0..r0 + o.len()` of a one-token matmul of `w` with the quantized `act`, into `o`.
+fn decode_rows(ctx: Ctx<'_>, w: &QMatrix, panel: bool, act: &[u8], r0: usize, o: &mut [f32]) {
+    let (k, rb, len) = (w.n_cols, w.row_bytes, o.len());
+    let wr = &w.data(ctx.file)[r0 * rb..(r0 + len) * rb];
+    if panel {
+        ctx.kernels.gemm_panel(w.ty, k, wr, len, act, 1, o, len);
+    } else {
+        ctx.kernels.gemm(w.ty, k, wr, len, act, 1, o, len);
+    }
+}
+
 /// Copies a matmul's output from `tmp` (per chunk of `chunk` rows: column-major
 /// `(n_tok, len)`) into `out` (row-major `(n_tok, n_rows)`).
 fn scatter(ctx: Ctx<'_>, tmp: &[f32], n_rows: usize, n_tok: usize, chunk: usize, out: &mut [f32]) {
-    ctx.pool
-        .for_each_chunk_mut(&mut out[..n_tok * n_rows], n_rows, |t, orow| {
-            let mut r0 = 0;
-            while r0 < n_rows {
-                let len = chunk.min(n_rows - r0);
-                let base = r0 * n_tok + t * len;
-                orow[r0..r0 + len].copy_from_slice(&tmp[base..base + len]);
-                r0 += len;
-            }
-        });
+    let row = |t: usize, orow: &mut [f32]| {
+        let mut r0 = 0;
+        while r0 < n_rows {
+            let len = chunk.min(n_rows - r0);
+            let base = r0 * n_tok + t * len;
+            orow[r0..r0 + len].copy_from_slice(&tmp[base..base + len]);
+            r0 += len;
+        }
+    };
+    let out = &mut out[..n_tok * n_rows];
+    if out.len() >= SERIAL_MAX_ELEMS {
+        ctx.pool.for_each_chunk_mut(out, n_rows, row);
+    } else {
+        for (t, orow) in out.chunks_mut(n_rows).enumerate() {
+            row(t, orow);
+        }
+    }
 }
+
+/// Below this many elements, an activation quantization or an output scatter runs on the
+/// calling thread: a few microseconds of work, less than a pool operation's barrier costs
+/// (continuous batching's decode steps of a few rows issued ~20 such operations per layer;
+/// an 8-sequence step measured 433 -> 445 tok/s, medians of 5 alternating runs: within the
+/// machine's noise).
+const SERIAL_MAX_ELEMS: usize = 1 << 15;
 
 /// Rows per task: about `n_tasks` tasks, a multiple of `align`, at least `align`.
 fn chunk_rows(n_rows: usize, n_tasks: usize, align: usize) -> usize {
