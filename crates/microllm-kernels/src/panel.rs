@@ -330,7 +330,7 @@ pub(crate) struct Panel {
     pub q: Vec<u8>,
     pub s: Vec<f32>,
     pub m: Vec<f32>,
-    /// Scratch of the SIMD fills: the rows' levels in row order before interleaving.
+    /// Scratch of the SIMD fills (the legacy formats' block heads, gathered row by row).
     pub rows: Vec<u8>,
 }
 
