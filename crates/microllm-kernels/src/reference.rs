@@ -861,34 +861,28 @@ pub fn attention_rows(
     out: &mut [f32],
     dv: usize,
 ) {
-    for (r, &l) in last.iter().enumerate() {
-        let l = l as usize;
-        let first = if window > 0 {
-            (l + 1).saturating_sub(window)
-        } else {
-            0
-        };
-        let qr = &q[r * dk..(r + 1) * dk];
-        let scores: Vec<f32> = (first..=l)
-            .map(|j| {
-                let k = &keys[j * k_stride..j * k_stride + dk];
-                let dot: f32 = qr.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum();
-                softcap_score(dot, scale, softcap)
-            })
-            .collect();
-        let m = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    // Row by row: the whole key range, then the division by the sum of exponentials.
+    for (r, l) in last.iter().enumerate() {
         let o = &mut out[r * dv..(r + 1) * dv];
-        o.fill(0.0);
-        let mut sum = 0.0f32;
-        for (i, s) in scores.iter().enumerate() {
-            let p = (s - m).exp();
-            sum += p;
-            let v = &values[(first + i) * v_stride..(first + i) * v_stride + dv];
-            for (ov, vv) in o.iter_mut().zip(v) {
-                *ov += p * vv.to_f32();
-            }
-        }
-        let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+        let mut ml = [0.0f32; 2];
+        attention_rows_part(
+            &q[r * dk..(r + 1) * dk],
+            dk,
+            std::slice::from_ref(l),
+            window,
+            keys,
+            k_stride,
+            values,
+            v_stride,
+            scale,
+            softcap,
+            0,
+            usize::MAX,
+            o,
+            dv,
+            &mut ml,
+        );
+        let inv = if ml[1] == 0.0 { 0.0 } else { 1.0 / ml[1] };
         for ov in o.iter_mut() {
             *ov *= inv;
         }

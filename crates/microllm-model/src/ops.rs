@@ -126,14 +126,37 @@ pub(crate) fn matmul(
     let kernels = ctx.kernels;
     let wdata = w.data(ctx.file);
     let rb = w.row_bytes;
-    let (panel, fmt) = act_format(ctx, w, n_tok);
+    // The panel kernels for batches (unless exact; every row count in continuous batching),
+    // else the activation format of this weight format (checked for every matrix at load).
+    let panel =
+        (n_tok >= PANEL_MIN_ROWS || ctx.invariant) && !ctx.exact && kernels.panel_supports(w.ty);
+    let fmt = if panel {
+        ActFormat::Panel
+    } else {
+        ActFormat::Ggml(
+            kernels
+                .vec_dot_type(w.ty)
+                .expect("activation format checked at load"),
+        )
+    };
     let arow = input.ensure(ctx, fmt, x, n_tok, k);
     let act = &input.buf[..n_tok * arow];
     if n_tok == 1 {
-        let chunk = decode_chunk(n_rows, n_threads);
+        // One contiguous run of rows per thread: decode streams the weights from memory once,
+        // and each thread reading one long run keeps the hardware prefetchers ahead (finer
+        // tasks restart a stream at every task: 16 per matrix decoded SmolLM2 at 171 tok/s,
+        // 2 per matrix at 205-220; Gemma 3 96 -> 118).
+        let chunk = chunk_rows(n_rows, n_threads, 16);
         ctx.pool
             .for_each_chunk_mut(&mut out[..n_rows], chunk, |ci, o| {
-                decode_rows(ctx, w, panel, act, ci * chunk, o)
+                let r0 = ci * chunk;
+                let len = o.len();
+                let wr = &wdata[r0 * rb..(r0 + len) * rb];
+                if panel {
+                    kernels.gemm_panel(w.ty, k, wr, len, act, 1, o, len);
+                } else {
+                    kernels.gemm(w.ty, k, wr, len, act, 1, o, len);
+                }
             });
         return;
     }
@@ -157,43 +180,6 @@ pub(crate) fn matmul(
         }
     });
     scatter(ctx, &scratch[..n_rows * n_tok], n_rows, n_tok, chunk, out);
-}
-
-/// Whether a matmul of `w` over `n_tok` rows takes the panel kernels (batches, unless exact;
-/// every row count in continuous batching), and the activation format that needs.
-fn act_format(ctx: Ctx<'_>, w: &QMatrix, n_tok: usize) -> (bool, ActFormat) {
-    let panel = (n_tok >= PANEL_MIN_ROWS || ctx.invariant)
-        && !ctx.exact
-        && ctx.kernels.panel_supports(w.ty);
-    let fmt = if panel {
-        ActFormat::Panel
-    } else {
-        ActFormat::Ggml(
-            ctx.kernels
-                .vec_dot_type(w.ty)
-                .expect("activation format checked at load"),
-        )
-    };
-    (panel, fmt)
-}
-
-/// Rows per task of a one-token matmul: one contiguous run of rows per thread. Decode streams
-/// the weights from memory once, and each thread reading one long run keeps the hardware
-/// prefetchers ahead (finer tasks restart a stream at every task: 16 per matrix decoded
-/// SmolLM2 at 171 tok/s, 2 per matrix at 205-220; Gemma 3 96 -> 118).
-fn decode_chunk(n_rows: usize, n_threads: usize) -> usize {
-    chunk_rows(n_rows, n_threads, 16)
-}
-
-/// Rows `r0..r0 + o.len()` of a one-token matmul of `w` with the quantized `act`, into `o`.
-fn decode_rows(ctx: Ctx<'_>, w: &QMatrix, panel: bool, act: &[u8], r0: usize, o: &mut [f32]) {
-    let (k, rb, len) = (w.n_cols, w.row_bytes, o.len());
-    let wr = &w.data(ctx.file)[r0 * rb..(r0 + len) * rb];
-    if panel {
-        ctx.kernels.gemm_panel(w.ty, k, wr, len, act, 1, o, len);
-    } else {
-        ctx.kernels.gemm(w.ty, k, wr, len, act, 1, o, len);
-    }
 }
 
 /// Copies a matmul's output from `tmp` (per chunk of `chunk` rows: column-major

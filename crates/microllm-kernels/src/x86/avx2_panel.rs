@@ -208,42 +208,29 @@ pub(crate) unsafe fn gemm(
                 // SAFETY: same CPU contract as this function's.
                 unsafe { super::avx2_canon::fill(p, f, shape, k, &w[rs * w_row..], w_row, len) };
             }
+            let ps = &ps[..np];
             // SAFETY: same CPU contract as this function's; the panels were just filled for
             // `k`; `act` and `out` sizes are checked by the caller (and asserted again).
-            unsafe { run_shape(shape, k, &ps[..np], act, n_cols, out, out_stride, r0, n) };
+            unsafe {
+                match (shape.blk, shape.qmax) {
+                    (32, 15) => {
+                        run_panels::<32, 8, false>(k, ps, act, n_cols, out, out_stride, r0, n)
+                    }
+                    (32, 128) => {
+                        run_panels::<32, 1, true>(k, ps, act, n_cols, out, out_stride, r0, n)
+                    }
+                    (32, _) => {
+                        run_panels::<32, 4, false>(k, ps, act, n_cols, out, out_stride, r0, n)
+                    }
+                    (16, 63) => {
+                        run_panels::<16, 2, false>(k, ps, act, n_cols, out, out_stride, r0, n)
+                    }
+                    _ => run_panels::<16, 4, false>(k, ps, act, n_cols, out, out_stride, r0, n),
+                }
+            }
             r0 += n;
         }
     });
-}
-
-/// [`run_panels`] with the kernel constants of `shape`.
-///
-/// # Safety
-/// As [`run_panels`].
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn run_shape(
-    shape: PanelShape,
-    k: usize,
-    ps: &[Panel],
-    act: &[u8],
-    n_cols: usize,
-    out: &mut [f32],
-    out_stride: usize,
-    r0: usize,
-    n: usize,
-) {
-    // SAFETY: the caller's contract, forwarded.
-    unsafe {
-        match (shape.blk, shape.qmax) {
-            (32, 15) => run_panels::<32, 8, false>(k, ps, act, n_cols, out, out_stride, r0, n),
-            (32, 128) => run_panels::<32, 1, true>(k, ps, act, n_cols, out, out_stride, r0, n),
-            (32, _) => run_panels::<32, 4, false>(k, ps, act, n_cols, out, out_stride, r0, n),
-            (16, 63) => run_panels::<16, 2, false>(k, ps, act, n_cols, out, out_stride, r0, n),
-            _ => run_panels::<16, 4, false>(k, ps, act, n_cols, out, out_stride, r0, n),
-        }
-    }
 }
 
 /// Quantizes one activation row into the panel layout; the same bytes as
