@@ -209,7 +209,7 @@ pub fn model_path(args: &ModelArgs) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The kernel table: `MICROLLM_KERNELS=scalar|avx2|auto`, default the best for this CPU.
+/// The kernel table: `MICROLLM_KERNELS=scalar|avx2|avx2vnni|auto`, default the best for this CPU.
 pub fn kernels() -> Result<Kernels> {
     Ok(Kernels::from_env()?)
 }
@@ -244,6 +244,7 @@ pub fn load_file(
     let opts = ModelOptions {
         n_threads: args.threads.unwrap_or(0),
         kernels: kernels()?,
+        pack: true,
     };
     let mut lm = LoadedModel::from_gguf(file, opts, t0)
         .with_context(|| format!("loading {}", path.display()))?;

@@ -324,7 +324,7 @@ fn mix_type(
     let mut new = ty;
     if cat == Category::Output || (q.tied && cat == Category::TokenEmbd) {
         let block = ty.block_size() as u64;
-        if n_cols % block != 0 {
+        if !n_cols.is_multiple_of(block) {
             new = G::Q8_0;
         } else if new != G::Q8_0 {
             new = G::Q6_K;
@@ -372,7 +372,7 @@ fn mix_type(
 fn fallback(name: &str, n_cols: u64, ty: GgmlType) -> (GgmlType, Option<String>) {
     use GgmlType as G;
     let block = ty.block_size() as u64;
-    if n_cols % block == 0 {
+    if n_cols.is_multiple_of(block) {
         return (ty, None);
     }
     let mut to = match ty {
@@ -382,7 +382,7 @@ fn fallback(name: &str, n_cols: u64, ty: GgmlType) -> (GgmlType, Option<String>)
         G::Q6_K => G::Q8_0,
         other => other,
     };
-    if n_cols % to.block_size() as u64 != 0 {
+    if !n_cols.is_multiple_of(to.block_size() as u64) {
         to = G::F16;
     }
     (

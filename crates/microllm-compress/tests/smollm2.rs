@@ -21,6 +21,7 @@ fn model(p: &std::path::Path) -> Model {
         ModelOptions {
             n_threads: 0,
             kernels: Kernels::detect(),
+            pack: true,
         },
     )
     .unwrap()

@@ -57,6 +57,7 @@ fn load(p: &Path) -> Model {
         ModelOptions {
             n_threads: 2,
             kernels: Kernels::detect(),
+            pack: true,
         },
     )
     .unwrap()

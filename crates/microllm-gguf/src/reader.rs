@@ -601,6 +601,37 @@ impl GgufFile {
         range.and_then(|r| bytes.get(r)).unwrap_or(&[])
     }
 
+    /// Tells the OS that this process no longer needs the mapped pages of tensor `t` (the
+    /// whole pages inside its bytes): they leave the process's resident memory, stay in the
+    /// page cache, and are read back from the file if the tensor is touched again. For a
+    /// loader that keeps its own copy of a tensor (repacked weights) and must not count the
+    /// file's pages twice. A no-op for owned bytes, on non-Unix systems, or if the OS
+    /// refuses (the advice is only an optimisation).
+    pub fn release_pages(&self, t: &TensorInfo) {
+        #[cfg(unix)]
+        if let Backing::Mmap(m) = &self.backing {
+            const PAGE: usize = 4096;
+            let (Ok(start), Ok(len)) = (usize::try_from(t.offset), usize::try_from(t.n_bytes))
+            else {
+                return;
+            };
+            let Some(end) = start.checked_add(len).filter(|&e| e <= m.len()) else {
+                return;
+            };
+            let (lo, hi) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+            if hi > lo {
+                // SAFETY: MADV_DONTNEED on a read-only shared file mapping only drops this
+                // process's page-table entries for [lo, hi) (inside the map, checked above);
+                // a later read faults the same bytes back in from the file, which must not
+                // change while mapped (the contract of `open`). No Rust reference sees
+                // different contents before and after, so borrows of the map stay valid.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
+                };
+            }
+        }
+    }
+
     /// The bytes of the tensor named `name`.
     pub fn tensor_bytes(&self, name: &str) -> Option<&[u8]> {
         self.tensor(name).map(|t| self.tensor_data(t))

@@ -365,7 +365,7 @@ impl_block!(QK_K; BlockQ2_K, BlockQ3_K, BlockQ4_K, BlockQ5_K, BlockQ6_K, BlockQ8
 
 /// View bytes as blocks. `None` if the length is not a whole number of blocks.
 pub fn cast_blocks<B: Block>(bytes: &[u8]) -> Option<&[B]> {
-    if bytes.len() % B::BYTES != 0 {
+    if !bytes.len().is_multiple_of(B::BYTES) {
         return None;
     }
     let n = bytes.len() / B::BYTES;
@@ -377,7 +377,7 @@ pub fn cast_blocks<B: Block>(bytes: &[u8]) -> Option<&[B]> {
 
 /// View bytes as mutable blocks. `None` if the length is not a whole number of blocks.
 pub fn cast_blocks_mut<B: Block>(bytes: &mut [u8]) -> Option<&mut [B]> {
-    if bytes.len() % B::BYTES != 0 {
+    if !bytes.len().is_multiple_of(B::BYTES) {
         return None;
     }
     let n = bytes.len() / B::BYTES;

@@ -35,6 +35,7 @@ pub use microllm_gguf::GgmlType;
 
 pub mod blocks;
 mod format;
+pub mod packed;
 pub mod panel;
 pub mod pool;
 pub mod reference;
@@ -69,7 +70,7 @@ pub enum KernelError {
     )]
     PathUnavailable { path: KernelPath, reason: String },
     /// `MICROLLM_KERNELS` holds something we do not understand.
-    #[error("MICROLLM_KERNELS={value:?} is not understood; set it to scalar, avx2 or auto (or unset it)")]
+    #[error("MICROLLM_KERNELS={value:?} is not understood; set it to scalar, avx2, avx2vnni or auto (or unset it)")]
     BadEnv { value: String },
 }
 
@@ -81,6 +82,9 @@ pub enum KernelPath {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
+    /// [`KernelPath::Avx2`], with AVX-512 VNNI (256-bit `vpdpbusd`) in the packed matmul's
+    /// inner step (bit-identical results: the integer sums are exact either way).
+    Avx2Vnni,
 }
 
 impl fmt::Display for KernelPath {
@@ -88,6 +92,7 @@ impl fmt::Display for KernelPath {
         f.write_str(match self {
             KernelPath::Scalar => "scalar",
             KernelPath::Avx2 => "avx2+fma+f16c",
+            KernelPath::Avx2Vnni => "avx2+fma+f16c+avx512vnni",
         })
     }
 }
@@ -95,11 +100,27 @@ impl fmt::Display for KernelPath {
 /// The kernel dispatch table: which implementation every call uses, fixed at construction.
 ///
 /// Invariant (what makes the `unsafe` SIMD calls sound): a `Kernels` whose path is
-/// [`KernelPath::Avx2`] exists only if the running CPU reported AVX2, FMA and F16C; the field
+/// [`KernelPath::Avx2`] exists only if the running CPU reported AVX2, FMA and F16C, one whose
+/// path is [`KernelPath::Avx2Vnni`] only if it also reported AVX512F, AVX512VL and VNNI; the field
 /// is private and only [`Kernels::with_path`] (and `detect`, through it) builds one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kernels {
     path: KernelPath,
+}
+
+fn vnni_available() -> Result<(), String> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if x86::avx2_packed::vnni_detected() {
+            Ok(())
+        } else {
+            Err("this CPU lacks AVX2, FMA, F16C, AVX512F, AVX512VL or AVX512-VNNI".to_string())
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Err("not an x86-64 CPU".to_string())
+    }
 }
 
 fn avx2_available() -> Result<(), String> {
@@ -123,11 +144,13 @@ macro_rules! dispatch {
         match $self.path {
             KernelPath::Scalar => $scalar,
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: a Kernels with the Avx2 path is only built after detecting AVX2, FMA
-            // and F16C (see the invariant on `Kernels`).
-            KernelPath::Avx2 => unsafe { $avx2 },
+            // SAFETY: a Kernels with the Avx2 or Avx2Vnni path is only built after detecting
+            // AVX2, FMA and F16C (see the invariant on `Kernels`).
+            KernelPath::Avx2 | KernelPath::Avx2Vnni => unsafe { $avx2 },
             #[cfg(not(target_arch = "x86_64"))]
-            KernelPath::Avx2 => unreachable!("the Avx2 path is never built off x86-64"),
+            KernelPath::Avx2 | KernelPath::Avx2Vnni => {
+                unreachable!("the SIMD paths are never built off x86-64")
+            }
         }
     };
 }
@@ -182,28 +205,35 @@ fn gemm_sizes(
 impl Kernels {
     /// The best path this CPU supports.
     pub fn detect() -> Self {
-        match avx2_available() {
-            Ok(()) => Kernels {
-                path: KernelPath::Avx2,
-            },
-            Err(_) => Kernels {
-                path: KernelPath::Scalar,
-            },
-        }
+        let path = if vnni_available().is_ok() {
+            KernelPath::Avx2Vnni
+        } else if avx2_available().is_ok() {
+            KernelPath::Avx2
+        } else {
+            KernelPath::Scalar
+        };
+        Kernels { path }
     }
 
     /// A specific path; `Err` if this CPU cannot run it.
     pub fn with_path(p: KernelPath) -> Result<Self, KernelError> {
         match p {
             KernelPath::Scalar => Ok(Kernels { path: p }),
-            KernelPath::Avx2 => match avx2_available() {
-                Ok(()) => Ok(Kernels { path: p }),
-                Err(reason) => Err(KernelError::PathUnavailable { path: p, reason }),
-            },
+            KernelPath::Avx2 | KernelPath::Avx2Vnni => {
+                let check = if p == KernelPath::Avx2 {
+                    avx2_available()
+                } else {
+                    vnni_available()
+                };
+                match check {
+                    Ok(()) => Ok(Kernels { path: p }),
+                    Err(reason) => Err(KernelError::PathUnavailable { path: p, reason }),
+                }
+            }
         }
     }
 
-    /// From `MICROLLM_KERNELS` = `scalar` | `avx2` | `auto` (unset or empty = `auto`).
+    /// From `MICROLLM_KERNELS` = `scalar` | `avx2` | `avx2vnni` | `auto` (unset or empty = `auto`).
     /// Only binaries and tests should call this; libraries take a `Kernels` from their caller.
     pub fn from_env() -> Result<Self, KernelError> {
         match std::env::var("MICROLLM_KERNELS") {
@@ -221,6 +251,7 @@ impl Kernels {
             "" | "auto" => Ok(Self::detect()),
             "scalar" => Self::with_path(KernelPath::Scalar),
             "avx2" => Self::with_path(KernelPath::Avx2),
+            "avx2vnni" | "vnni" => Self::with_path(KernelPath::Avx2Vnni),
             _ => Err(KernelError::BadEnv {
                 value: value.to_string(),
             }),
@@ -405,7 +436,7 @@ impl Kernels {
     /// Quantizes one activation row (`x.len()` a multiple of 32) into the panel layout
     /// (`out.len() == panel::act_row_bytes(x.len())`). The same bytes on every path.
     pub fn quantize_panel_act(&self, x: &[f32], out: &mut [u8]) -> Result<(), KernelError> {
-        if x.len() % blocks::QK != 0 {
+        if !x.len().is_multiple_of(blocks::QK) {
             return Err(KernelError::BadLength {
                 what: "panel activation row (a multiple of 32 elements)",
                 expected: x.len().next_multiple_of(blocks::QK),
@@ -469,6 +500,114 @@ impl Kernels {
             scalar => panel::gemm_ref(f, k, w, s.w_row, n_rows, act, n_cols, out, out_stride),
             avx2 => x86::avx2_panel::gemm(f, k, w, s.w_row, n_rows, act, n_cols, out, out_stride),
         )
+    }
+
+    /// Whether weights of `w_ty` can be packed ([`Kernels::pack`]).
+    pub fn pack_supports(&self, w_ty: GgmlType) -> bool {
+        Fmt::of(w_ty).is_some_and(packed::supports)
+    }
+
+    /// Bytes of `n_rows` rows of `k` elements of `w_ty` packed (see [`packed`]); `None` if
+    /// the format has no packed layout or `k` is not a multiple of 32.
+    pub fn packed_len(&self, w_ty: GgmlType, k: usize, n_rows: usize) -> Option<usize> {
+        let f = Fmt::of(w_ty).filter(|f| packed::supports(*f))?;
+        k.is_multiple_of(blocks::QK)
+            .then(|| packed::packed_len(f, k, n_rows))
+    }
+
+    /// Packs rows `0..n_rows` of `w` (format `w_ty`, `k` elements each) into `out`
+    /// (`packed_len` bytes; rows are padded to a multiple of 8 with zeros). Returns `false`,
+    /// leaving `out` unusable, when a scale or offset is not exactly an f16 (the matrix then
+    /// stays on the panel path). The same bytes on every path.
+    ///
+    /// # Panics
+    /// If the format cannot be packed or a slice is short.
+    pub fn pack(&self, w_ty: GgmlType, k: usize, w: &[u8], n_rows: usize, out: &mut [u8]) -> bool {
+        let len = self
+            .packed_len(w_ty, k, n_rows)
+            .unwrap_or_else(|| panic!("pack: {} rows of {k} cannot be packed", w_ty.name()));
+        let f = Fmt::of(w_ty).expect("checked by packed_len");
+        let w_row = DotShape::new(w_ty, k).w_row;
+        assert!(w.len() >= n_rows * w_row, "pack: weights too short");
+        assert!(
+            out.len() >= len,
+            "pack: output has {} bytes, need {len}",
+            out.len()
+        );
+        dispatch!(self,
+            scalar => packed::pack_ref(f, k, w, w_row, n_rows, out),
+            avx2 => x86::avx2_packed::pack(f, k, w, w_row, n_rows, out),
+        )
+    }
+
+    /// The packed matmul: [`Kernels::gemm_panel`]'s results, bit for bit, from weights packed
+    /// by [`Kernels::pack`] (`packed` starts at a row that is a multiple of 8 and holds
+    /// `n_rows` rows). `act` as for `gemm_panel`.
+    ///
+    /// # Panics
+    /// If `w_ty` cannot be packed, `k` is not a multiple of 32, a slice is short, or
+    /// `out_stride < n_rows` with more than one column.
+    pub fn gemm_packed(
+        &self,
+        w_ty: GgmlType,
+        k: usize,
+        packed: &[u8],
+        n_rows: usize,
+        act: &[u8],
+        n_cols: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let len = self
+            .packed_len(w_ty, k, n_rows)
+            .unwrap_or_else(|| panic!("gemm_packed: {} rows of {k} are not packed", w_ty.name()));
+        let f = Fmt::of(w_ty).expect("checked by packed_len");
+        let a_row = panel::act_row_bytes(k);
+        assert!(
+            packed.len() >= len,
+            "gemm_packed: {} bytes, need {len}",
+            packed.len()
+        );
+        // The packed bytes were checked above.
+        let Some((_, a_need, out_need)) = gemm_sizes(
+            "gemm_packed",
+            packed,
+            0,
+            n_rows,
+            act,
+            a_row,
+            n_cols,
+            out,
+            out_stride,
+        ) else {
+            return;
+        };
+        let (packed, act, out) = (&packed[..len], &act[..a_need], &mut out[..out_need]);
+        match self.path {
+            KernelPath::Scalar => {
+                packed::gemm_ref(f, k, packed, n_rows, act, n_cols, out, out_stride)
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the Avx2 path exists only with AVX2, FMA and F16C detected, Avx2Vnni
+            // only with AVX512F, AVX512VL and VNNI as well (the invariant on `Kernels`).
+            KernelPath::Avx2 | KernelPath::Avx2Vnni => unsafe {
+                x86::avx2_packed::gemm(
+                    f,
+                    k,
+                    packed,
+                    n_rows,
+                    act,
+                    n_cols,
+                    out,
+                    out_stride,
+                    self.path == KernelPath::Avx2Vnni,
+                )
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            KernelPath::Avx2 | KernelPath::Avx2Vnni => {
+                unreachable!("the SIMD paths are never built off x86-64")
+            }
+        }
     }
 
     /// `sum(a[i] * b[i])`.
@@ -589,7 +728,7 @@ impl Kernels {
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = rowwise;
-        let simd = dk % 8 == 0 && dv % 16 == 0 && dk > 0;
+        let simd = dk.is_multiple_of(8) && dv.is_multiple_of(16) && dk > 0;
         dispatch!(self,
             scalar => reference::attention_rows(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, out, dv),
             avx2 => if simd {
@@ -605,7 +744,7 @@ impl Kernels {
     /// this thread do not allocate (run it once on every thread that will call them).
     pub fn reserve_attention(&self, dk: usize, dv: usize) {
         #[cfg(target_arch = "x86_64")]
-        if matches!(self.path, KernelPath::Avx2) {
+        if matches!(self.path, KernelPath::Avx2 | KernelPath::Avx2Vnni) {
             x86::avx2_attn::reserve(dk, dv);
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -658,7 +797,7 @@ impl Kernels {
                 "attention_rows_part: values too short"
             );
         }
-        let simd = dk % 8 == 0 && dv % 16 == 0 && dk > 0;
+        let simd = dk.is_multiple_of(8) && dv.is_multiple_of(16) && dk > 0;
         dispatch!(self,
             scalar => reference::attention_rows_part(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, keys_from, keys_to, out, dv, ml),
             avx2 => if simd {
@@ -678,7 +817,7 @@ impl Kernels {
     pub fn attention_merge(&self, parts: &[f32], n_rows: usize, dv: usize, out: &mut [f32]) {
         let stride = n_rows * (dv + 2);
         assert!(
-            stride > 0 && parts.len() % stride == 0,
+            stride > 0 && parts.len().is_multiple_of(stride),
             "attention_merge: parts must be whole parts"
         );
         assert!(out.len() >= n_rows * dv, "attention_merge: out too short");

@@ -397,35 +397,48 @@ pub(crate) fn gemm_ref(
     out_stride: usize,
 ) {
     let shape = PanelShape::of(f).expect("panel format");
-    let blk = shape.blk;
-    let ng = k / blk;
+    let ng = k / shape.blk;
     let a_row = act_row_bytes(k);
-    let (od, o32, o16) = act_offsets(k);
     let (mut q, mut s, mut m) = (vec![0u8; k], vec![0f32; ng], vec![0f32; ng]);
     for r in 0..n_rows {
         canon_row(f, &w[r * w_row..(r + 1) * w_row], &mut q, &mut s, &mut m);
         for c in 0..n_cols {
             let a = &act[c * a_row..(c + 1) * a_row];
-            let mut acc = 0.0f32;
-            for g in 0..ng {
-                let e0 = g * blk;
-                let lv = |e: usize| {
-                    if f == Fmt::Q8_0 {
-                        q[e] as i8 as i32
-                    } else {
-                        q[e] as i32
-                    }
-                };
-                let isum: i32 = (e0..e0 + blk).map(|e| lv(e) * a[e] as i8 as i32).sum();
-                let da = get_f32(a, od + 4 * (e0 / QK));
-                let sa = if blk == QK {
-                    get_f32(a, o32 + 4 * g)
-                } else {
-                    get_f32(a, o16 + 4 * g)
-                };
-                acc += s[g] * da * isum as f32 - m[g] * sa;
-            }
-            out[c * out_stride + r] = acc;
+            out[c * out_stride + r] = dot_canon(f == Fmt::Q8_0, shape.blk, k, &q, &s, &m, a);
         }
     }
+}
+
+/// One canonical row (levels `q`, signed bytes if `signed`; per group of `blk` the scale `s`
+/// and offset `m`) dotted with one panel-layout activation row `a` of `k` elements.
+pub(crate) fn dot_canon(
+    signed: bool,
+    blk: usize,
+    k: usize,
+    q: &[u8],
+    s: &[f32],
+    m: &[f32],
+    a: &[u8],
+) -> f32 {
+    let (od, o32, o16) = act_offsets(k);
+    let mut acc = 0.0f32;
+    for g in 0..k / blk {
+        let e0 = g * blk;
+        let lv = |e: usize| {
+            if signed {
+                q[e] as i8 as i32
+            } else {
+                q[e] as i32
+            }
+        };
+        let isum: i32 = (e0..e0 + blk).map(|e| lv(e) * a[e] as i8 as i32).sum();
+        let da = get_f32(a, od + 4 * (e0 / QK));
+        let sa = if blk == QK {
+            get_f32(a, o32 + 4 * g)
+        } else {
+            get_f32(a, o16 + 4 * g)
+        };
+        acc += s[g] * da * isum as f32 - m[g] * sa;
+    }
+    acc
 }

@@ -474,7 +474,7 @@ pub(crate) fn check_row(
         supported: SUPPORTED_ROWS.to_string(),
     })?;
     let be = f.block_elems();
-    if n % be != 0 {
+    if !n.is_multiple_of(be) {
         return Err(KernelError::BadLength {
             what: "row length in elements (must be a multiple of the block size)",
             expected: n.div_ceil(be) * be,

@@ -403,7 +403,7 @@ fn avx2_dequantize_equals_reference() {
 /// Weights for the dot tests: random bit patterns (every level, extreme scales) or quantized
 /// rows.
 fn weights(rng: &mut Rng, ty: GgmlType, n: usize, rows: usize, trial: usize) -> Vec<u8> {
-    if trial % 2 == 0 {
+    if trial.is_multiple_of(2) {
         random_weight_bytes(rng, ty, n * rows)
     } else {
         let x = rng.vec(n * rows, 0.05);

@@ -295,6 +295,7 @@ fn f32_and_f16_helpers_match_reference() {
 fn path_selection() {
     assert_eq!(KernelPath::Scalar.to_string(), "scalar");
     assert_eq!(KernelPath::Avx2.to_string(), "avx2+fma+f16c");
+    assert_eq!(KernelPath::Avx2Vnni.to_string(), "avx2+fma+f16c+avx512vnni");
     assert_eq!(
         Kernels::from_setting("scalar").unwrap().path(),
         KernelPath::Scalar
@@ -305,9 +306,22 @@ fn path_selection() {
     );
     assert_eq!(Kernels::from_setting("auto").unwrap(), Kernels::detect());
     assert_eq!(Kernels::from_setting("").unwrap(), Kernels::detect());
+    match Kernels::from_setting("avx2vnni") {
+        Ok(k) => assert_eq!(k.path(), KernelPath::Avx2Vnni),
+        Err(e) => assert!(matches!(
+            e,
+            KernelError::PathUnavailable {
+                path: KernelPath::Avx2Vnni,
+                ..
+            }
+        )),
+    }
     let e = Kernels::from_setting("avx512").unwrap_err();
     assert!(matches!(&e, KernelError::BadEnv { value } if value == "avx512"));
-    assert!(e.to_string().contains("scalar, avx2 or auto"), "{e}");
+    assert!(
+        e.to_string().contains("scalar, avx2, avx2vnni or auto"),
+        "{e}"
+    );
     match Kernels::from_setting("avx2") {
         Ok(k) => assert_eq!(k.path(), KernelPath::Avx2),
         Err(e) => assert!(matches!(
@@ -319,7 +333,7 @@ fn path_selection() {
         )),
     }
     // The environment (as CI sets it) must parse.
-    let k = Kernels::from_env().expect("MICROLLM_KERNELS must be scalar, avx2 or auto");
+    let k = Kernels::from_env().expect("MICROLLM_KERNELS must be scalar, avx2, avx2vnni or auto");
     eprintln!("kernel path from the environment: {}", k.path());
     fn assert_send_sync_copy<T: Send + Sync + Copy>() {}
     assert_send_sync_copy::<Kernels>();

@@ -13,6 +13,7 @@ mod arch;
 pub mod config;
 mod kv_q8;
 mod ops;
+mod pack;
 pub mod state;
 pub mod weights;
 
@@ -23,6 +24,7 @@ use microllm_kernels::pool::ThreadPool;
 use microllm_kernels::Kernels;
 
 pub use config::{Arch, Config, RopeScaling, RopeStyle};
+pub use pack::PackStats;
 pub use state::{KvType, Scratch, State, StateOptions};
 pub use weights::{QMatrix, Weights};
 
@@ -112,6 +114,11 @@ pub struct ModelOptions {
     pub n_threads: usize,
     /// The kernel table (SIMD path) to use.
     pub kernels: Kernels,
+    /// Repack the Q4_0/Q4_1/Q8_0 matrices at load for the packed matmul (faster decode and
+    /// small batches, same results as the panel path; see `microllm_kernels::packed`).
+    /// `MICROLLM_PACK=0` turns it off; it is skipped when the model loads llama.cpp-exact
+    /// (`MICROLLM_EXACT=1`), which never uses packed weights.
+    pub pack: bool,
 }
 
 impl Default for ModelOptions {
@@ -119,6 +126,7 @@ impl Default for ModelOptions {
         Self {
             n_threads: 0,
             kernels: Kernels::detect(),
+            pack: true,
         }
     }
 }
@@ -137,6 +145,8 @@ pub struct Model {
     /// Batched matmuls use llama.cpp's arithmetic (`Kernels::gemm`) instead of the faster
     /// panel kernels (`Kernels::gemm_panel`); see [`Model::set_exact`].
     exact: bool,
+    /// What packing the weights at load did.
+    pack_stats: PackStats,
 }
 
 impl std::fmt::Debug for Model {
@@ -160,7 +170,7 @@ impl Model {
             .and_then(|t| t.dims.get(1).map(|&d| d as usize));
         let config = Config::from_metadata(file.metadata(), n_vocab_tensor)?;
         let kernels = opts.kernels;
-        let weights = weights::Weights::load(
+        let mut weights = weights::Weights::load(
             &weights::Loader {
                 file: &file,
                 kernels: &kernels,
@@ -173,6 +183,14 @@ impl Model {
             opts.n_threads
         };
         let pool = ThreadPool::new(n_threads).map_err(ModelError::Threads)?;
+        let exact = std::env::var_os("MICROLLM_EXACT").is_some_and(|v| v != "0");
+        let pack =
+            opts.pack && !exact && std::env::var_os("MICROLLM_PACK").is_none_or(|v| v != "0");
+        let pack_stats = if pack {
+            pack::pack_weights(&mut weights, &file, &kernels, &pool)
+        } else {
+            PackStats::default()
+        };
         let rope = rope_tables(&config, config.rope.base, weights.rope_freqs.as_deref());
         let rope_swa = config
             .rope_base_swa
@@ -185,7 +203,8 @@ impl Model {
             pool,
             rope,
             rope_swa,
-            exact: std::env::var_os("MICROLLM_EXACT").is_some_and(|v| v != "0"),
+            exact,
+            pack_stats,
         };
         // Every matmul's activation format must exist on this kernel path.
         for l in &model.weights.layers {
@@ -208,6 +227,11 @@ impl Model {
     /// only in float rounding (off: the default). `MICROLLM_EXACT=1` turns it on at load.
     pub fn set_exact(&mut self, exact: bool) {
         self.exact = exact;
+    }
+
+    /// What packing the weights at load did (see [`ModelOptions::pack`]).
+    pub fn pack_stats(&self) -> PackStats {
+        self.pack_stats
     }
 
     /// Whether matmuls are llama.cpp-exact (see [`Model::set_exact`]).

@@ -4,6 +4,7 @@
 use half::f16;
 use half::slice::HalfBitsSliceExt;
 use microllm_gguf::{GgmlType, GgufFile};
+use microllm_kernels::panel::PANEL_ROWS;
 use microllm_kernels::pool::ThreadPool;
 use microllm_kernels::Kernels;
 
@@ -126,10 +127,15 @@ pub(crate) fn matmul(
     let kernels = ctx.kernels;
     let wdata = w.data(ctx.file);
     let rb = w.row_bytes;
-    // The panel kernels for batches (unless exact; every row count in continuous batching),
-    // else the activation format of this weight format (checked for every matrix at load).
-    let panel =
-        (n_tok >= PANEL_MIN_ROWS || ctx.invariant) && !ctx.exact && kernels.panel_supports(w.ty);
+    // Packed weights (packed at load) whenever not exact: the panel kernels' results, bit for
+    // bit, without unpacking per call. Else the panel kernels for batches (unless exact;
+    // every row count in continuous batching), else the activation format of this weight
+    // format (checked for every matrix at load).
+    let packed = w.packed().filter(|_| !ctx.exact);
+    let panel = packed.is_some()
+        || ((n_tok >= PANEL_MIN_ROWS || ctx.invariant)
+            && !ctx.exact
+            && kernels.panel_supports(w.ty));
     let fmt = if panel {
         ActFormat::Panel
     } else {
@@ -151,6 +157,11 @@ pub(crate) fn matmul(
             .for_each_chunk_mut(&mut out[..n_rows], chunk, |ci, o| {
                 let r0 = ci * chunk;
                 let len = o.len();
+                if let Some(p) = packed {
+                    let pb = p.len() / n_rows.div_ceil(PANEL_ROWS);
+                    kernels.gemm_packed(w.ty, k, &p[r0 / PANEL_ROWS * pb..], len, act, 1, o, len);
+                    return;
+                }
                 let wr = &wdata[r0 * rb..(r0 + len) * rb];
                 if panel {
                     kernels.gemm_panel(w.ty, k, wr, len, act, 1, o, len);
@@ -172,6 +183,11 @@ pub(crate) fn matmul(
     ctx.pool.for_each_chunk_mut(tmp, chunk * n_tok, |ci, s| {
         let r0 = ci * chunk;
         let len = s.len() / n_tok;
+        if let Some(p) = packed {
+            let pb = p.len() / n_rows.div_ceil(PANEL_ROWS);
+            kernels.gemm_packed(w.ty, k, &p[r0 / PANEL_ROWS * pb..], len, act, n_tok, s, len);
+            return;
+        }
         let wr = &wdata[r0 * rb..(r0 + len) * rb];
         if panel {
             kernels.gemm_panel(w.ty, k, wr, len, act, n_tok, s, len);

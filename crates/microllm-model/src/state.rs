@@ -223,7 +223,7 @@ impl State {
                 v: vec![0u16; nv],
             },
             KvType::Q8_0 => {
-                if c.head_dim % 32 != 0 || c.head_dim_v % 32 != 0 {
+                if !c.head_dim.is_multiple_of(32) || !c.head_dim_v.is_multiple_of(32) {
                     return Err(ModelError::BadOptions(format!(
                         "a q8_0 KV cache needs head sizes that are multiples of 32 (this model's are {} and {}); use --kv-type f16",
                         c.head_dim, c.head_dim_v
@@ -376,7 +376,7 @@ impl State {
     pub fn kv_write(&mut self, model: &Model, at: usize, rows: &[u8]) -> Result<usize, ModelError> {
         let (n_layer, k_dim, v_dim) = self.kv_shape(model)?;
         let row = self.kv_bytes_per_pos();
-        if rows.len() % row != 0 {
+        if !rows.len().is_multiple_of(row) {
             return Err(ModelError::BadOptions(format!(
                 "{} bytes of KV rows are not a whole number of {row}-byte positions",
                 rows.len()

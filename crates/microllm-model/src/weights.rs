@@ -2,6 +2,7 @@
 
 use microllm_gguf::{GgmlType, GgufFile, TensorInfo};
 use microllm_kernels::Kernels;
+use std::sync::Arc;
 
 use crate::config::Config;
 use crate::ModelError;
@@ -16,6 +17,8 @@ pub struct QMatrix {
     /// Bytes per row in `ty`.
     pub row_bytes: usize,
     info: TensorInfo,
+    /// The rows repacked at load for the packed matmul (`Kernels::pack`), if they were.
+    pub(crate) packed: Option<Arc<[u8]>>,
 }
 
 impl QMatrix {
@@ -32,6 +35,7 @@ impl QMatrix {
             n_cols: self.n_cols,
             row_bytes: self.row_bytes,
             info,
+            packed: None,
         }
     }
 
@@ -45,6 +49,13 @@ impl QMatrix {
     }
     pub fn n_bytes(&self) -> u64 {
         self.info.n_bytes
+    }
+    /// The packed copy of the rows (see `microllm_kernels::packed`), if the model made one.
+    pub fn packed(&self) -> Option<&[u8]> {
+        self.packed.as_deref()
+    }
+    pub(crate) fn info(&self) -> &TensorInfo {
+        &self.info
     }
 }
 
@@ -131,6 +142,7 @@ impl Loader<'_> {
             n_cols,
             row_bytes,
             info: info.clone(),
+            packed: None,
         })
     }
 

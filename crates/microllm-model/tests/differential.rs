@@ -106,7 +106,15 @@ fn load_fixture(name: &str) -> Fixture {
 /// microllm's logits for the fixture's tokens: the prefill as one batch, then single steps.
 fn run(f: &Fixture, n_threads: usize, kernels: Kernels) -> Vec<Vec<f32>> {
     let file = GgufFile::from_bytes(f.gguf.clone()).unwrap();
-    let mut model = Model::from_gguf(file, ModelOptions { n_threads, kernels }).unwrap();
+    let mut model = Model::from_gguf(
+        file,
+        ModelOptions {
+            n_threads,
+            kernels,
+            pack: true,
+        },
+    )
+    .unwrap();
     // These logits are compared with llama.cpp's at 1e-4: its exact arithmetic.
     model.set_exact(true);
     let n_vocab = model.config.n_vocab;
@@ -141,7 +149,7 @@ fn check_within(name: &str, rel_tol: f32) {
     let kernels = Kernels::from_env().unwrap();
     // Only the AVX2 path reproduces llama.cpp's x86 arithmetic (future paths: as scalar).
     let rel_tol = match kernels.path() {
-        KernelPath::Avx2 => rel_tol,
+        KernelPath::Avx2 | KernelPath::Avx2Vnni => rel_tol,
         _ => rel_tol.max(SCALAR_REL_TOL),
     };
     let got = run(&f, 2, kernels);
@@ -287,6 +295,7 @@ fn tiny_configs_are_what_the_fixtures_assume() {
             ModelOptions {
                 n_threads: 1,
                 kernels: Kernels::detect(),
+                pack: true,
             },
         )
         .unwrap()
@@ -334,6 +343,7 @@ fn unsupported_tensor_type_is_named() {
             ModelOptions {
                 n_threads: 1,
                 kernels: Kernels::detect(),
+                pack: true,
             },
         )
         .unwrap_err();

@@ -13,6 +13,7 @@ fn load(spec: &TinySpec) -> Model {
         ModelOptions {
             n_threads: 2,
             kernels: Kernels::detect(),
+            pack: true,
         },
     )
     .expect("tiny model loads")

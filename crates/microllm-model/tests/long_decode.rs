@@ -41,6 +41,7 @@ fn load(spec: &TinySpec, n_threads: usize) -> Model {
         ModelOptions {
             n_threads,
             kernels: Kernels::detect(),
+            pack: true,
         },
     )
     .expect("tiny model loads")

@@ -52,6 +52,7 @@ fn decode_step_does_not_allocate() {
                 ModelOptions {
                     n_threads,
                     kernels: Kernels::detect(),
+                    pack: true,
                 },
             )
             .unwrap();

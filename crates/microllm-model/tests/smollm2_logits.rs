@@ -27,6 +27,7 @@ fn teacher_forced_top5_within_half_a_logit() {
         ModelOptions {
             n_threads: 2,
             kernels: Kernels::from_env().unwrap(),
+            pack: true,
         },
     )
     .unwrap();

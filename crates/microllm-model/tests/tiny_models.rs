@@ -27,8 +27,15 @@ fn specs() -> Vec<(&'static str, TinySpec)> {
 /// paths agreeing under one arithmetic (the fast path is checked in `fast_prefill_...`).
 fn load(spec: &TinySpec, n_threads: usize, kernels: Kernels) -> Model {
     let file = GgufFile::from_bytes(tiny_model_bytes(spec)).expect("tiny model parses");
-    let mut m =
-        Model::from_gguf(file, ModelOptions { n_threads, kernels }).expect("tiny model loads");
+    let mut m = Model::from_gguf(
+        file,
+        ModelOptions {
+            n_threads,
+            kernels,
+            pack: true,
+        },
+    )
+    .expect("tiny model loads");
     m.set_exact(true);
     m
 }

@@ -291,19 +291,19 @@ impl TinySpec {
         if s.n_layer == 0 || s.n_embd == 0 || s.n_head == 0 || s.n_head_kv == 0 || s.n_ff == 0 {
             return Err(format!("all sizes must be nonzero: {s:?}"));
         }
-        if s.key_length.is_none() && s.n_embd % s.n_head != 0 {
+        if s.key_length.is_none() && !s.n_embd.is_multiple_of(s.n_head) {
             return Err(format!(
                 "n_embd {} is not a multiple of n_head {}",
                 s.n_embd, s.n_head
             ));
         }
-        if s.n_head % s.n_head_kv != 0 {
+        if !s.n_head.is_multiple_of(s.n_head_kv) {
             return Err(format!(
                 "n_head {} is not a multiple of n_head_kv {}",
                 s.n_head, s.n_head_kv
             ));
         }
-        if s.head_dim() % 2 != 0 {
+        if !s.head_dim().is_multiple_of(2) {
             return Err(format!("head_dim {} must be even for RoPE", s.head_dim()));
         }
         if s.arch.fused() && s.n_head * s.head_dim() != s.n_embd {

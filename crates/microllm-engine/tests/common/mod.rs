@@ -61,6 +61,7 @@ pub fn load_model(path: &Path, threads: usize, exact: bool) -> LoadedModel {
         ModelOptions {
             n_threads: threads,
             kernels: Kernels::from_env().unwrap(),
+            pack: true,
         },
     )
     .unwrap();

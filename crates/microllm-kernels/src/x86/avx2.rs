@@ -901,7 +901,7 @@ pub(crate) unsafe fn dequantize_row(f: Fmt, x: &[u8], out: &mut [f32]) {
         Fmt::Q8_1 => {
             // Q8_1 = d, s, qs: reuse the Q8_0 path on each block's (d, qs) by skipping s.
             assert!(
-                x.len() == n / QK * 36 && n % QK == 0,
+                x.len() == n / QK * 36 && n.is_multiple_of(QK),
                 "dequantize_row: bad lengths"
             );
             for (xb, ob) in x.chunks_exact(36).zip(out.chunks_exact_mut(QK)) {

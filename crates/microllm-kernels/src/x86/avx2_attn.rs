@@ -586,7 +586,7 @@ unsafe fn tile_values(
     vf: &[f32],
     nk: usize,
 ) {
-    debug_assert!(acc.len() >= nr * dv && vf.len() >= nk * dv && dv % 16 == 0);
+    debug_assert!(acc.len() >= nr * dv && vf.len() >= nk * dv && dv.is_multiple_of(16));
     let mut r = 0;
     while r < nr {
         let left = nr - r;

@@ -149,7 +149,7 @@ fn transpose8(r: [__m256i; 8]) -> [__m256i; 8] {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn fill_levels<const F: u8>(q: &mut [u8], k: usize, w: &[u8], w_row: usize, n: usize) {
     let (elems, bytes) = const { block_shape(F) };
-    assert!((1..=PANEL_ROWS).contains(&n) && k % elems == 0);
+    assert!((1..=PANEL_ROWS).contains(&n) && k.is_multiple_of(elems));
     assert!(
         w.len() >= (n - 1) * w_row + (k / elems) * bytes,
         "panel: rows too short"
@@ -286,7 +286,7 @@ unsafe fn rows_direct<const F: u8, const BLK: usize, const C: usize>(
     a_row: usize,
 ) -> [__m256; C] {
     let (elems, bytes) = const { block_shape(F) };
-    assert!((1..=PANEL_ROWS).contains(&n) && k % elems == 0);
+    assert!((1..=PANEL_ROWS).contains(&n) && k.is_multiple_of(elems));
     assert!(
         w.len() >= (n - 1) * w_row + (k / elems) * bytes,
         "panel: rows too short"

@@ -241,7 +241,7 @@ pub(crate) unsafe fn gemm(
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn quantize_act(x: &[f32], out: &mut [u8]) {
     let k = x.len();
-    assert!(k % 32 == 0 && out.len() >= act_row_bytes(k));
+    assert!(k.is_multiple_of(32) && out.len() >= act_row_bytes(k));
     for b in 0..k / 32 {
         // SAFETY: 32 floats of block b are inside x; 32 bytes at b * 32 inside out (k bytes).
         let (d, _) = unsafe {

@@ -4,6 +4,7 @@ pub(crate) mod avx2;
 pub(crate) mod avx2_attn;
 pub(crate) mod avx2_canon;
 pub(crate) mod avx2_k;
+pub(crate) mod avx2_packed;
 pub(crate) mod avx2_panel;
 
 /// Whether the running CPU has everything `avx2.rs` uses. `is_x86_feature_detected!` caches

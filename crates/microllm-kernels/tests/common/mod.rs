@@ -115,10 +115,22 @@ pub fn scalar() -> Kernels {
     Kernels::with_path(KernelPath::Scalar).unwrap()
 }
 
+/// The AVX2 + AVX-512 VNNI table, or None (with a message) when this CPU cannot run it.
+pub fn vnni() -> Option<Kernels> {
+    match Kernels::with_path(KernelPath::Avx2Vnni) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            eprintln!("SKIP avx2vnni comparison: {e}");
+            None
+        }
+    }
+}
+
 /// Every available path (scalar first).
 pub fn all_paths() -> Vec<Kernels> {
     let mut v = vec![scalar()];
     v.extend(avx2());
+    v.extend(vnni());
     v
 }
 

@@ -1,0 +1,366 @@
+//! AVX2 version of the packed matmul (see `crate::packed` for the layout and the scalar
+//! specification it is tested against), with an AVX-512 VNNI variant of the inner step.
+//!
+//! Inner step, as in the panel tile (`avx2_panel.rs`): one 32-byte vector holds 4 levels of
+//! each of the 8 rows; 4 activation bytes broadcast to every 32-bit lane; a u8 x i8 multiply
+//! with 4-way sums leaves in lane `r` row `r`'s dot over those 4 elements. The 4-bit levels
+//! come out of one packed vector as two (`& 0x0f`, `>> 4 & 0x0f`). AVX2 does the multiply as
+//! `vpmaddubsw` (sums kept in 16 bits for a whole group: 8 * 2 * 15 * 127 < 32768) and
+//! `vpmaddwd`; VNNI as one `vpdpbusd` into 32 bits. Both are exact, so both give the group
+//! sums the panel kernel gets, and the float epilogue is the panel kernel's, operation for
+//! operation: bit-identical results.
+//!
+//! Tiles: `R` panels x `C` columns. Decode (one column) runs 4 panels at once so that 4
+//! independent float chains hide the multiply-add latency; batches run 1 panel x 4 columns,
+//! so each packed vector is loaded and split once for 4 columns.
+//!
+//! Safety: `tile` and `drive` are `#[inline(always)]` helpers of the two `#[target_feature]`
+//! entry points ([`gemm`] picks one); their `unsafe` intrinsic calls rely on the CPU features
+//! of whichever entry point they were inlined into: AVX2, FMA and F16C always, and AVX-512
+//! VNNI/VL for the `VNNI = true` instances, which only `gemm_vnni` creates.
+
+use core::arch::x86_64::*;
+
+use crate::format::Fmt;
+use crate::packed::{group_bytes, packed_len, panel_bytes};
+use crate::panel::{act_offsets, act_row_bytes, Panel, PanelShape, PANEL_ROWS};
+
+/// Whether the running CPU has AVX-512 VNNI with 256-bit forms (and AVX2, FMA, F16C).
+pub(crate) fn vnni_detected() -> bool {
+    super::avx2_fma_f16c_detected()
+        && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
+}
+
+/// Packs rows `0..n_rows` of `w`: the same bytes as `packed::pack_ref` (and the same
+/// `false` when a scale is not exactly an f16), through the SIMD panel fill.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn pack(
+    f: Fmt,
+    k: usize,
+    w: &[u8],
+    w_row: usize,
+    n_rows: usize,
+    out: &mut [u8],
+) -> bool {
+    let shape = PanelShape::of(f).expect("packed format");
+    let q8 = f == Fmt::Q8_0;
+    let (ng, gb, pb) = (k / 32, group_bytes(q8), panel_bytes(f, k));
+    assert!(
+        out.len() >= packed_len(f, k, n_rows),
+        "pack: output too short"
+    );
+    assert!(w.len() >= n_rows * w_row, "pack: weights too short");
+    let mut p = Panel::default();
+    for (pi, dst) in out[..packed_len(f, k, n_rows)]
+        .chunks_exact_mut(pb)
+        .enumerate()
+    {
+        let r0 = pi * PANEL_ROWS;
+        let n = PANEL_ROWS.min(n_rows - r0);
+        // SAFETY: same CPU contract as this function's.
+        unsafe { super::avx2_canon::fill(&mut p, f, shape, k, &w[r0 * w_row..], w_row, n) };
+        assert!(p.q.len() >= k * PANEL_ROWS && p.s.len() >= ng * PANEL_ROWS);
+        assert!(p.m.len() >= ng * PANEL_ROWS);
+        let (qp, sp, mp) = (p.q.as_ptr(), p.s.as_ptr(), p.m.as_ptr());
+        for (g, grp) in dst.chunks_exact_mut(gb).enumerate() {
+            let gp = grp.as_mut_ptr();
+            // SAFETY: g < ng, so the 8 level vectors of group g, (8g .. 8g + 8) * 32 bytes,
+            // are inside p.q (k * 8 bytes, asserted) and its 8 scales/offsets inside p.s/p.m;
+            // the stores stay inside this group's gb bytes (256 + 16 for Q8_0, 128 + 32).
+            unsafe {
+                let lv = |j: usize| _mm256_loadu_si256(qp.add((8 * g + j) * 32).cast());
+                if q8 {
+                    for j in 0..8 {
+                        _mm256_storeu_si256(gp.add(32 * j).cast(), lv(j));
+                    }
+                } else {
+                    for t in 0..4 {
+                        let v = _mm256_or_si256(lv(t), _mm256_slli_epi16::<4>(lv(t + 4)));
+                        _mm256_storeu_si256(gp.add(32 * t).cast(), v);
+                    }
+                }
+                let halves = |src: *const f32| -> Option<__m128i> {
+                    let v = _mm256_loadu_ps(src);
+                    let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                    let back = _mm256_cvtph_ps(h);
+                    (_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(back, v)) == 0xff).then_some(h)
+                };
+                let so = if q8 { 256 } else { 128 };
+                let Some(sh) = halves(sp.add(g * PANEL_ROWS)) else {
+                    return false;
+                };
+                _mm_storeu_si128(gp.add(so).cast(), sh);
+                if !q8 {
+                    let Some(mh) = halves(mp.add(g * PANEL_ROWS)) else {
+                        return false;
+                    };
+                    _mm_storeu_si128(gp.add(144).cast(), mh);
+                }
+            }
+        }
+    }
+    true
+}
+
+/// Outputs of `R` consecutive panels (at `p`, `pb` bytes apart) for `C` activation columns
+/// (at `a`, `a_row` bytes apart): `[r][c]` holds the 8 rows of panel `r` for column `c`.
+///
+/// # Safety
+/// Inlined only into the entry points below (CPU features: see the module documentation);
+/// `R` panels of `k` elements are readable at `p`, and `C` activation rows of `k` elements at
+/// `a` (`act_row_bytes(k)` each).
+#[inline(always)]
+unsafe fn tile<const Q8: bool, const R: usize, const C: usize, const VNNI: bool>(
+    k: usize,
+    p: *const u8,
+    pb: usize,
+    a: *const u8,
+    a_row: usize,
+) -> [[__m256; C]; R] {
+    let ng = k / 32;
+    let gb = group_bytes(Q8);
+    let (od, o32, _) = act_offsets(k);
+    // SAFETY: the intrinsics need AVX2/FMA/F16C (and VNNI in the VNNI instances), which the
+    // entry point this is inlined into guarantees. Every load is of panel r < R, group g < ng,
+    // vector t < 8 (4-bit: < 4) or its scales, or of activation byte e < k or scale g < ng of
+    // column c < C: inside the ranges the caller guarantees. Prefetches never fault.
+    unsafe {
+        let (ones, low) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0f));
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let bcast = |c: usize, e: usize| {
+            _mm256_set1_epi32(a.add(c * a_row + e).cast::<i32>().read_unaligned())
+        };
+        for g in 0..ng {
+            let e0 = g * 32;
+            // Software prefetch of the next tile's panels (the R * pb bytes after these),
+            // spread over this tile's groups: R * gb bytes per group. The R panels read at
+            // once are R streams pb bytes apart, which the hardware prefetchers follow poorly
+            // (measured: decode streamed at 12 GB/s without this).
+            let next = p.wrapping_add(R * pb + g * R * gb);
+            let mut l = 0;
+            while l < R * gb {
+                _mm_prefetch::<PF_HINT>(next.wrapping_add(l).cast());
+                l += 64;
+            }
+            let mut isum = [[_mm256_setzero_si256(); C]; R];
+            if Q8 {
+                for t in 0..8 {
+                    let av: [__m256i; C] = core::array::from_fn(|c| bcast(c, e0 + 4 * t));
+                    for r in 0..R {
+                        let v = _mm256_loadu_si256(p.add(r * pb + g * gb + 32 * t).cast());
+                        let wabs = _mm256_sign_epi8(v, v);
+                        for c in 0..C {
+                            let sa = _mm256_sign_epi8(av[c], v);
+                            isum[r][c] = if VNNI {
+                                _mm256_dpbusd_epi32(isum[r][c], wabs, sa)
+                            } else {
+                                let p16 = _mm256_maddubs_epi16(wabs, sa);
+                                _mm256_add_epi32(isum[r][c], _mm256_madd_epi16(p16, ones))
+                            };
+                        }
+                    }
+                }
+            } else {
+                let mut s16 = [[_mm256_setzero_si256(); C]; R];
+                for t in 0..4 {
+                    let alo: [__m256i; C] = core::array::from_fn(|c| bcast(c, e0 + 4 * t));
+                    let ahi: [__m256i; C] = core::array::from_fn(|c| bcast(c, e0 + 16 + 4 * t));
+                    for r in 0..R {
+                        let v = _mm256_loadu_si256(p.add(r * pb + g * gb + 32 * t).cast());
+                        let lo = _mm256_and_si256(v, low);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                        for c in 0..C {
+                            if VNNI {
+                                isum[r][c] = _mm256_dpbusd_epi32(isum[r][c], lo, alo[c]);
+                                isum[r][c] = _mm256_dpbusd_epi32(isum[r][c], hi, ahi[c]);
+                            } else {
+                                let x = _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(lo, alo[c]),
+                                    _mm256_maddubs_epi16(hi, ahi[c]),
+                                );
+                                s16[r][c] = _mm256_add_epi16(s16[r][c], x);
+                            }
+                        }
+                    }
+                }
+                if !VNNI {
+                    for r in 0..R {
+                        for c in 0..C {
+                            isum[r][c] = _mm256_madd_epi16(s16[r][c], ones);
+                        }
+                    }
+                }
+            }
+            // The panel kernel's epilogue: acc = fma(f32(isum), s * d_a, acc) - m * s_a.
+            for r in 0..R {
+                let gp = p.add(r * pb + g * gb);
+                let sw =
+                    _mm256_cvtph_ps(_mm_loadu_si128(gp.add(if Q8 { 256 } else { 128 }).cast()));
+                let mw = if Q8 {
+                    _mm256_setzero_ps()
+                } else {
+                    _mm256_cvtph_ps(_mm_loadu_si128(gp.add(144).cast()))
+                };
+                for c in 0..C {
+                    let ac = a.add(c * a_row);
+                    let da = _mm256_broadcast_ss(&*ac.add(od + 4 * g).cast::<f32>());
+                    let sa = _mm256_broadcast_ss(&*ac.add(o32 + 4 * g).cast::<f32>());
+                    let scale = _mm256_mul_ps(sw, da);
+                    acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][c]), scale, acc[r][c]);
+                    acc[r][c] = _mm256_fnmadd_ps(mw, sa, acc[r][c]);
+                }
+            }
+        }
+        acc
+    }
+}
+
+/// Cache level the prefetches of the next tile go to: L2 (measured, 190 MB of Q4_1 streamed
+/// by 2 threads: 28-33 GB/s, the machine's read bandwidth; into L1 or non-temporal 19-22).
+const PF_HINT: i32 = _MM_HINT_T1;
+
+/// Panels per decode tile (one column): independent float chains.
+const DECODE_PANELS: usize = 4;
+/// Columns per batch tile.
+const COLS: usize = 4;
+
+/// The whole product (see [`gemm`]) for one format and instruction set.
+///
+/// # Safety
+/// As [`tile`]: inlined only into the entry points; sizes checked by [`gemm`].
+#[inline(always)]
+unsafe fn drive<const Q8: bool, const VNNI: bool>(
+    k: usize,
+    packed: &[u8],
+    n_rows: usize,
+    act: &[u8],
+    n_cols: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let (pb, a_row) = (
+        panel_bytes(if Q8 { Fmt::Q8_0 } else { Fmt::Q4_1 }, k),
+        act_row_bytes(k),
+    );
+    let np = n_rows.div_ceil(PANEL_ROWS);
+    assert!(packed.len() >= np * pb && act.len() >= n_cols * a_row);
+    let (pp, ap) = (packed.as_ptr(), act.as_ptr());
+    let mut put = |c: usize, pi: usize, v: __m256| {
+        let mut t = [0.0f32; PANEL_ROWS];
+        // SAFETY: 8 writable floats (AVX: see the module documentation).
+        unsafe { _mm256_storeu_ps(t.as_mut_ptr(), v) };
+        let rs = pi * PANEL_ROWS;
+        let len = PANEL_ROWS.min(n_rows - rs);
+        out[c * out_stride + rs..c * out_stride + rs + len].copy_from_slice(&t[..len]);
+    };
+    if n_cols >= COLS {
+        for pi in 0..np {
+            let mut c0 = 0;
+            while c0 < n_cols {
+                // SAFETY: panel pi < np and columns below n_cols are inside the asserted
+                // ranges.
+                unsafe {
+                    let (p, a) = (pp.add(pi * pb), ap.add(c0 * a_row));
+                    if c0 + COLS <= n_cols {
+                        let t = tile::<Q8, 1, COLS, VNNI>(k, p, pb, a, a_row);
+                        for (c, v) in t[0].into_iter().enumerate() {
+                            put(c0 + c, pi, v);
+                        }
+                        c0 += COLS;
+                    } else {
+                        put(c0, pi, tile::<Q8, 1, 1, VNNI>(k, p, pb, a, a_row)[0][0]);
+                        c0 += 1;
+                    }
+                }
+            }
+        }
+        return;
+    }
+    for c in 0..n_cols {
+        let mut pi = 0;
+        while pi < np {
+            // SAFETY: panels pi .. pi + R <= np and column c < n_cols are inside the
+            // asserted ranges.
+            unsafe {
+                let (p, a) = (pp.add(pi * pb), ap.add(c * a_row));
+                if pi + DECODE_PANELS <= np {
+                    let t = tile::<Q8, DECODE_PANELS, 1, VNNI>(k, p, pb, a, a_row);
+                    for (r, v) in t.into_iter().enumerate() {
+                        put(c, pi + r, v[0]);
+                    }
+                    pi += DECODE_PANELS;
+                } else {
+                    put(c, pi, tile::<Q8, 1, 1, VNNI>(k, p, pb, a, a_row)[0][0]);
+                    pi += 1;
+                }
+            }
+        }
+    }
+}
+
+/// [`drive`] for AVX2 + FMA + F16C.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; sizes checked by [`gemm`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm_avx2<const Q8: bool>(
+    k: usize,
+    packed: &[u8],
+    n_rows: usize,
+    act: &[u8],
+    n_cols: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    // SAFETY: this function's features are the ones `drive::<_, false>` needs.
+    unsafe { drive::<Q8, false>(k, packed, n_rows, act, n_cols, out, out_stride) }
+}
+
+/// [`drive`] with AVX-512 VNNI (256-bit forms).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA, F16C, AVX512F, AVX512VL and AVX512-VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn gemm_vnni<const Q8: bool>(
+    k: usize,
+    packed: &[u8],
+    n_rows: usize,
+    act: &[u8],
+    n_cols: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    // SAFETY: this function's features are the ones `drive::<_, true>` needs.
+    unsafe { drive::<Q8, true>(k, packed, n_rows, act, n_cols, out, out_stride) }
+}
+
+/// See `Kernels::gemm_packed` (shapes checked there): `vnni` picks the VNNI inner step.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C, and if `vnni`, AVX512F, AVX512VL and VNNI.
+pub(crate) unsafe fn gemm(
+    f: Fmt,
+    k: usize,
+    packed: &[u8],
+    n_rows: usize,
+    act: &[u8],
+    n_cols: usize,
+    out: &mut [f32],
+    out_stride: usize,
+    vnni: bool,
+) {
+    // SAFETY: the caller guarantees the features of the variant chosen.
+    unsafe {
+        match (f == Fmt::Q8_0, vnni) {
+            (true, true) => gemm_vnni::<true>(k, packed, n_rows, act, n_cols, out, out_stride),
+            (false, true) => gemm_vnni::<false>(k, packed, n_rows, act, n_cols, out, out_stride),
+            (true, false) => gemm_avx2::<true>(k, packed, n_rows, act, n_cols, out, out_stride),
+            (false, false) => gemm_avx2::<false>(k, packed, n_rows, act, n_cols, out, out_stride),
+        }
+    }
+}

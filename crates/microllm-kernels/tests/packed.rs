@@ -1,0 +1,217 @@
+//! The packed matmul (`Kernels::pack`, `Kernels::gemm_packed`): the same bytes packed on every
+//! path, and results bit-identical to the panel matmul on the same path, whatever the
+//! numbers of rows and columns (continuous batching relies on it), with the SIMD paths (AVX2
+//! and AVX-512 VNNI) checked against the scalar specification.
+
+mod common;
+
+use common::{all_paths, avx2, row_size, scalar, vnni, Rng};
+use microllm_kernels::{panel, GgmlType, Kernels};
+
+const PACKED_TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+
+struct Case {
+    k: usize,
+    n_rows: usize,
+    n_cols: usize,
+    w: Vec<u8>,
+    act: Vec<u8>,
+}
+
+fn case(ty: GgmlType, k: usize, n_rows: usize, n_cols: usize, seed: u64) -> Case {
+    let s = scalar();
+    let mut rng = Rng::new(seed);
+    let rb = row_size(ty, k);
+    let mut w = vec![0u8; n_rows * rb];
+    for r in 0..n_rows {
+        let row = rng.vec(k, 0.05);
+        s.quantize_row(ty, &row, &mut w[r * rb..(r + 1) * rb])
+            .unwrap();
+    }
+    let x = rng.vec(n_cols * k, 1.0);
+    let ab = panel::act_row_bytes(k);
+    let mut act = vec![0u8; n_cols * ab];
+    for c in 0..n_cols {
+        s.quantize_panel_act(&x[c * k..(c + 1) * k], &mut act[c * ab..(c + 1) * ab])
+            .unwrap();
+    }
+    Case {
+        k,
+        n_rows,
+        n_cols,
+        w,
+        act,
+    }
+}
+
+fn pack(kern: &Kernels, ty: GgmlType, c: &Case) -> Vec<u8> {
+    let len = kern.packed_len(ty, c.k, c.n_rows).unwrap();
+    let mut out = vec![0xAAu8; len];
+    assert!(kern.pack(ty, c.k, &c.w, c.n_rows, &mut out));
+    out
+}
+
+fn run_packed(kern: &Kernels, ty: GgmlType, c: &Case, packed: &[u8]) -> Vec<f32> {
+    let mut out = vec![f32::NAN; c.n_cols * c.n_rows];
+    kern.gemm_packed(
+        ty, c.k, packed, c.n_rows, &c.act, c.n_cols, &mut out, c.n_rows,
+    );
+    out
+}
+
+fn run_panel(kern: &Kernels, ty: GgmlType, c: &Case) -> Vec<f32> {
+    let mut out = vec![f32::NAN; c.n_cols * c.n_rows];
+    kern.gemm_panel(
+        ty, c.k, &c.w, c.n_rows, &c.act, c.n_cols, &mut out, c.n_rows,
+    );
+    out
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn packing_gives_the_same_bytes_on_every_path() {
+    for ty in PACKED_TYPES {
+        for (k, n_rows) in [(32, 1), (96, 8), (576, 13), (544, 24)] {
+            let c = case(ty, k, n_rows, 1, (k + n_rows) as u64);
+            let want = pack(&scalar(), ty, &c);
+            assert_eq!(
+                want.len(),
+                n_rows.div_ceil(8) * (k / 32) * if ty == GgmlType::Q8_0 { 272 } else { 160 }
+            );
+            for kern in all_paths() {
+                assert_eq!(
+                    pack(&kern, ty, &c),
+                    want,
+                    "{} k={k} rows={n_rows} {:?}",
+                    ty.name(),
+                    kern.path()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_matmul_is_bit_identical_to_the_panel_matmul() {
+    // On each path, against that path's panel kernel: every column count through the
+    // decode tiles (1-3 columns, 4 panels at a time) and the batch tiles (4 columns), row
+    // counts around the 8-row panel and the 4-panel decode tile.
+    for kern in all_paths() {
+        let panel_kern = if kern.path() == microllm_kernels::KernelPath::Scalar {
+            kern
+        } else {
+            avx2().expect("a SIMD path implies AVX2")
+        };
+        for ty in PACKED_TYPES {
+            for (k, n_rows) in [(32, 1), (576, 13), (96, 40), (1536, 37)] {
+                for n_cols in [1, 2, 3, 4, 5, 8, 9] {
+                    let c = case(ty, k, n_rows, n_cols, (k * 7 + n_rows * 3 + n_cols) as u64);
+                    let packed = pack(&kern, ty, &c);
+                    assert_eq!(
+                        bits(&run_packed(&kern, ty, &c, &packed)),
+                        bits(&run_panel(&panel_kern, ty, &c)),
+                        "{} k={k} {n_rows}x{n_cols} {:?}",
+                        ty.name(),
+                        kern.path()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_paths_match_the_scalar_specification() {
+    let s = scalar();
+    for kern in avx2().into_iter().chain(vnni()) {
+        for ty in PACKED_TYPES {
+            for (k, n_rows, n_cols) in [(576, 24, 1), (576, 21, 8), (1536, 16, 3)] {
+                let c = case(ty, k, n_rows, n_cols, (k + n_rows * n_cols) as u64);
+                let packed = pack(&s, ty, &c);
+                let want = run_packed(&s, ty, &c, &packed);
+                let got = run_packed(&kern, ty, &c, &packed);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                        "{} k={k} {n_rows}x{n_cols} output {i}: {g} vs {w} ({:?})",
+                        ty.name(),
+                        kern.path()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rows_split_at_panels_and_columns_alone_give_the_same_bits() {
+    for kern in all_paths() {
+        for ty in PACKED_TYPES {
+            let (k, n_rows, n_cols) = (576, 45, 9);
+            let c = case(ty, k, n_rows, n_cols, 5 + ty as u64);
+            let packed = pack(&kern, ty, &c);
+            let whole = run_packed(&kern, ty, &c, &packed);
+            // Rows 0..16 and 16..45 in two calls (the second starting at panel 2).
+            let pb = kern.packed_len(ty, k, 8).unwrap();
+            let mut split = vec![0f32; n_cols * n_rows];
+            kern.gemm_packed(ty, k, &packed, 16, &c.act, n_cols, &mut split, n_rows);
+            kern.gemm_packed(
+                ty,
+                k,
+                &packed[2 * pb..],
+                29,
+                &c.act,
+                n_cols,
+                &mut split[16..],
+                n_rows,
+            );
+            assert_eq!(bits(&whole), bits(&split), "{} row split", ty.name());
+            let ab = panel::act_row_bytes(k);
+            for col in 0..n_cols {
+                let mut one = vec![0f32; n_rows];
+                kern.gemm_packed(
+                    ty,
+                    k,
+                    &packed,
+                    n_rows,
+                    &c.act[col * ab..(col + 1) * ab],
+                    1,
+                    &mut one,
+                    n_rows,
+                );
+                assert_eq!(
+                    bits(&whole[col * n_rows..(col + 1) * n_rows]),
+                    bits(&one),
+                    "{} column {col} alone",
+                    ty.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn scales_that_are_not_exact_halves_are_refused() {
+    // Q4_0's offset is 8 * d: with d = 10000 (an f16) it is 80000, beyond f16's range, so
+    // the matrix cannot be packed; every path says so.
+    let k = 64;
+    let mut w = vec![0u8; 2 * 18];
+    for b in 0..2 {
+        w[b * 18..b * 18 + 2]
+            .copy_from_slice(&half::f16::from_f32(10000.0).to_bits().to_le_bytes());
+    }
+    for kern in all_paths() {
+        let mut out = vec![0u8; kern.packed_len(GgmlType::Q4_0, k, 1).unwrap()];
+        assert!(
+            !kern.pack(GgmlType::Q4_0, k, &w, 1, &mut out),
+            "{:?}",
+            kern.path()
+        );
+    }
+    assert!(!scalar().pack_supports(GgmlType::Q4_K));
+    assert_eq!(scalar().packed_len(GgmlType::Q4_K, 256, 8), None);
+    assert_eq!(scalar().packed_len(GgmlType::Q4_1, 48, 8), None);
+}

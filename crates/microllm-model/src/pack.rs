@@ -1,0 +1,93 @@
+//! Packing the weights at load: every matrix whose format has a packed layout
+//! (`microllm_kernels::packed`: Q4_0, Q4_1, Q8_0) is repacked once into the panel kernels'
+//! interleaved layout, at its original size, so that decode and small batches stream it with
+//! no per-call unpacking; the file's pages of a packed matrix are then released (they stay in
+//! the page cache), so resident memory holds the weights once. Results are bit-identical to
+//! the panel matmul on the original bytes, so a model is packed or not without changing any
+//! output but the llama.cpp-exact path's, which never uses packed weights.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use microllm_gguf::GgufFile;
+use microllm_kernels::panel::PANEL_ROWS;
+use microllm_kernels::pool::ThreadPool;
+use microllm_kernels::Kernels;
+
+use crate::weights::{QMatrix, Weights};
+
+/// What packing did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PackStats {
+    /// Matrices packed.
+    pub matrices: usize,
+    /// Their bytes (the same packed as in the file).
+    pub bytes: u64,
+    /// Matrices of a packable format left unpacked (scales not exactly f16).
+    pub refused: usize,
+}
+
+/// Packs one matrix, splitting its panels over the pool; `None` if the format has no packed
+/// layout or a scale is not exactly an f16.
+fn pack_matrix(
+    m: &QMatrix,
+    file: &GgufFile,
+    kernels: &Kernels,
+    pool: &ThreadPool,
+) -> Option<Arc<[u8]>> {
+    let len = kernels.packed_len(m.ty, m.n_cols, m.n_rows)?;
+    let data = m.data(file);
+    let panel = kernels.packed_len(m.ty, m.n_cols, PANEL_ROWS)?;
+    let n_panels = m.n_rows.div_ceil(PANEL_ROWS);
+    // A few chunks per thread: whole panels each.
+    let per_chunk = n_panels.div_ceil(pool.n_threads() * 4).max(1);
+    let mut buf = vec![0u8; len];
+    let ok = AtomicBool::new(true);
+    pool.for_each_chunk_mut(&mut buf, per_chunk * panel, |ci, dst| {
+        let r0 = ci * per_chunk * PANEL_ROWS;
+        let n = (per_chunk * PANEL_ROWS).min(m.n_rows - r0);
+        let w = &data[r0 * m.row_bytes..(r0 + n) * m.row_bytes];
+        if !kernels.pack(m.ty, m.n_cols, w, n, dst) {
+            ok.store(false, Ordering::Relaxed);
+        }
+    });
+    ok.into_inner().then(|| Arc::from(buf))
+}
+
+/// Packs every packable matrix of `weights` and releases the file pages it copied.
+pub(crate) fn pack_weights(
+    weights: &mut Weights,
+    file: &GgufFile,
+    kernels: &Kernels,
+    pool: &ThreadPool,
+) -> PackStats {
+    let mut stats = PackStats::default();
+    let mut mats: Vec<&mut QMatrix> = Vec::new();
+    for l in &mut weights.layers {
+        mats.extend([
+            &mut l.wq,
+            &mut l.wk,
+            &mut l.wv,
+            &mut l.wo,
+            &mut l.w_gate,
+            &mut l.w_up,
+            &mut l.w_down,
+        ]);
+    }
+    mats.push(&mut weights.output);
+    for m in mats {
+        if !kernels.pack_supports(m.ty) {
+            continue;
+        }
+        match pack_matrix(m, file, kernels, pool) {
+            Some(p) => {
+                stats.matrices += 1;
+                stats.bytes += p.len() as u64;
+                m.packed = Some(p);
+                file.release_pages(m.info());
+            }
+            None => stats.refused += 1,
+        }
+    }
+    stats
+}
