@@ -558,35 +558,67 @@ impl Kernels {
         out: &mut [f32],
         out_stride: usize,
     ) {
+        // The packed bytes and activations are checked by gemm_packed_into.
+        if gemm_sizes(
+            "gemm_packed",
+            &[],
+            0,
+            n_rows,
+            &[],
+            0,
+            n_cols,
+            out,
+            out_stride,
+        )
+        .is_none()
+        {
+            return;
+        }
+        self.gemm_packed_into(w_ty, k, packed, n_rows, act, n_cols, &mut |c, r, v| {
+            out[c * out_stride + r..c * out_stride + r + v.len()].copy_from_slice(v)
+        });
+    }
+
+    /// [`Kernels::gemm_packed`] handing its outputs to `sink(column, first_row, values)`
+    /// (consecutive rows, at most 8 at a time, each output exactly once) instead of writing
+    /// a slice: for callers whose output is not one strided slice (rows of several tokens
+    /// owned by different threads).
+    ///
+    /// # Panics
+    /// If `w_ty` cannot be packed, `k` is not a multiple of 32, or a slice is short.
+    pub fn gemm_packed_into(
+        &self,
+        w_ty: GgmlType,
+        k: usize,
+        packed: &[u8],
+        n_rows: usize,
+        act: &[u8],
+        n_cols: usize,
+        sink: &mut dyn FnMut(usize, usize, &[f32]),
+    ) {
         let len = self
             .packed_len(w_ty, k, n_rows)
             .unwrap_or_else(|| panic!("gemm_packed: {} rows of {k} are not packed", w_ty.name()));
         let f = Fmt::of(w_ty).expect("checked by packed_len");
-        let a_row = panel::act_row_bytes(k);
+        let a_need = n_cols
+            .checked_mul(panel::act_row_bytes(k))
+            .expect("activation size overflows");
         assert!(
             packed.len() >= len,
             "gemm_packed: {} bytes, need {len}",
             packed.len()
         );
-        // The packed bytes were checked above.
-        let Some((_, a_need, out_need)) = gemm_sizes(
-            "gemm_packed",
-            packed,
-            0,
-            n_rows,
-            act,
-            a_row,
-            n_cols,
-            out,
-            out_stride,
-        ) else {
+        assert!(
+            act.len() >= a_need,
+            "gemm_packed: activations have {} bytes, need {a_need}",
+            act.len()
+        );
+        if n_rows == 0 || n_cols == 0 {
             return;
-        };
-        let (packed, act, out) = (&packed[..len], &act[..a_need], &mut out[..out_need]);
+        }
+        let (packed, act) = (&packed[..len], &act[..a_need]);
         match self.path {
-            KernelPath::Scalar => {
-                packed::gemm_ref(f, k, packed, n_rows, act, n_cols, out, out_stride)
-            }
+            KernelPath::Scalar => packed::gemm_ref(f, k, packed, n_rows, act, n_cols, sink),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the Avx2 path exists only with AVX2, FMA and F16C detected, Avx2Vnni
             // only with AVX512F, AVX512VL and VNNI as well (the invariant on `Kernels`).
@@ -598,8 +630,7 @@ impl Kernels {
                     n_rows,
                     act,
                     n_cols,
-                    out,
-                    out_stride,
+                    sink,
                     self.path == KernelPath::Avx2Vnni,
                 )
             },

@@ -154,7 +154,7 @@ fn unpack_row(
 }
 
 /// The scalar specification of the packed matmul: the same sums as `panel::gemm_ref`, from
-/// the packed bytes (`packed_len(f, k, n_rows)` of them).
+/// the packed bytes (`packed_len(f, k, n_rows)` of them), handed to `sink(column, row, v)`.
 pub(crate) fn gemm_ref(
     f: Fmt,
     k: usize,
@@ -162,8 +162,7 @@ pub(crate) fn gemm_ref(
     n_rows: usize,
     act: &[u8],
     n_cols: usize,
-    out: &mut [f32],
-    out_stride: usize,
+    sink: &mut dyn FnMut(usize, usize, &[f32]),
 ) {
     let shape = PanelShape::of(f).expect("packed format");
     let ng = k / QK;
@@ -182,7 +181,11 @@ pub(crate) fn gemm_ref(
         );
         for c in 0..n_cols {
             let a = &act[c * a_row..(c + 1) * a_row];
-            out[c * out_stride + r] = dot_canon(f == Fmt::Q8_0, shape.blk, k, &q, &s, &m, a);
+            sink(
+                c,
+                r,
+                &[dot_canon(f == Fmt::Q8_0, shape.blk, k, &q, &s, &m, a)],
+            );
         }
     }
 }

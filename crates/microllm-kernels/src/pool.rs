@@ -192,6 +192,106 @@ impl ThreadPool {
             f(i, chunk);
         });
     }
+
+    /// Splits `data` into the consecutive parts `data[ends[i - 1]..ends[i]]` (the first from
+    /// 0; `ends` non-decreasing and at most `data.len()`) and runs `f(part_index, part)` for
+    /// each, spread over the pool: one pool operation for pieces of unequal size (several
+    /// matrices' rows at once).
+    pub fn for_each_part_mut<T: Send>(
+        &self,
+        data: &mut [T],
+        ends: &[usize],
+        f: impl Fn(usize, &mut [T]) + Sync,
+    ) {
+        assert!(
+            ends.windows(2).all(|w| w[0] <= w[1]) && ends.last().is_none_or(|&e| e <= data.len()),
+            "for_each_part_mut: part ends must be non-decreasing and within the data"
+        );
+        let base = SendPtr(data.as_mut_ptr(), PhantomData);
+        self.for_each(ends.len(), |i| {
+            let start = if i == 0 { 0 } else { ends[i - 1] };
+            // SAFETY: `for_each` hands out each index once; the parts `start..ends[i]` are
+            // disjoint (ends non-decreasing, asserted) and within `data` (asserted), which
+            // stays mutably borrowed until `for_each` returns.
+            let part =
+                unsafe { std::slice::from_raw_parts_mut(base.get().add(start), ends[i] - start) };
+            f(i, part);
+        });
+    }
+
+    /// Views `data` as `n` rows of `width` elements (row-major) and runs `f(block_index,
+    /// block)` over the column blocks `[i * block, (i + 1) * block)` (the last may be
+    /// narrower), spread over the pool: each task writes its columns of every row in place
+    /// (a batched matmul's row chunk writes its outputs for every token, no transpose pass).
+    pub fn for_each_column_block_mut<T: Send>(
+        &self,
+        data: &mut [T],
+        n: usize,
+        width: usize,
+        block: usize,
+        f: impl Fn(usize, ColumnBlock<'_, T>) + Sync,
+    ) {
+        assert!(block > 0, "block must be positive");
+        let total = n.checked_mul(width).expect("size overflows");
+        assert!(
+            data.len() >= total,
+            "for_each_column_block_mut: data too short"
+        );
+        let base = SendPtr(data.as_mut_ptr(), PhantomData);
+        self.for_each(width.div_ceil(block), |i| {
+            let c0 = i * block;
+            f(
+                i,
+                ColumnBlock {
+                    ptr: base.get(),
+                    c0,
+                    len: block.min(width - c0),
+                    width,
+                    n,
+                    _borrow: PhantomData,
+                },
+            );
+        });
+    }
+}
+
+/// Columns `c0 .. c0 + len` of every row of an `n x width` row-major buffer, handed to one
+/// task by [`ThreadPool::for_each_column_block_mut`]; the blocks of one call are disjoint.
+pub struct ColumnBlock<'a, T> {
+    ptr: *mut T,
+    c0: usize,
+    len: usize,
+    width: usize,
+    n: usize,
+    _borrow: PhantomData<&'a mut [T]>,
+}
+
+impl<T> ColumnBlock<'_, T> {
+    /// The first column of the block.
+    pub fn first(&self) -> usize {
+        self.c0
+    }
+    /// Columns in the block.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether the block has no columns.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Row `r`'s part of the block.
+    ///
+    /// # Panics
+    /// If `r` is not below the number of rows.
+    pub fn row_mut(&mut self, r: usize) -> &mut [T] {
+        assert!(r < self.n, "row {r} of {}", self.n);
+        // SAFETY: row r's columns c0..c0+len lie inside the n x width buffer (asserted at
+        // creation: c0 + len <= width, r < n); blocks of one call have disjoint column
+        // ranges, so no other task can reach these elements, and `&mut self` keeps this
+        // task from holding two views of them at once. The buffer stays mutably borrowed
+        // until the pool call returns, which outlives the block.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r * self.width + self.c0), self.len) }
+    }
 }
 
 /// A raw pointer that may cross threads; used only for disjoint chunks (see above).
@@ -283,6 +383,41 @@ fn physical_cores() -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_and_column_blocks_cover_every_element_once() {
+        for n in [1, 2, 3] {
+            let pool = ThreadPool::new(n).unwrap();
+            let mut v = vec![0usize; 20];
+            pool.for_each_part_mut(&mut v, &[3, 3, 10, 17], |i, part| {
+                for x in part.iter_mut() {
+                    *x += i + 1;
+                }
+            });
+            let want: Vec<usize> = (0..20)
+                .map(|j| match j {
+                    0..3 => 1,
+                    3..10 => 3,
+                    10..17 => 4,
+                    _ => 0,
+                })
+                .collect();
+            assert_eq!(v, want);
+            // 3 rows of 11 columns, blocks of 4: (row, col) gets its block index + 1, once.
+            let mut m = vec![0usize; 33];
+            pool.for_each_column_block_mut(&mut m, 3, 11, 4, |i, mut blk| {
+                assert_eq!(blk.first(), 4 * i);
+                assert_eq!(blk.len(), 4.min(11 - 4 * i));
+                for r in 0..3 {
+                    for x in blk.row_mut(r) {
+                        *x += i + 1;
+                    }
+                }
+            });
+            let want: Vec<usize> = (0..33).map(|j| (j % 11) / 4 + 1).collect();
+            assert_eq!(m, want);
+        }
+    }
 
     #[test]
     fn for_each_visits_every_task_once() {

@@ -248,6 +248,11 @@ impl Model {
     pub fn n_threads(&self) -> usize {
         self.pool.n_threads()
     }
+    /// The model's thread pool, for callers' own parallel work between forwards (sampling
+    /// several sequences at once); it runs one operation at a time.
+    pub fn pool(&self) -> &ThreadPool {
+        &self.pool
+    }
 
     /// Parameters (elements of all tensors).
     pub fn n_params(&self) -> u64 {

@@ -171,6 +171,25 @@ pub(crate) fn matmul(
             });
         return;
     }
+    if let Some(p) = packed {
+        // Each run of rows writes its outputs for every token straight into `out`.
+        let chunk = chunk_rows(n_rows, n_threads * 2, PANEL_ROWS);
+        let pb = p.len() / n_rows.div_ceil(PANEL_ROWS);
+        ctx.pool
+            .for_each_column_block_mut(out, n_tok, n_rows, chunk, |_, mut blk| {
+                let r0 = blk.first();
+                kernels.gemm_packed_into(
+                    w.ty,
+                    k,
+                    &p[r0 / PANEL_ROWS * pb..],
+                    blk.len(),
+                    act,
+                    n_tok,
+                    &mut |c, r, v| blk.row_mut(c)[r..r + v.len()].copy_from_slice(v),
+                );
+            });
+        return;
+    }
     let align = if panel {
         microllm_kernels::panel::PANEL_ROWS
     } else {
@@ -183,11 +202,6 @@ pub(crate) fn matmul(
     ctx.pool.for_each_chunk_mut(tmp, chunk * n_tok, |ci, s| {
         let r0 = ci * chunk;
         let len = s.len() / n_tok;
-        if let Some(p) = packed {
-            let pb = p.len() / n_rows.div_ceil(PANEL_ROWS);
-            kernels.gemm_packed(w.ty, k, &p[r0 / PANEL_ROWS * pb..], len, act, n_tok, s, len);
-            return;
-        }
         let wr = &wdata[r0 * rb..(r0 + len) * rb];
         if panel {
             kernels.gemm_panel(w.ty, k, wr, len, act, n_tok, s, len);
@@ -196,6 +210,81 @@ pub(crate) fn matmul(
         }
     });
     scatter(ctx, &scratch[..n_rows * n_tok], n_rows, n_tok, chunk, out);
+}
+
+/// Most pieces a grouped decode matmul is split into (matrices x threads).
+const GROUP_MAX_PARTS: usize = 32;
+
+/// `outs[i] = x · ws[i]ᵀ` for matrices sharing their input (Q/K/V, gate/up). Decoding one
+/// token with packed weights, all of them are one pool operation (each matrix split into one
+/// run of rows per thread) instead of one each: a decode step is memory-bound and its small
+/// matrices (SmolLM2's K and V: 69 KB each) take less time to stream than a pool round trip.
+/// The same results as separate [`matmul`]s (every row computed by the same kernel call), to
+/// which it falls back otherwise.
+pub(crate) fn matmul_group<const N: usize>(
+    ctx: Ctx<'_>,
+    ws: [&QMatrix; N],
+    x: &[f32],
+    n_tok: usize,
+    input: &mut QuantizedInput<'_>,
+    scratch: &mut [f32],
+    outs: [&mut [f32]; N],
+) {
+    let n_threads = ctx.pool.n_threads();
+    let k = ws[0].n_cols;
+    let fused = n_tok == 1
+        && !ctx.exact
+        && N * n_threads <= GROUP_MAX_PARTS
+        && ws.iter().all(|w| w.packed().is_some() && w.n_cols == k)
+        && ws.iter().map(|w| w.n_rows).sum::<usize>() <= scratch.len();
+    if !fused {
+        for (w, out) in ws.into_iter().zip(outs) {
+            matmul(ctx, w, x, n_tok, input, scratch, out);
+        }
+        return;
+    }
+    let arow = input.ensure(ctx, ActFormat::Panel, x, 1, k);
+    let act = &input.buf[..arow];
+    // Part p: matrix mat[p], rows r0[p].., ending at ends[p] in the concatenated output.
+    let (mut ends, mut mat, mut r0s) = (
+        [0usize; GROUP_MAX_PARTS],
+        [0usize; GROUP_MAX_PARTS],
+        [0usize; GROUP_MAX_PARTS],
+    );
+    let (mut np, mut base) = (0, 0);
+    for (i, w) in ws.iter().enumerate() {
+        let chunk = chunk_rows(w.n_rows, n_threads, 16);
+        let mut r0 = 0;
+        while r0 < w.n_rows {
+            let len = chunk.min(w.n_rows - r0);
+            (mat[np], r0s[np], ends[np]) = (i, r0, base + r0 + len);
+            np += 1;
+            r0 += len;
+        }
+        base += w.n_rows;
+    }
+    let all = &mut scratch[..base];
+    ctx.pool.for_each_part_mut(all, &ends[..np], |p, o| {
+        let (w, r0) = (ws[mat[p]], r0s[p]);
+        let packed = w.packed().expect("checked above");
+        let pb = packed.len() / w.n_rows.div_ceil(PANEL_ROWS);
+        let len = o.len();
+        ctx.kernels.gemm_packed(
+            w.ty,
+            k,
+            &packed[r0 / PANEL_ROWS * pb..],
+            len,
+            act,
+            1,
+            o,
+            len,
+        );
+    });
+    let mut at = 0;
+    for (w, out) in ws.iter().zip(outs) {
+        out[..w.n_rows].copy_from_slice(&scratch[at..at + w.n_rows]);
+        at += w.n_rows;
+    }
 }
 
 /// Copies a matmul's output from `tmp` (per chunk of `chunk` rows: column-major

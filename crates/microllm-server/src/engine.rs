@@ -325,6 +325,8 @@ struct Seq {
     stop: StopMatcher,
     /// Sampled, not yet evaluated: the next step feeds it.
     pending: Option<u32>,
+    /// Drawn from this step's logits, not yet handled (see `Scheduler::draw_all`).
+    drawn: Option<u32>,
     last_token_at: Option<Instant>,
     top: Vec<(u32, f32)>,
 }
@@ -605,6 +607,7 @@ impl<'m> Scheduler<'m> {
             n_cached,
             prefilled: false,
             sampler,
+            drawn: None,
             generated: Vec::new(),
             decoder: StreamDecoder::new(),
             pending: None,
@@ -685,6 +688,17 @@ impl<'m> Scheduler<'m> {
                 m.mixed_steps.fetch_add(1, Relaxed);
             }
         }
+        // Which slots sample this step: a decoded token, or a prompt's last chunk.
+        let mut draw = vec![false; self.slots.len()];
+        for (&i, r) in which.iter().zip(&results) {
+            let last_chunk = |q: &Seq| match work[i] {
+                Some(Work::Decode(_)) => true,
+                Some(Work::Prefill { to, .. }) => to == q.job.prompt.len(),
+                None => false,
+            };
+            draw[i] = r.is_ok() && self.slots[i].seq.as_ref().is_some_and(last_chunk);
+        }
+        self.draw_all(&draw);
         for (i, r) in which.into_iter().zip(results) {
             if let Err(e) = r {
                 self.fail(i, e.into());
@@ -729,8 +743,24 @@ impl<'m> Scheduler<'m> {
         m.prefix_cache_evictions.store(st.evictions, Relaxed);
     }
 
-    /// Samples slot `i`'s next token from its logits, sends the text it completes, and either
-    /// ends the sequence or leaves the token pending for the next step.
+    /// Draws the next token of every slot marked in `draw` from its fresh logits, the slots
+    /// spread over the model's pool (a draw over a 49k vocabulary at temperature > 0 is tens
+    /// of microseconds; eight of them one after another kept the second core idle). Each
+    /// draw uses only its own slot's sampler, logits and history, so the tokens are the ones
+    /// a serial loop would draw.
+    fn draw_all(&mut self, draw: &[bool]) {
+        let pool = self.lm.model.pool();
+        pool.for_each_chunk_mut(&mut self.slots, 1, |i, s| {
+            let Slot { state, seq, .. } = &mut s[0];
+            if let (true, Some(q)) = (draw[i], seq.as_mut()) {
+                q.drawn = Some(q.sampler.sample(state.logits(), &q.generated));
+            }
+        });
+    }
+
+    /// Samples slot `i`'s next token from its logits (or takes the one `draw_all` drew),
+    /// sends the text it completes, and either ends the sequence or leaves the token pending
+    /// for the next step.
     fn sample_next(&mut self, i: usize) {
         let lm = self.lm;
         let metrics = &self.shared.metrics;
@@ -742,7 +772,10 @@ impl<'m> Scheduler<'m> {
         } = &mut self.slots[i];
         let Some(q) = seq.as_mut() else { return };
         let logits = state.logits();
-        let tok = q.sampler.sample(logits, &q.generated);
+        let tok = match q.drawn.take() {
+            Some(t) => t,
+            None => q.sampler.sample(logits, &q.generated),
+        };
         let now = Instant::now();
         match q.last_token_at {
             None => metrics.ttft.observe(now - q.job.arrived),

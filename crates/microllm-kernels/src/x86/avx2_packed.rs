@@ -240,8 +240,7 @@ unsafe fn drive<const Q8: bool, const VNNI: bool>(
     n_rows: usize,
     act: &[u8],
     n_cols: usize,
-    out: &mut [f32],
-    out_stride: usize,
+    sink: &mut dyn FnMut(usize, usize, &[f32]),
 ) {
     let (pb, a_row) = (
         panel_bytes(if Q8 { Fmt::Q8_0 } else { Fmt::Q4_1 }, k),
@@ -256,28 +255,46 @@ unsafe fn drive<const Q8: bool, const VNNI: bool>(
         unsafe { _mm256_storeu_ps(t.as_mut_ptr(), v) };
         let rs = pi * PANEL_ROWS;
         let len = PANEL_ROWS.min(n_rows - rs);
-        out[c * out_stride + rs..c * out_stride + rs + len].copy_from_slice(&t[..len]);
+        sink(c, rs, &t[..len]);
     };
     if n_cols >= COLS {
-        for pi in 0..np {
+        let mut pi = 0;
+        while pi < np {
+            // With VNNI (32 vector registers, no 16-bit partial sums) two panels at a time:
+            // each activation broadcast serves both.
+            let two = VNNI && pi + 2 <= np;
             let mut c0 = 0;
             while c0 < n_cols {
-                // SAFETY: panel pi < np and columns below n_cols are inside the asserted
-                // ranges.
+                // SAFETY: panels pi (and pi + 1 if `two`) < np and columns below n_cols are
+                // inside the asserted ranges.
                 unsafe {
                     let (p, a) = (pp.add(pi * pb), ap.add(c0 * a_row));
                     if c0 + COLS <= n_cols {
-                        let t = tile::<Q8, 1, COLS, VNNI>(k, p, pb, a, a_row);
-                        for (c, v) in t[0].into_iter().enumerate() {
-                            put(c0 + c, pi, v);
+                        if two {
+                            let t = tile::<Q8, 2, COLS, VNNI>(k, p, pb, a, a_row);
+                            for (r, row) in t.into_iter().enumerate() {
+                                for (c, v) in row.into_iter().enumerate() {
+                                    put(c0 + c, pi + r, v);
+                                }
+                            }
+                        } else {
+                            let t = tile::<Q8, 1, COLS, VNNI>(k, p, pb, a, a_row);
+                            for (c, v) in t[0].into_iter().enumerate() {
+                                put(c0 + c, pi, v);
+                            }
                         }
                         c0 += COLS;
                     } else {
                         put(c0, pi, tile::<Q8, 1, 1, VNNI>(k, p, pb, a, a_row)[0][0]);
+                        if two {
+                            let t = tile::<Q8, 1, 1, VNNI>(k, p.add(pb), pb, a, a_row);
+                            put(c0, pi + 1, t[0][0]);
+                        }
                         c0 += 1;
                     }
                 }
             }
+            pi += if two { 2 } else { 1 };
         }
         return;
     }
@@ -314,11 +331,10 @@ unsafe fn gemm_avx2<const Q8: bool>(
     n_rows: usize,
     act: &[u8],
     n_cols: usize,
-    out: &mut [f32],
-    out_stride: usize,
+    sink: &mut dyn FnMut(usize, usize, &[f32]),
 ) {
     // SAFETY: this function's features are the ones `drive::<_, false>` needs.
-    unsafe { drive::<Q8, false>(k, packed, n_rows, act, n_cols, out, out_stride) }
+    unsafe { drive::<Q8, false>(k, packed, n_rows, act, n_cols, sink) }
 }
 
 /// [`drive`] with AVX-512 VNNI (256-bit forms).
@@ -332,14 +348,13 @@ unsafe fn gemm_vnni<const Q8: bool>(
     n_rows: usize,
     act: &[u8],
     n_cols: usize,
-    out: &mut [f32],
-    out_stride: usize,
+    sink: &mut dyn FnMut(usize, usize, &[f32]),
 ) {
     // SAFETY: this function's features are the ones `drive::<_, true>` needs.
-    unsafe { drive::<Q8, true>(k, packed, n_rows, act, n_cols, out, out_stride) }
+    unsafe { drive::<Q8, true>(k, packed, n_rows, act, n_cols, sink) }
 }
 
-/// See `Kernels::gemm_packed` (shapes checked there): `vnni` picks the VNNI inner step.
+/// See `Kernels::gemm_packed_into` (shapes checked there): `vnni` picks the VNNI inner step.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C, and if `vnni`, AVX512F, AVX512VL and VNNI.
@@ -350,17 +365,16 @@ pub(crate) unsafe fn gemm(
     n_rows: usize,
     act: &[u8],
     n_cols: usize,
-    out: &mut [f32],
-    out_stride: usize,
+    sink: &mut dyn FnMut(usize, usize, &[f32]),
     vnni: bool,
 ) {
     // SAFETY: the caller guarantees the features of the variant chosen.
     unsafe {
         match (f == Fmt::Q8_0, vnni) {
-            (true, true) => gemm_vnni::<true>(k, packed, n_rows, act, n_cols, out, out_stride),
-            (false, true) => gemm_vnni::<false>(k, packed, n_rows, act, n_cols, out, out_stride),
-            (true, false) => gemm_avx2::<true>(k, packed, n_rows, act, n_cols, out, out_stride),
-            (false, false) => gemm_avx2::<false>(k, packed, n_rows, act, n_cols, out, out_stride),
+            (true, true) => gemm_vnni::<true>(k, packed, n_rows, act, n_cols, sink),
+            (false, true) => gemm_vnni::<false>(k, packed, n_rows, act, n_cols, sink),
+            (true, false) => gemm_avx2::<true>(k, packed, n_rows, act, n_cols, sink),
+            (false, false) => gemm_avx2::<false>(k, packed, n_rows, act, n_cols, sink),
         }
     }
 }

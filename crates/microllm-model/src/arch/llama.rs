@@ -46,11 +46,17 @@ pub(crate) fn forward(
             &mut s.v[..n_tok * dv],
         );
         obs.matmul_input(&lw.wq, xn, n_tok);
-        ops::matmul(ctx, &lw.wq, xn, n_tok, &mut input, scratch, q);
         obs.matmul_input(&lw.wk, xn, n_tok);
-        ops::matmul(ctx, &lw.wk, xn, n_tok, &mut input, scratch, k);
         obs.matmul_input(&lw.wv, xn, n_tok);
-        ops::matmul(ctx, &lw.wv, xn, n_tok, &mut input, scratch, v);
+        ops::matmul_group(
+            ctx,
+            [&lw.wq, &lw.wk, &lw.wv],
+            xn,
+            n_tok,
+            &mut input,
+            scratch,
+            [q, k, v],
+        );
         if let Some(b) = &lw.bq {
             ops::add_bias(q, b);
         }
@@ -100,9 +106,16 @@ pub(crate) fn forward(
         input.invalidate();
         let (gate, up) = (&mut s.gate[..n_tok * dff], &mut s.up[..n_tok * dff]);
         obs.matmul_input(&lw.w_gate, xn, n_tok);
-        ops::matmul(ctx, &lw.w_gate, xn, n_tok, &mut input, scratch, gate);
         obs.matmul_input(&lw.w_up, xn, n_tok);
-        ops::matmul(ctx, &lw.w_up, xn, n_tok, &mut input, scratch, up);
+        ops::matmul_group(
+            ctx,
+            [&lw.w_gate, &lw.w_up],
+            xn,
+            n_tok,
+            &mut input,
+            scratch,
+            [gate, up],
+        );
         model.kernels.swiglu(gate, up);
         input.invalidate();
         obs.matmul_input(&lw.w_down, gate, n_tok);
