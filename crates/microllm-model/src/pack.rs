@@ -27,6 +27,59 @@ pub struct PackStats {
     pub refused: usize,
 }
 
+/// A packed matrix's bytes: an anonymous mapping with transparent huge pages where the OS
+/// allows them (packing SmolLM2's 96 MB at load faulted in 24k zeroed 4 KiB pages), read-only
+/// once filled; a plain allocation if mapping fails.
+#[derive(Debug)]
+pub enum PackedBuf {
+    Map(memmap2::Mmap),
+    Heap(Vec<u8>),
+}
+
+impl std::ops::Deref for PackedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            PackedBuf::Map(m) => m,
+            PackedBuf::Heap(v) => v,
+        }
+    }
+}
+
+/// Zeroed, writable storage for `len` packed bytes, sealed read-only when filled.
+enum Fresh {
+    Map(memmap2::MmapMut),
+    Heap(Vec<u8>),
+}
+
+impl Fresh {
+    fn new(len: usize) -> Fresh {
+        match memmap2::MmapMut::map_anon(len) {
+            Ok(m) => {
+                #[cfg(target_os = "linux")]
+                let _ = m.advise(memmap2::Advice::HugePage);
+                Fresh::Map(m)
+            }
+            Err(_) => Fresh::Heap(vec![0u8; len]),
+        }
+    }
+    fn bytes(&mut self) -> &mut [u8] {
+        match self {
+            Fresh::Map(m) => m,
+            Fresh::Heap(v) => v,
+        }
+    }
+    fn seal(self) -> PackedBuf {
+        match self {
+            Fresh::Map(m) => match m.make_read_only() {
+                Ok(r) => PackedBuf::Map(r),
+                Err(e) => panic!("mprotect of a private anonymous mapping failed: {e}"),
+            },
+            Fresh::Heap(v) => PackedBuf::Heap(v),
+        }
+    }
+}
+
 /// Packs one matrix, splitting its panels over the pool; `None` if the format has no packed
 /// layout or a scale is not exactly an f16.
 fn pack_matrix(
@@ -34,16 +87,16 @@ fn pack_matrix(
     file: &GgufFile,
     kernels: &Kernels,
     pool: &ThreadPool,
-) -> Option<Arc<[u8]>> {
+) -> Option<Arc<PackedBuf>> {
     let len = kernels.packed_len(m.ty, m.n_cols, m.n_rows)?;
     let data = m.data(file);
     let panel = kernels.packed_len(m.ty, m.n_cols, PANEL_ROWS)?;
     let n_panels = m.n_rows.div_ceil(PANEL_ROWS);
     // A few chunks per thread: whole panels each.
     let per_chunk = n_panels.div_ceil(pool.n_threads() * 4).max(1);
-    let mut buf = vec![0u8; len];
+    let mut buf = Fresh::new(len);
     let ok = AtomicBool::new(true);
-    pool.for_each_chunk_mut(&mut buf, per_chunk * panel, |ci, dst| {
+    pool.for_each_chunk_mut(buf.bytes(), per_chunk * panel, |ci, dst| {
         let r0 = ci * per_chunk * PANEL_ROWS;
         let n = (per_chunk * PANEL_ROWS).min(m.n_rows - r0);
         let w = &data[r0 * m.row_bytes..(r0 + n) * m.row_bytes];
@@ -51,7 +104,7 @@ fn pack_matrix(
             ok.store(false, Ordering::Relaxed);
         }
     });
-    ok.into_inner().then(|| Arc::from(buf))
+    ok.into_inner().then(|| Arc::new(buf.seal()))
 }
 
 /// Packs every packable matrix of `weights` and releases the file pages it copied.

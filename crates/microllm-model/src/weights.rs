@@ -18,7 +18,7 @@ pub struct QMatrix {
     pub row_bytes: usize,
     info: TensorInfo,
     /// The rows repacked at load for the packed matmul (`Kernels::pack`), if they were.
-    pub(crate) packed: Option<Arc<[u8]>>,
+    pub(crate) packed: Option<Arc<crate::pack::PackedBuf>>,
 }
 
 impl QMatrix {
@@ -52,7 +52,7 @@ impl QMatrix {
     }
     /// The packed copy of the rows (see `microllm_kernels::packed`), if the model made one.
     pub fn packed(&self) -> Option<&[u8]> {
-        self.packed.as_deref()
+        self.packed.as_deref().map(|p| &p[..])
     }
     pub(crate) fn info(&self) -> &TensorInfo {
         &self.info
