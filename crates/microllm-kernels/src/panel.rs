@@ -96,6 +96,7 @@ pub(crate) fn put_block_scales(out: &mut [u8], k: usize, b: usize, d: f32) {
 }
 
 /// Writes block `b`'s scale `d` and its sums given the sums of its two halves' values.
+#[inline]
 pub(crate) fn put_block_sums(out: &mut [u8], k: usize, b: usize, d: f32, s0: i32, s1: i32) {
     let (od, o32, o16) = act_offsets(k);
     put_f32(out, od + 4 * b, d);

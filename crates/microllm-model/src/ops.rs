@@ -94,7 +94,7 @@ impl<'s> QuantizedInput<'s> {
                 }
                 .expect("activation format checked at load");
             };
-            if n_tok * k >= SERIAL_MAX_ELEMS {
+            if n_tok * k >= SERIAL_MAX_ELEMS || n_tok >= ROW_PARALLEL_MIN {
                 ctx.pool.for_each_chunk_mut(dst, row, quantize);
             } else {
                 for (i, out) in dst.chunks_mut(row).enumerate() {
@@ -185,7 +185,7 @@ pub(crate) fn matmul(
                     blk.len(),
                     act,
                     n_tok,
-                    &mut |c, r, v| blk.row_mut(c)[r..r + v.len()].copy_from_slice(v),
+                    &mut |c, r, v| microllm_kernels::put_rows(&mut blk.row_mut(c)[r..], v),
                 );
             });
         return;
@@ -315,6 +315,48 @@ fn scatter(ctx: Ctx<'_>, tmp: &[f32], n_rows: usize, n_tok: usize, chunk: usize,
 /// an 8-sequence step measured 433 -> 445 tok/s, medians of 5 alternating runs: within the
 /// machine's noise).
 const SERIAL_MAX_ELEMS: usize = 1 << 15;
+
+/// From this many token rows up, the row-wise steps between matmuls (RMSNorm, RoPE, the
+/// activation quantization) are spread over the pool: continuous batching's 8-row steps spent
+/// a fifth of the calling thread's time in them while the other threads waited (perf).
+const ROW_PARALLEL_MIN: usize = 4;
+
+/// [`rms_norm`], one task per row from [`ROW_PARALLEL_MIN`] rows up (the same arithmetic).
+pub(crate) fn rms_norm_rows(ctx: Ctx<'_>, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    let n_tok = x.len() / n.max(1);
+    if n_tok < ROW_PARALLEL_MIN {
+        return rms_norm(x, w, eps, out);
+    }
+    ctx.pool
+        .for_each_chunk_mut(&mut out[..n_tok * n], n, |t, o| {
+            rms_norm(&x[t * n..(t + 1) * n], w, eps, o)
+        });
+}
+
+/// [`rope`] on `n_tok` rows, one task per row from [`ROW_PARALLEL_MIN`] rows up (the same
+/// arithmetic).
+pub(crate) fn rope_rows(
+    ctx: Ctx<'_>,
+    x: &mut [f32],
+    n_tok: usize,
+    n_heads: usize,
+    head_dim: usize,
+    style: RopeStyle,
+    cos: &[f32],
+    sin: &[f32],
+) {
+    if n_tok < ROW_PARALLEL_MIN {
+        return rope(x, n_tok, n_heads, head_dim, style, cos, sin);
+    }
+    let h = cos.len() / n_tok;
+    let row = n_heads * head_dim;
+    ctx.pool
+        .for_each_chunk_mut(&mut x[..n_tok * row], row, |t, xr| {
+            let (c, s) = (&cos[t * h..(t + 1) * h], &sin[t * h..(t + 1) * h]);
+            rope(xr, 1, n_heads, head_dim, style, c, s)
+        });
+}
 
 /// Rows per task: about `n_tasks` tasks, a multiple of `align`, at least `align`.
 fn chunk_rows(n_rows: usize, n_tasks: usize, align: usize) -> usize {

@@ -37,7 +37,7 @@ pub(crate) fn forward(
     for (il, lw) in w.layers.iter().enumerate() {
         obs.hidden(il, x, n_tok);
         // Attention block.
-        ops::rms_norm(x, &lw.attn_norm, c.rms_eps, xn);
+        ops::rms_norm_rows(ctx, x, &lw.attn_norm, c.rms_eps, xn);
         tap("attn_norm", il, xn);
         input.invalidate();
         let (q, k, v) = (
@@ -69,8 +69,17 @@ pub(crate) fn forward(
         tap("Qcur", il, q);
         tap("Kcur", il, k);
         tap("Vcur", il, v);
-        ops::rope(q, n_tok, c.n_head, c.head_dim, c.rope.style, cos, sin);
-        ops::rope(k, n_tok, c.n_head_kv, c.head_dim, c.rope.style, cos, sin);
+        ops::rope_rows(ctx, q, n_tok, c.n_head, c.head_dim, c.rope.style, cos, sin);
+        ops::rope_rows(
+            ctx,
+            k,
+            n_tok,
+            c.n_head_kv,
+            c.head_dim,
+            c.rope.style,
+            cos,
+            sin,
+        );
         if let Some(qs) = c.q_scale {
             ops::scale_in_place(q, qs);
         }
@@ -102,7 +111,7 @@ pub(crate) fn forward(
         ops::add_in_place(x, xn);
 
         // Feed-forward block (SwiGLU).
-        ops::rms_norm(x, &lw.ffn_norm, c.rms_eps, xn);
+        ops::rms_norm_rows(ctx, x, &lw.ffn_norm, c.rms_eps, xn);
         input.invalidate();
         let (gate, up) = (&mut s.gate[..n_tok * dff], &mut s.up[..n_tok * dff]);
         obs.matmul_input(&lw.w_gate, xn, n_tok);
