@@ -69,13 +69,12 @@ impl Fresh {
             Fresh::Heap(v) => v,
         }
     }
-    fn seal(self) -> PackedBuf {
+    /// The filled bytes, read-only; `None` if the OS refused to protect the mapping (the
+    /// matrix then stays unpacked: slower, same results).
+    fn seal(self) -> Option<PackedBuf> {
         match self {
-            Fresh::Map(m) => match m.make_read_only() {
-                Ok(r) => PackedBuf::Map(r),
-                Err(e) => panic!("mprotect of a private anonymous mapping failed: {e}"),
-            },
-            Fresh::Heap(v) => PackedBuf::Heap(v),
+            Fresh::Map(m) => m.make_read_only().ok().map(PackedBuf::Map),
+            Fresh::Heap(v) => Some(PackedBuf::Heap(v)),
         }
     }
 }
@@ -104,7 +103,10 @@ fn pack_matrix(
             ok.store(false, Ordering::Relaxed);
         }
     });
-    ok.into_inner().then(|| Arc::new(buf.seal()))
+    if !ok.into_inner() {
+        return None;
+    }
+    buf.seal().map(Arc::new)
 }
 
 /// Packs every packable matrix of `weights` and releases the file pages it copied.

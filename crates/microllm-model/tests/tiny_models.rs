@@ -287,3 +287,57 @@ fn batched_sequences_equal_sequences_alone() {
         }
     }
 }
+
+/// Packing the weights at load (the default) changes no batched result: the packed matmul is
+/// bit-identical to the panel matmul the unpacked model uses for prompts, for Q4_0, Q4_1 and
+/// Q8_0 weights (the formats that pack); single-token decode, which unpacked runs llama.cpp's
+/// per-pair arithmetic, stays within the fast path's tolerance.
+#[test]
+fn packed_weights_give_the_panel_results() {
+    for ty in [
+        microllm_gguf::GgmlType::Q4_0,
+        microllm_gguf::GgmlType::Q4_1,
+        microllm_gguf::GgmlType::Q8_0,
+    ] {
+        let mut spec = TinySpec::llama();
+        spec.weight_type = ty;
+        let encode = |ty: microllm_gguf::GgmlType, dims: &[u64], values: &[f32]| {
+            let row = ty.row_size(dims[0]).expect("block-aligned row") as usize;
+            let mut out = vec![0u8; row * (values.len() / dims[0] as usize)];
+            microllm_kernels::reference::quantize_row(ty, values, &mut out).expect("encodable");
+            out
+        };
+        let bytes = microllm_testkit::tiny_model_bytes_with(&spec, &encode);
+        let load = |pack: bool| {
+            let file = GgufFile::from_bytes(bytes.clone()).expect("tiny model parses");
+            let opts = ModelOptions {
+                n_threads: 2,
+                kernels: Kernels::detect(),
+                pack,
+            };
+            Model::from_gguf(file, opts).expect("tiny model loads")
+        };
+        let (packed, plain) = (load(true), load(false));
+        assert!(packed.pack_stats().matrices > 0, "{ty:?}: nothing packed");
+        assert_eq!(packed.pack_stats().refused, 0);
+        assert_eq!(plain.pack_stats().matrices, 0);
+        let toks = prompt(12, packed.config.n_vocab);
+        let (a, b) = (batched(&packed, &toks, 64), batched(&plain, &toks, 64));
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{ty:?}: packed prefill differs from the panel path by {}",
+            max_diff(&a, &b)
+        );
+        // Decode: the two arithmetics round the activations differently (f32 scales per 32
+        // elements against Q8_0's f16 ones): a few percent of the logits' scale, where a wrong
+        // weight or row would be of the order of the scale itself.
+        let (sa, sb) = (stepwise(&packed, &toks), stepwise(&plain, &toks));
+        let scale = sb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = max_diff(&sa, &sb);
+        eprintln!("{ty:?}: packed decode vs llama.cpp-style decode {d} (logit scale {scale})");
+        assert!(
+            d < 0.05 * scale,
+            "{ty:?}: packed decode vs llama.cpp-style decode differ by {d} (scale {scale})"
+        );
+    }
+}
