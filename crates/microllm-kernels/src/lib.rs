@@ -170,6 +170,21 @@ fn gemm_sizes(
     out_stride: usize,
 ) -> Option<(usize, usize, usize)> {
     let w_need = n_rows.checked_mul(w_row).expect("weight size overflows");
+    let a_need = input_sizes(what, w, w_need, act, a_row, n_cols);
+    let out_need = out_size(what, n_rows, n_cols, out, out_stride)?;
+    Some((w_need, a_need, out_need))
+}
+
+/// The input half of [`gemm_sizes`]: panics unless `w` holds `w_need` bytes and `act` holds
+/// `n_cols` rows of `a_row`; returns the activation bytes used.
+fn input_sizes(
+    what: &str,
+    w: &[u8],
+    w_need: usize,
+    act: &[u8],
+    a_row: usize,
+    n_cols: usize,
+) -> usize {
     let a_need = n_cols
         .checked_mul(a_row)
         .expect("activation size overflows");
@@ -183,6 +198,18 @@ fn gemm_sizes(
         "{what}: activations have {} bytes, need {a_need}",
         act.len()
     );
+    a_need
+}
+
+/// The output half of [`gemm_sizes`]: `None` for an empty product, else the floats of `out`
+/// used (panics if short, or if columns would overlap).
+fn out_size(
+    what: &str,
+    n_rows: usize,
+    n_cols: usize,
+    out: &[f32],
+    out_stride: usize,
+) -> Option<usize> {
     if n_rows == 0 || n_cols == 0 {
         return None;
     }
@@ -199,7 +226,7 @@ fn gemm_sizes(
         "{what}: out has {} floats, need {out_need}",
         out.len()
     );
-    Some((w_need, a_need, out_need))
+    Some(out_need)
 }
 
 /// `dst[..v.len()] = v`, with the usual 8 values (one panel) as a fixed-size copy: a
@@ -571,19 +598,7 @@ impl Kernels {
         out_stride: usize,
     ) {
         // The packed bytes and activations are checked by gemm_packed_into.
-        if gemm_sizes(
-            "gemm_packed",
-            &[],
-            0,
-            n_rows,
-            &[],
-            0,
-            n_cols,
-            out,
-            out_stride,
-        )
-        .is_none()
-        {
+        if out_size("gemm_packed", n_rows, n_cols, out, out_stride).is_none() {
             return;
         }
         self.gemm_packed_into(w_ty, k, packed, n_rows, act, n_cols, &mut |c, r, v| {
@@ -612,18 +627,13 @@ impl Kernels {
             .packed_len(w_ty, k, n_rows)
             .unwrap_or_else(|| panic!("gemm_packed: {} rows of {k} are not packed", w_ty.name()));
         let f = Fmt::of(w_ty).expect("checked by packed_len");
-        let a_need = n_cols
-            .checked_mul(panel::act_row_bytes(k))
-            .expect("activation size overflows");
-        assert!(
-            packed.len() >= len,
-            "gemm_packed: {} bytes, need {len}",
-            packed.len()
-        );
-        assert!(
-            act.len() >= a_need,
-            "gemm_packed: activations have {} bytes, need {a_need}",
-            act.len()
+        let a_need = input_sizes(
+            "gemm_packed",
+            packed,
+            len,
+            act,
+            panel::act_row_bytes(k),
+            n_cols,
         );
         if n_rows == 0 || n_cols == 0 {
             return;

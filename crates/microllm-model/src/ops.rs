@@ -157,9 +157,8 @@ pub(crate) fn matmul(
             .for_each_chunk_mut(&mut out[..n_rows], chunk, |ci, o| {
                 let r0 = ci * chunk;
                 let len = o.len();
-                if let Some(p) = packed {
-                    let pb = p.len() / n_rows.div_ceil(PANEL_ROWS);
-                    kernels.gemm_packed(w.ty, k, &p[r0 / PANEL_ROWS * pb..], len, act, 1, o, len);
+                if let Some(p) = packed.and(w.packed_from(r0)) {
+                    kernels.gemm_packed(w.ty, k, p, len, act, 1, o, len);
                     return;
                 }
                 let wr = &wdata[r0 * rb..(r0 + len) * rb];
@@ -171,17 +170,16 @@ pub(crate) fn matmul(
             });
         return;
     }
-    if let Some(p) = packed {
+    if packed.is_some() {
         // Each run of rows writes its outputs for every token straight into `out`.
         let chunk = chunk_rows(n_rows, n_threads * 2, PANEL_ROWS);
-        let pb = p.len() / n_rows.div_ceil(PANEL_ROWS);
         ctx.pool
             .for_each_column_block_mut(out, n_tok, n_rows, chunk, |_, mut blk| {
                 let r0 = blk.first();
                 kernels.gemm_packed_into(
                     w.ty,
                     k,
-                    &p[r0 / PANEL_ROWS * pb..],
+                    w.packed_from(r0).expect("packed"),
                     blk.len(),
                     act,
                     n_tok,
@@ -266,19 +264,10 @@ pub(crate) fn matmul_group<const N: usize>(
     let all = &mut scratch[..base];
     ctx.pool.for_each_part_mut(all, &ends[..np], |p, o| {
         let (w, r0) = (ws[mat[p]], r0s[p]);
-        let packed = w.packed().expect("checked above");
-        let pb = packed.len() / w.n_rows.div_ceil(PANEL_ROWS);
+        let packed = w.packed_from(r0).expect("checked above");
         let len = o.len();
-        ctx.kernels.gemm_packed(
-            w.ty,
-            k,
-            &packed[r0 / PANEL_ROWS * pb..],
-            len,
-            act,
-            1,
-            o,
-            len,
-        );
+        ctx.kernels
+            .gemm_packed(w.ty, k, packed, len, act, 1, o, len);
     });
     let mut at = 0;
     for (w, out) in ws.iter().zip(outs) {

@@ -54,6 +54,13 @@ impl QMatrix {
     pub fn packed(&self) -> Option<&[u8]> {
         self.packed.as_deref().map(|p| &p[..])
     }
+    /// The packed bytes from row `r0` (a multiple of 8, the panel height) on.
+    pub(crate) fn packed_from(&self, r0: usize) -> Option<&[u8]> {
+        use microllm_kernels::panel::PANEL_ROWS;
+        let p = self.packed()?;
+        debug_assert_eq!(r0 % PANEL_ROWS, 0);
+        Some(&p[r0 / PANEL_ROWS * (p.len() / self.n_rows.div_ceil(PANEL_ROWS))..])
+    }
     pub(crate) fn info(&self) -> &TensorInfo {
         &self.info
     }
