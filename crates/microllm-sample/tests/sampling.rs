@@ -298,3 +298,35 @@ fn nan_and_inf_logits_are_handled() {
     let t = p.sample(&logits(64, 1), &[60, 61]);
     assert!(t < 64);
 }
+
+#[test]
+fn distribution_matches_softmax_over_many_blocks() {
+    // 1000 ids (several blocks of the unfiltered path): ids 0, 300, 511, 512 and 999 carry
+    // most of the mass, the rest a little each; temperature 0.7.
+    let mut l = vec![-6.0f32; 1000];
+    for (i, v) in [(0, 1.0f32), (300, 0.5), (511, 0.0), (512, -0.3), (999, 0.8)] {
+        l[i] = v;
+    }
+    let z: f64 = l.iter().map(|&x| (x as f64 / 0.7).exp()).sum();
+    let mut s = Sampler::new(plain(0.7, 77), l.len()).unwrap();
+    let mut seen = vec![0u32; l.len()];
+    let n = 40_000;
+    for _ in 0..n {
+        seen[s.sample(&l, &[]) as usize] += 1;
+    }
+    for i in [0usize, 300, 511, 512, 999] {
+        let want = (l[i] as f64 / 0.7).exp() / z;
+        let f = seen[i] as f64 / n as f64;
+        assert!((f - want).abs() < 0.015, "id {i}: {f} vs {want}");
+    }
+    let rest: u32 = (0..l.len())
+        .filter(|i| ![0, 300, 511, 512, 999].contains(i))
+        .map(|i| seen[i])
+        .sum();
+    let want_rest = 995.0 * (-6.0f64 / 0.7).exp() / z;
+    let f = rest as f64 / n as f64;
+    assert!(
+        (f - want_rest).abs() < 0.015,
+        "the rest: {f} vs {want_rest}"
+    );
+}
