@@ -886,6 +886,24 @@ impl Kernels {
         )
     }
 
+    /// Rotary position embedding of one row in place (see [`reference::rope`]): every
+    /// `head_dim`-wide head of `x` has its first `2 * cos.len()` dimensions rotated; pairs
+    /// `(2i, 2i + 1)`, or `(i, i + cos.len())` with `neox`. Bit-identical on every path.
+    ///
+    /// # Panics
+    /// If `sin` is shorter than `cos` or the pairs do not fit a head.
+    pub fn rope(&self, x: &mut [f32], head_dim: usize, neox: bool, cos: &[f32], sin: &[f32]) {
+        assert!(
+            sin.len() >= cos.len() && 2 * cos.len() <= head_dim,
+            "rope: {} angles do not fit heads of {head_dim}",
+            cos.len()
+        );
+        dispatch!(self,
+            scalar => reference::rope(x, head_dim, neox, cos, sin),
+            avx2 => x86::avx2::rope(x, head_dim, neox, cos, sin),
+        )
+    }
+
     /// SwiGLU in place: `gate[i] = silu(gate[i]) * up[i]`, with ggml-cpu's vectorized `exp`
     /// (see [`reference::expf_vec`]) so the result matches llama.cpp bit for bit.
     pub fn swiglu(&self, gate: &mut [f32], up: &[f32]) {

@@ -13,7 +13,7 @@
 
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -219,6 +219,77 @@ impl ThreadPool {
         });
     }
 
+    /// Runs `f(first, end, part)` over disjoint pieces covering items `0..n_items` of `data`
+    /// (item `i` is `data[offset(i)..offset(i + 1)]`; `offset` non-decreasing, `offset(0)`
+    /// at least 0 and `offset(n_items)` at most `data.len()`; `part` is the pieces' items).
+    /// Every thread owns one contiguous run of the items and works through it front to
+    /// back, `grain` items at a time — one long memory stream per thread, as a decode
+    /// matmul wants — and a thread that is done takes `steal` items at a time from the back
+    /// of the runs still going, so a thread that starts late or runs slow (a noisy
+    /// neighbour, a late wake-up) is helped instead of waited for.
+    ///
+    /// # Panics
+    /// If `offset` is not non-decreasing within `data` at the items' ends, or a grain is 0.
+    pub fn for_each_run_mut<T: Send>(
+        &self,
+        data: &mut [T],
+        n_items: usize,
+        offset: impl Fn(usize) -> usize + Sync,
+        grain: usize,
+        steal: usize,
+        f: impl Fn(usize, usize, &mut [T]) + Sync,
+    ) {
+        assert!(grain > 0 && steal > 0, "grains must be positive");
+        assert!(
+            n_items <= u32::MAX as usize,
+            "for_each_run_mut: too many items"
+        );
+        let end = offset(n_items);
+        assert!(
+            offset(0) <= end && end <= data.len(),
+            "for_each_run_mut: items outside the data"
+        );
+        let n = self.n_threads;
+        if n == 1 || n > MAX_RUNS || n_items <= grain {
+            let o0 = offset(0);
+            f(0, n_items, &mut data[o0..end]);
+            return;
+        }
+        let slots: [RunSlot; MAX_RUNS] = std::array::from_fn(|t| {
+            let (a, b) = (t * n_items / n, (t + 1) * n_items / n);
+            RunSlot(AtomicU64::new(if t < n {
+                (a as u64) | ((b as u64) << 32)
+            } else {
+                0
+            }))
+        });
+        let base = SendPtr(data.as_mut_ptr(), PhantomData);
+        let run = |a: usize, b: usize| {
+            let (o0, o1) = (offset(a), offset(b));
+            assert!(
+                o0 <= o1 && o1 <= end,
+                "for_each_run_mut: offsets must be non-decreasing"
+            );
+            // SAFETY: every item index is claimed exactly once (`claim` moves a run's front
+            // or back past it with one compare-exchange), so the pieces' item ranges are
+            // disjoint, and with a non-decreasing `offset` (checked) so are their element
+            // ranges, all within `data` (checked), which stays mutably borrowed until this
+            // call returns (after every thread is done).
+            let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(o0), o1 - o0) };
+            f(a, b, part);
+        };
+        self.broadcast(&|tid| {
+            while let Some((a, b)) = claim(&slots[tid], grain, true) {
+                run(a, b);
+            }
+            for v in (1..n).map(|d| (tid + d) % n) {
+                while let Some((a, b)) = claim(&slots[v], steal, false) {
+                    run(a, b);
+                }
+            }
+        });
+    }
+
     /// Views `data` as `n` rows of `width` elements (row-major) and runs `f(block_index,
     /// block)` over the column blocks `[i * block, (i + 1) * block)` (the last may be
     /// narrower), spread over the pool: each task writes its columns of every row in place
@@ -252,6 +323,42 @@ impl ThreadPool {
                 },
             );
         });
+    }
+}
+
+/// Most threads [`ThreadPool::for_each_run_mut`] balances by stealing (more run its plain
+/// split).
+const MAX_RUNS: usize = 16;
+
+/// One thread's run of [`ThreadPool::for_each_run_mut`]: its next item (low 32 bits) and the
+/// end of what is left of it (high 32 bits). A cache line each: the owner claims from the
+/// front without disturbing the other threads.
+#[repr(align(64))]
+struct RunSlot(AtomicU64);
+
+/// Claims up to `n` items of a run from its front (`front`) or its back; `None` when it is
+/// used up.
+fn claim(slot: &RunSlot, n: usize, front: bool) -> Option<(usize, usize)> {
+    let mut cur = slot.0.load(Ordering::Acquire);
+    loop {
+        let (a, b) = ((cur & 0xffff_ffff) as usize, (cur >> 32) as usize);
+        if a >= b {
+            return None;
+        }
+        let take = n.min(b - a);
+        let (na, nb, got) = if front {
+            (a + take, b, (a, a + take))
+        } else {
+            (a, b - take, (b - take, b))
+        };
+        let new = (na as u64) | ((nb as u64) << 32);
+        match slot
+            .0
+            .compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => return Some(got),
+            Err(c) => cur = c,
+        }
     }
 }
 
@@ -417,6 +524,67 @@ mod tests {
             let want: Vec<usize> = (0..33).map(|j| (j % 11) / 4 + 1).collect();
             assert_eq!(m, want);
         }
+    }
+
+    #[test]
+    fn runs_cover_every_item_once_and_slow_threads_are_helped() {
+        for n in [1, 2, 3, 5] {
+            let pool = ThreadPool::new(n).unwrap();
+            for (n_items, grain, steal) in
+                [(0, 4, 1), (1, 4, 1), (7, 2, 1), (100, 16, 4), (333, 5, 3)]
+            {
+                // Items of unequal sizes (item i has i % 3 elements), each element gets its
+                // item's index + 1 once.
+                let offs: Vec<usize> = (0..=n_items).map(|i| (0..i).map(|j| j % 3).sum()).collect();
+                let mut v = vec![0usize; offs[n_items] + 2];
+                pool.for_each_run_mut(
+                    &mut v,
+                    n_items,
+                    |i| offs[i],
+                    grain,
+                    steal,
+                    |a, b, part| {
+                        assert_eq!(part.len(), offs[b] - offs[a]);
+                        let mut k = 0;
+                        for i in a..b {
+                            for _ in 0..i % 3 {
+                                part[k] += i + 1;
+                                k += 1;
+                            }
+                        }
+                    },
+                );
+                let want: Vec<usize> = (0..n_items)
+                    .flat_map(|i| std::iter::repeat_n(i + 1, i % 3))
+                    .chain([0, 0])
+                    .collect();
+                assert_eq!(v, want, "{n} threads, {n_items} items");
+            }
+        }
+        // A thread that stalls on its first piece: the others finish its run.
+        let pool = ThreadPool::new(2).unwrap();
+        let mut v = vec![0u8; 64];
+        let who: Vec<AtomicUsize> = (0..64).map(|_| AtomicUsize::new(0)).collect();
+        pool.for_each_run_mut(
+            &mut v,
+            64,
+            |i| i,
+            4,
+            1,
+            |a, b, part| {
+                if a == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                for (i, x) in (a..b).zip(part.iter_mut()) {
+                    *x += 1;
+                    who[i].store(a + 1, Ordering::Relaxed);
+                }
+            },
+        );
+        assert!(v.iter().all(|&x| x == 1));
+        // Thread 0's run is items 0..32: with it asleep on 0..4, the rest of it was stolen in
+        // pieces of one from the back.
+        assert_eq!(who[31].load(Ordering::Relaxed), 32);
     }
 
     #[test]

@@ -768,6 +768,22 @@ pub fn expf_vec(x: f32) -> f32 {
     }
 }
 
+/// Rotary position embedding of one row: every `head_dim`-wide head of `x` has its first
+/// `2 * cos.len()` dimensions rotated, pair `i` by the angle whose cosine and sine are
+/// `cos[i]`, `sin[i]`. The pairs are `(2i, 2i + 1)`, or with `neox` `(i, i + cos.len())`.
+/// `x0' = fma(x0, c, -(x1 s))`, `x1' = fma(x0, s, x1 c)`: ggml's rounding.
+pub fn rope(x: &mut [f32], head_dim: usize, neox: bool, cos: &[f32], sin: &[f32]) {
+    let h = cos.len();
+    for head in x.chunks_exact_mut(head_dim) {
+        for i in 0..h {
+            let (a, b) = if neox { (i, i + h) } else { (2 * i, 2 * i + 1) };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0.mul_add(cos[i], -(x1 * sin[i]));
+            head[b] = x0.mul_add(sin[i], x1 * cos[i]);
+        }
+    }
+}
+
 /// `gate[i] = silu(gate[i]) * up[i]` with `silu(x) = x / (1 + expf_vec(-x))`, in 8-element
 /// groups; a tail shorter than 8 uses the libm `exp` like ggml's scalar remainder.
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {

@@ -361,3 +361,32 @@ fn geglu_is_bit_identical_to_reference() {
         assert_eq!(bits(&a), bits(&b), "n = {n}");
     }
 }
+
+#[test]
+fn rope_is_bit_identical_to_reference() {
+    let Some(fast) = avx2() else { return };
+    let mut rng = Rng::new(12);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    // Full and partial rotations, pair counts with and without a remainder, both pairings.
+    for (head_dim, pairs) in [(64, 32), (64, 16), (80, 40), (256, 128), (96, 22), (8, 3)] {
+        for neox in [false, true] {
+            let x = rng.vec(3 * head_dim, 4.0);
+            let angles: Vec<f32> = rng.vec(pairs, 3.0);
+            let (cos, sin): (Vec<f32>, Vec<f32>) =
+                angles.iter().map(|a| (a.cos(), a.sin())).unzip();
+            let (mut a, mut b) = (x.clone(), x.clone());
+            scalar().rope(&mut a, head_dim, neox, &cos, &sin);
+            fast.rope(&mut b, head_dim, neox, &cos, &sin);
+            assert_eq!(
+                bits(&a),
+                bits(&b),
+                "head_dim {head_dim}, {pairs} pairs, neox {neox}"
+            );
+            // It rotates: the norm of every pair is kept, the values move.
+            assert_ne!(bits(&a), bits(&x));
+            let n0: f32 = x.iter().map(|v| v * v).sum();
+            let n1: f32 = a.iter().map(|v| v * v).sum();
+            assert!((n0 - n1).abs() <= 1e-4 * n0, "{n0} vs {n1}");
+        }
+    }
+}

@@ -149,13 +149,20 @@ pub(crate) fn matmul(
     let act = &input.buf[..n_tok * arow];
     if n_tok == 1 {
         // One contiguous run of rows per thread: decode streams the weights from memory once,
-        // and each thread reading one long run keeps the hardware prefetchers ahead (finer
-        // tasks restart a stream at every task: 16 per matrix decoded SmolLM2 at 171 tok/s,
-        // 2 per matrix at 205-220; Gemma 3 96 -> 118).
-        let chunk = chunk_rows(n_rows, n_threads, 16);
-        ctx.pool
-            .for_each_chunk_mut(&mut out[..n_rows], chunk, |ci, o| {
-                let r0 = ci * chunk;
+        // and each thread reading one long run keeps the prefetchers ahead (finer tasks
+        // restart a stream at every task: 16 per matrix decoded SmolLM2 at 171 tok/s, 2 per
+        // matrix at 205-220; Gemma 3 96 -> 118). A thread done early takes panels from the
+        // back of the other runs, so the threads finish together.
+        let n_panels = n_rows.div_ceil(PANEL_ROWS);
+        let offset = |p: usize| (p * PANEL_ROWS).min(n_rows);
+        ctx.pool.for_each_run_mut(
+            &mut out[..n_rows],
+            n_panels,
+            offset,
+            RUN_GRAIN,
+            RUN_STEAL,
+            |p0, _, o| {
+                let r0 = p0 * PANEL_ROWS;
                 let len = o.len();
                 if let Some(p) = packed.and(w.packed_from(r0)) {
                     kernels.gemm_packed(w.ty, k, p, len, act, 1, o, len);
@@ -167,7 +174,8 @@ pub(crate) fn matmul(
                 } else {
                     kernels.gemm(w.ty, k, wr, len, act, 1, o, len);
                 }
-            });
+            },
+        );
         return;
     }
     if packed.is_some() {
@@ -210,12 +218,15 @@ pub(crate) fn matmul(
     scatter(ctx, &scratch[..n_rows * n_tok], n_rows, n_tok, chunk, out);
 }
 
-/// Most pieces a grouped decode matmul is split into (matrices x threads).
-const GROUP_MAX_PARTS: usize = 32;
+/// Panels a thread takes at a time from its own run of a decode matmul (4 decode tiles).
+const RUN_GRAIN: usize = 16;
+/// Panels a thread done with its run takes at a time from the back of another's (1 tile).
+const RUN_STEAL: usize = 4;
 
 /// `outs[i] = x · ws[i]ᵀ` for matrices sharing their input (Q/K/V, gate/up). Decoding one
-/// token with packed weights, all of them are one pool operation (each matrix split into one
-/// run of rows per thread) instead of one each: a decode step is memory-bound and its small
+/// token with packed weights, all of them are one pool operation (their panels one after the
+/// other, split into one run per thread as in [`matmul`]) instead of one each: a decode step
+/// is memory-bound and its small
 /// matrices (SmolLM2's K and V: 69 KB each) take less time to stream than a pool round trip.
 /// The same results as separate [`matmul`]s (every row computed by the same kernel call), to
 /// which it falls back otherwise.
@@ -228,11 +239,9 @@ pub(crate) fn matmul_group<const N: usize>(
     scratch: &mut [f32],
     outs: [&mut [f32]; N],
 ) {
-    let n_threads = ctx.pool.n_threads();
     let k = ws[0].n_cols;
     let fused = n_tok == 1
         && !ctx.exact
-        && N * n_threads <= GROUP_MAX_PARTS
         && ws.iter().all(|w| w.packed().is_some() && w.n_cols == k)
         && ws.iter().map(|w| w.n_rows).sum::<usize>() <= scratch.len();
     if !fused {
@@ -243,32 +252,41 @@ pub(crate) fn matmul_group<const N: usize>(
     }
     let arow = input.ensure(ctx, ActFormat::Panel, x, 1, k);
     let act = &input.buf[..arow];
-    // Part p: matrix mat[p], rows r0[p].., ending at ends[p] in the concatenated output.
-    let (mut ends, mut mat, mut r0s) = (
-        [0usize; GROUP_MAX_PARTS],
-        [0usize; GROUP_MAX_PARTS],
-        [0usize; GROUP_MAX_PARTS],
-    );
-    let (mut np, mut base) = (0, 0);
+    // The matrices' panels one after the other: matrix i's start at panel pstart[i] and
+    // row base[i] of the concatenated output.
+    let (mut pstart, mut base) = ([0usize; N], [0usize; N]);
+    let (mut np, mut nr) = (0, 0);
     for (i, w) in ws.iter().enumerate() {
-        let chunk = chunk_rows(w.n_rows, n_threads, 16);
-        let mut r0 = 0;
-        while r0 < w.n_rows {
-            let len = chunk.min(w.n_rows - r0);
-            (mat[np], r0s[np], ends[np]) = (i, r0, base + r0 + len);
-            np += 1;
-            r0 += len;
-        }
-        base += w.n_rows;
+        (pstart[i], base[i]) = (np, nr);
+        np += w.n_rows.div_ceil(PANEL_ROWS);
+        nr += w.n_rows;
     }
-    let all = &mut scratch[..base];
-    ctx.pool.for_each_part_mut(all, &ends[..np], |p, o| {
-        let (w, r0) = (ws[mat[p]], r0s[p]);
-        let packed = w.packed_from(r0).expect("checked above");
-        let len = o.len();
-        ctx.kernels
-            .gemm_packed(w.ty, k, packed, len, act, 1, o, len);
-    });
+    let which = |p: usize| (0..N).rev().find(|&i| pstart[i] <= p).unwrap_or(0);
+    let offset = |p: usize| {
+        if p >= np {
+            return nr;
+        }
+        let i = which(p);
+        base[i] + ((p - pstart[i]) * PANEL_ROWS).min(ws[i].n_rows)
+    };
+    let all = &mut scratch[..nr];
+    ctx.pool
+        .for_each_run_mut(all, np, offset, RUN_GRAIN, RUN_STEAL, |p0, p1, o| {
+            // The piece's panels, matrix by matrix.
+            let mut p = p0;
+            while p < p1 {
+                let i = which(p);
+                let w = ws[i];
+                let pe = p1.min(pstart[i] + w.n_rows.div_ceil(PANEL_ROWS));
+                let r0 = (p - pstart[i]) * PANEL_ROWS;
+                let len = ((pe - pstart[i]) * PANEL_ROWS).min(w.n_rows) - r0;
+                let at = offset(p) - offset(p0);
+                let packed = w.packed_from(r0).expect("checked above");
+                ctx.kernels
+                    .gemm_packed(w.ty, k, packed, len, act, 1, &mut o[at..at + len], len);
+                p = pe;
+            }
+        });
     let mut at = 0;
     for (w, out) in ws.iter().zip(outs) {
         out[..w.n_rows].copy_from_slice(&scratch[at..at + w.n_rows]);
@@ -336,14 +354,14 @@ pub(crate) fn rope_rows(
     sin: &[f32],
 ) {
     if n_tok < ROW_PARALLEL_MIN {
-        return rope(x, n_tok, n_heads, head_dim, style, cos, sin);
+        return rope(ctx.kernels, x, n_tok, n_heads, head_dim, style, cos, sin);
     }
     let h = cos.len() / n_tok;
     let row = n_heads * head_dim;
     ctx.pool
         .for_each_chunk_mut(&mut x[..n_tok * row], row, |t, xr| {
             let (c, s) = (&cos[t * h..(t + 1) * h], &sin[t * h..(t + 1) * h]);
-            rope(xr, 1, n_heads, head_dim, style, c, s)
+            rope(ctx.kernels, xr, 1, n_heads, head_dim, style, c, s)
         });
 }
 
@@ -435,6 +453,7 @@ pub(crate) struct RopeTables {
 /// Rotates the first `n_rot` dimensions of every head of every row of `x` (rows of
 /// `n_heads * head_dim`).
 pub(crate) fn rope(
+    kernels: &Kernels,
     x: &mut [f32],
     n_tok: usize,
     n_heads: usize,
@@ -445,20 +464,11 @@ pub(crate) fn rope(
 ) {
     let h = cos.len() / n_tok.max(1);
     let h = h.min(head_dim / 2);
+    let neox = matches!(style, RopeStyle::Neox);
     for t in 0..n_tok {
         let (c, s) = (&cos[t * h..(t + 1) * h], &sin[t * h..(t + 1) * h]);
         let row = &mut x[t * n_heads * head_dim..(t + 1) * n_heads * head_dim];
-        for head in row.chunks_exact_mut(head_dim) {
-            for i in 0..h {
-                let (a, b) = match style {
-                    RopeStyle::Normal => (2 * i, 2 * i + 1),
-                    RopeStyle::Neox => (i, i + h),
-                };
-                let (x0, x1) = (head[a], head[b]);
-                head[a] = x0.mul_add(c[i], -(x1 * s[i]));
-                head[b] = x0.mul_add(s[i], x1 * c[i]);
-            }
-        }
+        kernels.rope(row, head_dim, neox, c, s);
     }
 }
 

@@ -1217,6 +1217,67 @@ fn expf8(x: __m256) -> __m256 {
     )
 }
 
+/// `reference::rope` with the same fused operations, so the same bits: 4 interleaved pairs
+/// (or, NeoX, 8 split pairs) per vector; a remainder goes to the reference.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn rope(x: &mut [f32], head_dim: usize, neox: bool, cos: &[f32], sin: &[f32]) {
+    let h = cos.len();
+    assert!(sin.len() >= h && 2 * h <= head_dim, "rope: shapes");
+    for head in x.chunks_exact_mut(head_dim) {
+        let hp = head.as_mut_ptr();
+        let mut i = 0;
+        if neox {
+            while i + 8 <= h {
+                // SAFETY: i + 8 <= h: pairs i..i + 8 (dims i.. and h + i..) inside the head
+                // (2h <= head_dim, asserted) and inside cos/sin.
+                unsafe {
+                    let (c, s) = (
+                        _mm256_loadu_ps(cos.as_ptr().add(i)),
+                        _mm256_loadu_ps(sin.as_ptr().add(i)),
+                    );
+                    let (x0, x1) = (_mm256_loadu_ps(hp.add(i)), _mm256_loadu_ps(hp.add(h + i)));
+                    let neg = _mm256_xor_ps(_mm256_mul_ps(x1, s), _mm256_set1_ps(-0.0));
+                    _mm256_storeu_ps(hp.add(i), _mm256_fmadd_ps(x0, c, neg));
+                    _mm256_storeu_ps(hp.add(h + i), _mm256_fmadd_ps(x0, s, _mm256_mul_ps(x1, c)));
+                }
+                i += 8;
+            }
+        } else {
+            while i + 4 <= h {
+                // SAFETY: i + 4 <= h: dims 2i..2i + 8 inside the head, pairs i..i + 4 inside
+                // cos/sin.
+                unsafe {
+                    let c4 = _mm_loadu_ps(cos.as_ptr().add(i));
+                    let s4 = _mm_loadu_ps(sin.as_ptr().add(i));
+                    // [c0 c0 c1 c1 | c2 c2 c3 c3]
+                    let dup =
+                        |v: __m128| _mm256_set_m128(_mm_unpackhi_ps(v, v), _mm_unpacklo_ps(v, v));
+                    let (c, s) = (dup(c4), dup(s4));
+                    let v = _mm256_loadu_ps(hp.add(2 * i));
+                    // Each pair swapped: [x1 x0 ...].
+                    let sw = _mm256_permute_ps::<0b10_11_00_01>(v);
+                    // Even lanes: fma(x0, c, -(x1 s)); odd: fma(x0, s, x1 c).
+                    let a = _mm256_blend_ps::<0b1010_1010>(v, sw);
+                    let b = _mm256_blend_ps::<0b1010_1010>(c, s);
+                    let neg = _mm256_xor_ps(_mm256_mul_ps(sw, s), _mm256_set1_ps(-0.0));
+                    let p = _mm256_blend_ps::<0b1010_1010>(neg, _mm256_mul_ps(v, c));
+                    _mm256_storeu_ps(hp.add(2 * i), _mm256_fmadd_ps(a, b, p));
+                }
+                i += 4;
+            }
+        }
+        for i in i..h {
+            let (a, b) = if neox { (i, i + h) } else { (2 * i, 2 * i + 1) };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0.mul_add(cos[i], -(x1 * sin[i]));
+            head[b] = x0.mul_add(sin[i], x1 * cos[i]);
+        }
+    }
+}
+
 /// `reference::swiglu`, 8 lanes at a time.
 ///
 /// # Safety

@@ -27,6 +27,8 @@ struct Scratch {
     /// One tile of keys `[TK][dk]` and values `[TK][dv]` in f32.
     kf: Vec<f32>,
     vf: Vec<f32>,
+    /// [`rows_small`]: one block of scores and weights `[KB]`.
+    sb: Vec<f32>,
 }
 
 thread_local! {
@@ -44,8 +46,9 @@ impl Scratch {
         grow(&mut self.qt, dk * TR);
         grow(&mut self.qr, dk * TR);
         grow(&mut self.acc, dv * TR);
-        grow(&mut self.kf, dk * TK);
-        grow(&mut self.vf, dv * TK);
+        grow(&mut self.kf, dk * KB);
+        grow(&mut self.vf, dv * KB);
+        grow(&mut self.sb, KB);
     }
 }
 
@@ -65,6 +68,11 @@ fn ld8i(s: &[i32]) -> __m256i {
 
 /// Keys per tile.
 const TK: usize = 16;
+/// Keys per block of [`rows_small`] (blocks start at multiples of it).
+const KB: usize = 64;
+/// Most rows for which a non-row-wise call takes [`rows_small`] (a decode step's GQA group;
+/// more rows share the tiles of [`group`] better).
+const SMALL_ROWS: usize = 8;
 /// Query rows per group (4 vectors of 8).
 const TR: usize = 32;
 /// See `Kernels::attention_rows` (shapes checked there). `dk % 8 == 0`, `dv % 16 == 0`.
@@ -154,8 +162,8 @@ struct Shape {
     /// Only keys `from..to` are seen.
     from: usize,
     to: usize,
-    /// Every row's scores by [`scores_dot`], so that a row's result does not depend on the
-    /// other rows of the call (`Kernels::attention_rows_invariant`).
+    /// Every row by [`rows_small`], whatever the number of rows, so that a row's result does
+    /// not depend on the other rows of the call (`Kernels::attention_rows_invariant`).
     rowwise: bool,
 }
 
@@ -174,9 +182,28 @@ unsafe fn rows(
     let (dk, dv) = (sh.dk, sh.dv);
     let n = last.len();
     let mut r0 = 0;
+    let small = sh.rowwise || n <= SMALL_ROWS;
     SCRATCH.with(|cell| {
         let sc = &mut *cell.borrow_mut();
         sc.grow(dk, dv);
+        while r0 < n && small {
+            let nr = TR.min(n - r0);
+            let ml = ml.as_deref_mut().map(|m| &mut m[2 * r0..2 * (r0 + nr)]);
+            // SAFETY: same CPU contract; the caller checked every slice against `last`/`n`.
+            unsafe {
+                rows_small(
+                    sc,
+                    sh,
+                    &q[r0 * dk..(r0 + nr) * dk],
+                    &last[r0..r0 + nr],
+                    keys,
+                    values,
+                    &mut out[r0 * dv..(r0 + nr) * dv],
+                    ml,
+                )
+            };
+            r0 += nr;
+        }
         while r0 < n {
             let nr = TR.min(n - r0);
             let ml = ml.as_deref_mut().map(|m| &mut m[2 * r0..2 * (r0 + nr)]);
@@ -198,6 +225,328 @@ unsafe fn rows(
     });
 }
 
+/// Keys `f..e` a row whose last key is `last` sees (window, then the call's `from..to`);
+/// `None` when none.
+fn visible(sh: &Shape, last: u32) -> Option<(usize, usize)> {
+    let l = last as usize;
+    let f = if sh.window > 0 {
+        (l + 1).saturating_sub(sh.window)
+    } else {
+        0
+    };
+    let (f, e) = (f.max(sh.from), (l + 1).min(sh.to));
+    (f < e).then_some((f, e))
+}
+
+/// Rows `j0 + a .. j0 + b` of the f16 matrix `src` (rows `stride` apart, `d` wide, `d % 8 ==
+/// 0`) as f32 rows `a..b` of `dst`.
+///
+/// # Safety
+/// The CPU must support F16C; the rows are inside `src` and `dst` holds `b * d` floats.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_to_f32(
+    src: &[f16],
+    stride: usize,
+    d: usize,
+    j0: usize,
+    a: usize,
+    b: usize,
+    dst: &mut [f32],
+) {
+    debug_assert!(dst.len() >= b * d && (b == a || src.len() >= (j0 + b - 1) * stride + d));
+    let (sp, dp) = (src.as_ptr().cast::<u8>(), dst.as_mut_ptr());
+    for jj in a..b {
+        let sb = (j0 + jj) * stride;
+        for x in (0..d).step_by(8) {
+            // SAFETY: row j0 + jj spans sb..sb + d inside `src` (2 bytes per element) and row
+            // jj of `dst` has d floats (the caller's contract).
+            unsafe {
+                let v = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(2 * (sb + x)).cast()));
+                _mm256_storeu_ps(dp.add(jj * d + x), v);
+            }
+        }
+    }
+}
+
+/// The end of a call: with `ml`, every row's maximum and sum of exponentials there and its
+/// unnormalised sum in `out`; else `out = acc / sum` (0 for a row that saw no key).
+fn finish(
+    acc: &[f32],
+    m: &[f32],
+    l: &[f32],
+    nr: usize,
+    dv: usize,
+    out: &mut [f32],
+    ml: Option<&mut [f32]>,
+) {
+    if let Some(ml) = ml {
+        for r in 0..nr {
+            ml[2 * r] = m[r];
+            ml[2 * r + 1] = l[r];
+        }
+        out[..nr * dv].copy_from_slice(&acc[..nr * dv]);
+        return;
+    }
+    for r in 0..nr {
+        let inv = if l[r] == 0.0 { 0.0 } else { 1.0 / l[r] };
+        for (o, &a) in out[r * dv..(r + 1) * dv]
+            .iter_mut()
+            .zip(&acc[r * dv..(r + 1) * dv])
+        {
+            *o = a * inv;
+        }
+    }
+}
+
+/// Up to [`TR`] rows, each on its own (few rows: a decode step's GQA group; or row-wise, for
+/// continuous batching): keys and values are converted to f32 once per block of [`KB`] for
+/// all the rows, then every row takes its scores (one dot product per key, reduced in a
+/// fixed order), its block maximum and exponentials, and its weighted sum of values held in
+/// registers, with the running maximum rescaling between blocks (online softmax). A row's
+/// result depends only on its query, its visible keys and the fixed block positions, never on
+/// the other rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_small(
+    sc: &mut Scratch,
+    sh: &Shape,
+    q: &[f32],
+    last: &[u32],
+    keys: &[f16],
+    values: &[f16],
+    out: &mut [f32],
+    ml: Option<&mut [f32]>,
+) {
+    let Shape {
+        dk,
+        dv,
+        k_stride,
+        v_stride,
+        scale,
+        softcap,
+        ..
+    } = *sh;
+    let nr = last.len();
+    // Pre-scaled queries (as the tiles: the scale goes into the soft-capping when there is one).
+    let qs = &mut sc.qr[..nr * dk];
+    let qscale = if softcap != 0.0 { 1.0 } else { scale };
+    for (d, &v) in qs.iter_mut().zip(&q[..nr * dk]) {
+        *d = v * qscale;
+    }
+    let qs = &*qs;
+    // Visible keys per row: f..e, within from..to.
+    let mut ranges = [(0usize, 0usize); TR];
+    let (mut lo, mut hi) = (usize::MAX, 0usize);
+    for (rg, &l) in ranges.iter_mut().zip(last) {
+        if let Some((f, e)) = visible(sh, l) {
+            *rg = (f, e);
+            lo = lo.min(f);
+            hi = hi.max(e);
+        }
+    }
+    let acc = &mut sc.acc[..nr * dv];
+    acc.fill(0.0);
+    let mut m = [f32::NEG_INFINITY; TR];
+    let mut lsum = [0.0f32; TR];
+    let (kf, vf, sb) = (
+        &mut sc.kf[..KB * dk],
+        &mut sc.vf[..KB * dv],
+        &mut sc.sb[..KB],
+    );
+    let mut j0 = if lo < hi { lo - lo % KB } else { hi };
+    while j0 < hi {
+        let j1 = (j0 + KB).min(hi);
+        let c0 = lo.max(j0);
+        // Convert the block's keys and values that some row sees.
+        // SAFETY: keys and values below hi <= n_kv are inside `keys`/`values` (checked by the
+        // caller); kf/vf have room for KB rows.
+        unsafe {
+            rows_to_f32(keys, k_stride, dk, j0, c0 - j0, j1 - j0, kf);
+            rows_to_f32(values, v_stride, dv, j0, c0 - j0, j1 - j0, vf);
+        }
+        for r in 0..nr {
+            let (f, e) = ranges[r];
+            let (a, b) = (f.max(j0), e.min(j1));
+            if a >= b {
+                continue;
+            }
+            let (ia, ib) = (a - j0, b - j0);
+            // SAFETY: same CPU contract; row r's query is inside qs, keys ia..ib inside kf.
+            unsafe { block_scores(&qs[r * dk..(r + 1) * dk], kf, dk, ia, ib, sb) };
+            if softcap != 0.0 {
+                for v in &mut sb[ia..ib] {
+                    *v = crate::reference::softcap_score(*v, scale, softcap);
+                }
+            }
+            let bmax = sb[ia..ib].iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
+            let m_new = m[r].max(bmax);
+            let corr = if m[r] == f32::NEG_INFINITY {
+                0.0
+            } else {
+                let c = expf8(_mm256_set1_ps(m[r] - m_new));
+                _mm256_cvtss_f32(c)
+            };
+            m[r] = m_new;
+            // Weights over the 8-aligned span covering ia..ib, zero outside ia..ib.
+            let (ea, eb) = (ia - ia % 8, ib.next_multiple_of(8).min(KB));
+            let mv = _mm256_set1_ps(m_new);
+            let mut psum = _mm256_setzero_ps();
+            let mut jj = ea;
+            while jj < eb {
+                let idx = _mm256_add_epi32(
+                    _mm256_set1_epi32(jj as i32),
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                );
+                let inside = _mm256_andnot_si256(
+                    _mm256_or_si256(
+                        _mm256_cmpgt_epi32(_mm256_set1_epi32(ia as i32), idx),
+                        _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(ib as i32 - 1)),
+                    ),
+                    _mm256_set1_epi32(-1),
+                );
+                let inside = _mm256_castsi256_ps(inside);
+                // SAFETY: jj + 8 <= eb <= KB: inside sb (lanes outside ia..ib are masked, and
+                // hold finite scores of earlier blocks or zeros).
+                unsafe {
+                    let sv = _mm256_blendv_ps(mv, _mm256_loadu_ps(sb.as_ptr().add(jj)), inside);
+                    let pv = _mm256_and_ps(expf8(_mm256_sub_ps(sv, mv)), inside);
+                    psum = _mm256_add_ps(psum, pv);
+                    _mm256_storeu_ps(sb.as_mut_ptr().add(jj), pv);
+                }
+                jj += 8;
+            }
+            lsum[r] = lsum[r] * corr + hsum(psum);
+            // SAFETY: same CPU contract; row r's accumulator is inside acc, values ia..ib
+            // inside vf, weights inside sb.
+            unsafe { block_values(&mut acc[r * dv..(r + 1) * dv], corr, sb, vf, dv, ia, ib) };
+        }
+        j0 = j1;
+    }
+    finish(acc, &m, &lsum, nr, dv, out, ml);
+}
+
+/// The 8 lanes of `v` summed in a fixed order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+}
+
+/// `sb[j] = q . kf[j]` for `j` in `ia..ib`: one 8-lane accumulator per key (four keys at a
+/// time for independent chains), each reduced by [`hsum`], so a key's score does not depend
+/// on the keys around it.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `q` holds `dk` floats (`dk % 8 == 0`), `kf` rows
+/// `ia..ib` of `dk`, `sb` at least `ib` floats.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_scores(q: &[f32], kf: &[f32], dk: usize, ia: usize, ib: usize, sb: &mut [f32]) {
+    debug_assert!(q.len() >= dk && kf.len() >= ib * dk && sb.len() >= ib);
+    let (qp, kp) = (q.as_ptr(), kf.as_ptr());
+    let mut j = ia;
+    while j + 4 <= ib {
+        let mut a = [_mm256_setzero_ps(); 4];
+        for d in (0..dk).step_by(8) {
+            // SAFETY: d + 8 <= dk inside q; keys j..j + 4 <= ib inside kf.
+            unsafe {
+                let qv = _mm256_loadu_ps(qp.add(d));
+                for (u, au) in a.iter_mut().enumerate() {
+                    *au = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp.add((j + u) * dk + d)), *au);
+                }
+            }
+        }
+        for (u, au) in a.into_iter().enumerate() {
+            sb[j + u] = hsum(au);
+        }
+        j += 4;
+    }
+    while j < ib {
+        let mut a = _mm256_setzero_ps();
+        for d in (0..dk).step_by(8) {
+            // SAFETY: as above for key j < ib.
+            unsafe {
+                a = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(qp.add(d)),
+                    _mm256_loadu_ps(kp.add(j * dk + d)),
+                    a,
+                );
+            }
+        }
+        sb[j] = hsum(a);
+        j += 1;
+    }
+}
+
+/// `acc = acc * corr + sum_{j in ia..ib} p[j] * vf[j]`, 64 (then 32, 16) columns at a time
+/// in registers.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `acc` holds `dv` floats (`dv % 16 == 0`), `vf` rows
+/// `ia..ib` of `dv`, `p` at least `ib` floats.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_values(
+    acc: &mut [f32],
+    corr: f32,
+    p: &[f32],
+    vf: &[f32],
+    dv: usize,
+    ia: usize,
+    ib: usize,
+) {
+    debug_assert!(acc.len() >= dv && vf.len() >= ib * dv && p.len() >= ib);
+    let mut d0 = 0;
+    while d0 < dv {
+        // SAFETY: the columns d0..d0 + 8B <= dv of every arm are inside acc and each vf row.
+        unsafe {
+            d0 += match dv - d0 {
+                64.. => values_cols::<8>(acc, corr, p, vf, dv, ia, ib, d0),
+                32.. => values_cols::<4>(acc, corr, p, vf, dv, ia, ib, d0),
+                _ => values_cols::<2>(acc, corr, p, vf, dv, ia, ib, d0),
+            };
+        }
+    }
+}
+
+/// Columns `d0..d0 + 8B` of [`block_values`]; returns `8B`.
+///
+/// # Safety
+/// As [`block_values`], with `d0 + 8B <= dv`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn values_cols<const B: usize>(
+    acc: &mut [f32],
+    corr: f32,
+    p: &[f32],
+    vf: &[f32],
+    dv: usize,
+    ia: usize,
+    ib: usize,
+    d0: usize,
+) -> usize {
+    let (ap, vp) = (acc.as_mut_ptr(), vf.as_ptr());
+    let c = _mm256_set1_ps(corr);
+    // SAFETY: columns d0..d0 + 8B of acc and of value rows ia..ib (the caller's contract).
+    unsafe {
+        let mut a: [__m256; B] =
+            core::array::from_fn(|b| _mm256_mul_ps(_mm256_loadu_ps(ap.add(d0 + 8 * b)), c));
+        for j in ia..ib {
+            let pj = _mm256_set1_ps(p[j]);
+            for (b, ab) in a.iter_mut().enumerate() {
+                *ab = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vp.add(j * dv + d0 + 8 * b)), *ab);
+            }
+        }
+        for (b, ab) in a.into_iter().enumerate() {
+            _mm256_storeu_ps(ap.add(d0 + 8 * b), ab);
+        }
+    }
+    8 * B
+}
+
 /// Up to [`TR`] rows.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -214,14 +563,11 @@ unsafe fn group(
     let Shape {
         dk,
         dv,
-        window,
         k_stride,
         v_stride,
         scale,
         softcap,
-        from,
-        to,
-        rowwise,
+        ..
     } = *sh;
     let nr = last.len();
     let nch = nr.div_ceil(8);
@@ -245,17 +591,10 @@ unsafe fn group(
     let mut hi_v = [-1i32; TR];
     let (mut lo, mut hi) = (usize::MAX, 0usize);
     for r in 0..nr {
-        let l = last[r] as usize;
-        let f = if window > 0 {
-            (l + 1).saturating_sub(window)
-        } else {
-            0
-        };
-        // Restricted to from..to; an empty range leaves lo_v > hi_v (nothing visible).
-        let (f, e) = (f.max(from), (l + 1).min(to));
-        if f >= e {
+        // An empty range leaves lo_v > hi_v (nothing visible).
+        let Some((f, e)) = visible(sh, last[r]) else {
             continue;
-        }
+        };
         lo_v[r] = f as i32;
         hi_v[r] = (e - 1) as i32;
         lo = lo.min(f);
@@ -267,37 +606,22 @@ unsafe fn group(
     let mut l = [_mm256_setzero_ps(); TR / 8];
     let kf = &mut sc.kf[..TK * dk];
     let vf = &mut sc.vf[..TK * dv];
-    let kp = keys.as_ptr().cast::<u8>();
-    let vp = values.as_ptr().cast::<u8>();
     // Tiles start at multiples of TK, so a row meets the same tiles whatever the other rows
     // (tiles before its first key or past its last leave its state unchanged: zero weights).
     let mut j0 = lo - lo % TK;
     while j0 < hi {
         let nk = TK.min(hi - j0);
         // Convert the tile's keys and values to f32.
-        for jj in 0..nk {
-            let kb = (j0 + jj) * k_stride;
-            let vb = (j0 + jj) * v_stride;
-            for d in (0..dk).step_by(8) {
-                // SAFETY: key j0 + jj < hi <= n_kv spans kb..kb + dk inside `keys` (checked
-                // by the caller), 2 bytes per element; kf/vf have room for TK rows of dk/dv.
-                unsafe {
-                    let x = _mm256_cvtph_ps(_mm_loadu_si128(kp.add(2 * (kb + d)).cast()));
-                    _mm256_storeu_ps(kf.as_mut_ptr().add(jj * dk + d), x);
-                }
-            }
-            for d in (0..dv).step_by(8) {
-                // SAFETY: as above for the values.
-                unsafe {
-                    let x = _mm256_cvtph_ps(_mm_loadu_si128(vp.add(2 * (vb + d)).cast()));
-                    _mm256_storeu_ps(vf.as_mut_ptr().add(jj * dv + d), x);
-                }
-            }
+        // SAFETY: keys and values j0 + jj < hi <= n_kv are inside `keys`/`values` (checked by
+        // the caller); kf/vf have room for TK rows.
+        unsafe {
+            rows_to_f32(keys, k_stride, dk, j0, 0, nk, kf);
+            rows_to_f32(values, v_stride, dv, j0, 0, nk, vf);
         }
         // Scores of every row against the tile's keys: s[c][jj] = rows c*8.. of key j0 + jj.
         let mut s = [[_mm256_setzero_ps(); TK]; TR / 8];
         // SAFETY: same CPU contract; qt holds dk x TR floats, kf nk rows of dk.
-        unsafe { tile_scores(nr, qt, qr, kf, dk, nk, rowwise, &mut s) };
+        unsafe { tile_scores(nr, qt, qr, kf, dk, nk, &mut s) };
         // Per chunk of 8 rows: soft-capping, masking, running maximum, exponentials.
         // p[jj][r]: weight of key j0 + jj for row r; cr[r]: rescaling of row r's accumulator.
         let mut p = [[0.0f32; TR]; TK];
@@ -355,38 +679,22 @@ unsafe fn group(
         unsafe { tile_values(nr, acc, dv, &cr, &p, vf, nk) };
         j0 += nk;
     }
-    let mut ls = [0.0f32; TR];
+    let (mut ls, mut ms) = ([0.0f32; TR], [0.0f32; TR]);
     for c in 0..nch {
         // SAFETY: 8 writable floats at c * 8 < TR.
-        unsafe { _mm256_storeu_ps(ls[c * 8..].as_mut_ptr(), l[c]) };
-    }
-    if let Some(ml) = ml {
-        let mut ms = [0.0f32; TR];
-        for c in 0..nch {
-            // SAFETY: 8 writable floats at c * 8 < TR.
-            unsafe { _mm256_storeu_ps(ms[c * 8..].as_mut_ptr(), m[c]) };
-        }
-        for r in 0..nr {
-            ml[2 * r] = ms[r];
-            ml[2 * r + 1] = ls[r];
-        }
-        out[..nr * dv].copy_from_slice(&acc[..nr * dv]);
-        return;
-    }
-    for r in 0..nr {
-        let inv = if ls[r] == 0.0 { 0.0 } else { 1.0 / ls[r] };
-        for d in 0..dv {
-            out[r * dv + d] = acc[r * dv + d] * inv;
+        unsafe {
+            _mm256_storeu_ps(ls[c * 8..].as_mut_ptr(), l[c]);
+            _mm256_storeu_ps(ms[c * 8..].as_mut_ptr(), m[c]);
         }
     }
+    finish(acc, &ms, &ls, nr, dv, out, ml);
 }
 
 /// Scores of a tile: `s[c][jj]` = the 8 rows of chunk `c` against key `jj` (of `nk`), from
 /// the transposed queries `qt` (`[dk][TR]`) and the keys `kf` (`[nk][dk]`). Several chunks
 /// and keys per pass keep about 8 independent FMA chains in flight. A last chunk of at most 4
 /// rows (GQA groups of 9 or 4 heads) takes dot products over the dimensions instead from the
-/// row-major queries `qr` (`[TR][dk]`), so its empty lanes cost nothing. With `rowwise`
-/// every chunk does so, which makes each row's scores independent of the number of rows.
+/// row-major queries `qr` (`[TR][dk]`), so its empty lanes cost nothing.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; `qt` and `qr` hold `dk * TR` floats, `kf` `nk * dk`,
@@ -400,19 +708,10 @@ unsafe fn tile_scores(
     kf: &[f32],
     dk: usize,
     nk: usize,
-    rowwise: bool,
     s: &mut [[__m256; TK]; TR / 8],
 ) {
     debug_assert!(qt.len() >= dk * TR && qr.len() >= dk * TR && kf.len() >= nk * dk);
     let nch = nr.div_ceil(8);
-    if rowwise {
-        for (c, sc) in s.iter_mut().enumerate().take(nch) {
-            let rows = 8.min(nr - c * 8);
-            // SAFETY: the contract of this function; chunk c's rows are inside qr.
-            unsafe { scores_dot(&qr[c * 8 * dk..], rows, kf, dk, nk, sc) };
-        }
-        return;
-    }
     let tail = nr - (nch - 1) * 8;
     let full = if tail <= 4 { nch - 1 } else { nch };
     // SAFETY: the contract of this function, forwarded to every arm.

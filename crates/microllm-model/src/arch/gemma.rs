@@ -77,8 +77,26 @@ pub(crate) fn forward(
         if let Some(kn) = &lw.k_norm {
             ops::rms_norm_in_place(k, kn, c.rms_eps);
         }
-        ops::rope(q, n_tok, c.n_head, c.head_dim, c.rope.style, cos, sin);
-        ops::rope(k, n_tok, c.n_head_kv, c.head_dim, c.rope.style, cos, sin);
+        ops::rope(
+            &model.kernels,
+            q,
+            n_tok,
+            c.n_head,
+            c.head_dim,
+            c.rope.style,
+            cos,
+            sin,
+        );
+        ops::rope(
+            &model.kernels,
+            k,
+            n_tok,
+            c.n_head_kv,
+            c.head_dim,
+            c.rope.style,
+            cos,
+            sin,
+        );
         if let Some(s) = c.q_scale {
             ops::scale_in_place(q, s);
         }
