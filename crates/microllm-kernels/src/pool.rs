@@ -193,32 +193,6 @@ impl ThreadPool {
         });
     }
 
-    /// Splits `data` into the consecutive parts `data[ends[i - 1]..ends[i]]` (the first from
-    /// 0; `ends` non-decreasing and at most `data.len()`) and runs `f(part_index, part)` for
-    /// each, spread over the pool: one pool operation for pieces of unequal size (several
-    /// matrices' rows at once).
-    pub fn for_each_part_mut<T: Send>(
-        &self,
-        data: &mut [T],
-        ends: &[usize],
-        f: impl Fn(usize, &mut [T]) + Sync,
-    ) {
-        assert!(
-            ends.windows(2).all(|w| w[0] <= w[1]) && ends.last().is_none_or(|&e| e <= data.len()),
-            "for_each_part_mut: part ends must be non-decreasing and within the data"
-        );
-        let base = SendPtr(data.as_mut_ptr(), PhantomData);
-        self.for_each(ends.len(), |i| {
-            let start = if i == 0 { 0 } else { ends[i - 1] };
-            // SAFETY: `for_each` hands out each index once; the parts `start..ends[i]` are
-            // disjoint (ends non-decreasing, asserted) and within `data` (asserted), which
-            // stays mutably borrowed until `for_each` returns.
-            let part =
-                unsafe { std::slice::from_raw_parts_mut(base.get().add(start), ends[i] - start) };
-            f(i, part);
-        });
-    }
-
     /// Runs `f(first, end, part)` over disjoint pieces covering items `0..n_items` of `data`
     /// (item `i` is `data[offset(i)..offset(i + 1)]`; `offset` non-decreasing, `offset(0)`
     /// at least 0 and `offset(n_items)` at most `data.len()`; `part` is the pieces' items).
@@ -239,20 +213,90 @@ impl ThreadPool {
         steal: usize,
         f: impl Fn(usize, usize, &mut [T]) + Sync,
     ) {
-        assert!(grain > 0 && steal > 0, "grains must be positive");
-        assert!(
-            n_items <= u32::MAX as usize,
-            "for_each_run_mut: too many items"
-        );
         let end = offset(n_items);
         assert!(
             offset(0) <= end && end <= data.len(),
             "for_each_run_mut: items outside the data"
         );
+        let base = SendPtr(data.as_mut_ptr(), PhantomData);
+        self.runs(n_items, grain, steal, |a, b| {
+            let (o0, o1) = (offset(a), offset(b));
+            assert!(
+                o0 <= o1 && o1 <= end,
+                "for_each_run_mut: offsets must be non-decreasing"
+            );
+            // SAFETY: `runs` hands out every item index exactly once, so the pieces' item
+            // ranges are disjoint, and with a non-decreasing `offset` (checked) so are their
+            // element ranges, all within `data` (checked), which stays mutably borrowed until
+            // this call returns (after every thread is done).
+            let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(o0), o1 - o0) };
+            f(a, b, part);
+        });
+    }
+
+    /// [`ThreadPool::for_each_run_mut`] over the columns of an `n x width` row-major buffer
+    /// (a batched matmul's output, one row per token): the items are the column ranges
+    /// `offset(i)..offset(i + 1)`, and each piece gets the [`ColumnBlock`] of its items'
+    /// columns in every row.
+    ///
+    /// # Panics
+    /// As [`ThreadPool::for_each_run_mut`], with the offsets within `width`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn for_each_run_columns_mut<T: Send>(
+        &self,
+        data: &mut [T],
+        n: usize,
+        width: usize,
+        n_items: usize,
+        offset: impl Fn(usize) -> usize + Sync,
+        grain: usize,
+        steal: usize,
+        f: impl Fn(usize, usize, ColumnBlock<'_, T>) + Sync,
+    ) {
+        let total = n.checked_mul(width).expect("size overflows");
+        assert!(
+            data.len() >= total,
+            "for_each_run_columns_mut: data too short"
+        );
+        let end = offset(n_items);
+        assert!(
+            offset(0) <= end && end <= width,
+            "for_each_run_columns_mut: items outside the columns"
+        );
+        let base = SendPtr(data.as_mut_ptr(), PhantomData);
+        self.runs(n_items, grain, steal, |a, b| {
+            let (c0, c1) = (offset(a), offset(b));
+            assert!(
+                c0 <= c1 && c1 <= end,
+                "for_each_run_columns_mut: offsets must be non-decreasing"
+            );
+            // Disjoint column ranges (each item once, offsets non-decreasing: checked), inside
+            // the n x width buffer (checked), which stays borrowed until this call returns.
+            f(
+                a,
+                b,
+                ColumnBlock {
+                    ptr: base.get(),
+                    c0,
+                    len: c1 - c0,
+                    width,
+                    n,
+                    _borrow: PhantomData,
+                },
+            );
+        });
+    }
+
+    /// The scheduling of [`ThreadPool::for_each_run_mut`]: `f(a, b)` for disjoint item
+    /// ranges covering `0..n_items`, each item exactly once.
+    fn runs(&self, n_items: usize, grain: usize, steal: usize, f: impl Fn(usize, usize) + Sync) {
+        assert!(grain > 0 && steal > 0, "grains must be positive");
+        assert!(n_items <= u32::MAX as usize, "too many items");
         let n = self.n_threads;
         if n == 1 || n > MAX_RUNS || n_items <= grain {
-            let o0 = offset(0);
-            f(0, n_items, &mut data[o0..end]);
+            if n_items > 0 {
+                f(0, n_items);
+            }
             return;
         }
         let slots: [RunSlot; MAX_RUNS] = std::array::from_fn(|t| {
@@ -263,65 +307,15 @@ impl ThreadPool {
                 0
             }))
         });
-        let base = SendPtr(data.as_mut_ptr(), PhantomData);
-        let run = |a: usize, b: usize| {
-            let (o0, o1) = (offset(a), offset(b));
-            assert!(
-                o0 <= o1 && o1 <= end,
-                "for_each_run_mut: offsets must be non-decreasing"
-            );
-            // SAFETY: every item index is claimed exactly once (`claim` moves a run's front
-            // or back past it with one compare-exchange), so the pieces' item ranges are
-            // disjoint, and with a non-decreasing `offset` (checked) so are their element
-            // ranges, all within `data` (checked), which stays mutably borrowed until this
-            // call returns (after every thread is done).
-            let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(o0), o1 - o0) };
-            f(a, b, part);
-        };
         self.broadcast(&|tid| {
             while let Some((a, b)) = claim(&slots[tid], grain, true) {
-                run(a, b);
+                f(a, b);
             }
             for v in (1..n).map(|d| (tid + d) % n) {
                 while let Some((a, b)) = claim(&slots[v], steal, false) {
-                    run(a, b);
+                    f(a, b);
                 }
             }
-        });
-    }
-
-    /// Views `data` as `n` rows of `width` elements (row-major) and runs `f(block_index,
-    /// block)` over the column blocks `[i * block, (i + 1) * block)` (the last may be
-    /// narrower), spread over the pool: each task writes its columns of every row in place
-    /// (a batched matmul's row chunk writes its outputs for every token, no transpose pass).
-    pub fn for_each_column_block_mut<T: Send>(
-        &self,
-        data: &mut [T],
-        n: usize,
-        width: usize,
-        block: usize,
-        f: impl Fn(usize, ColumnBlock<'_, T>) + Sync,
-    ) {
-        assert!(block > 0, "block must be positive");
-        let total = n.checked_mul(width).expect("size overflows");
-        assert!(
-            data.len() >= total,
-            "for_each_column_block_mut: data too short"
-        );
-        let base = SendPtr(data.as_mut_ptr(), PhantomData);
-        self.for_each(width.div_ceil(block), |i| {
-            let c0 = i * block;
-            f(
-                i,
-                ColumnBlock {
-                    ptr: base.get(),
-                    c0,
-                    len: block.min(width - c0),
-                    width,
-                    n,
-                    _borrow: PhantomData,
-                },
-            );
         });
     }
 }
@@ -492,35 +486,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parts_and_column_blocks_cover_every_element_once() {
+    fn column_runs_cover_every_element_once() {
         for n in [1, 2, 3] {
             let pool = ThreadPool::new(n).unwrap();
-            let mut v = vec![0usize; 20];
-            pool.for_each_part_mut(&mut v, &[3, 3, 10, 17], |i, part| {
-                for x in part.iter_mut() {
-                    *x += i + 1;
-                }
-            });
-            let want: Vec<usize> = (0..20)
-                .map(|j| match j {
-                    0..3 => 1,
-                    3..10 => 3,
-                    10..17 => 4,
-                    _ => 0,
-                })
-                .collect();
-            assert_eq!(v, want);
-            // 3 rows of 11 columns, blocks of 4: (row, col) gets its block index + 1, once.
+            // 3 rows of 11 columns, items of 4 columns (the last 3): (row, col) gets its
+            // item's index + 1, once.
             let mut m = vec![0usize; 33];
-            pool.for_each_column_block_mut(&mut m, 3, 11, 4, |i, mut blk| {
-                assert_eq!(blk.first(), 4 * i);
-                assert_eq!(blk.len(), 4.min(11 - 4 * i));
-                for r in 0..3 {
-                    for x in blk.row_mut(r) {
-                        *x += i + 1;
+            pool.for_each_run_columns_mut(
+                &mut m,
+                3,
+                11,
+                3,
+                |i| (4 * i).min(11),
+                1,
+                1,
+                |a, b, mut blk| {
+                    assert_eq!(blk.first(), 4 * a);
+                    assert_eq!(blk.len(), (4 * b).min(11) - 4 * a);
+                    for r in 0..3 {
+                        for (j, x) in blk.row_mut(r).iter_mut().enumerate() {
+                            *x += (4 * a + j) / 4 + 1;
+                        }
                     }
-                }
-            });
+                },
+            );
             let want: Vec<usize> = (0..33).map(|j| (j % 11) / 4 + 1).collect();
             assert_eq!(m, want);
         }

@@ -107,6 +107,55 @@ impl<'s> QuantizedInput<'s> {
     }
 }
 
+/// How a matmul of `w` runs.
+#[derive(Clone, Copy, PartialEq)]
+struct Plan {
+    /// Packed weights (packed at load) whenever not exact: the panel kernels' results, bit
+    /// for bit, without unpacking per call.
+    packed: bool,
+    /// Else the panel kernels for batches (unless exact; every row count in continuous
+    /// batching), else llama.cpp's kernels with the activation format of the weight format
+    /// (checked for every matrix at load).
+    panel: bool,
+    fmt: ActFormat,
+}
+
+impl Plan {
+    fn of(ctx: Ctx<'_>, w: &QMatrix, n_tok: usize) -> Self {
+        let packed = w.packed().is_some() && !ctx.exact;
+        let panel = packed
+            || ((n_tok >= PANEL_MIN_ROWS || ctx.invariant)
+                && !ctx.exact
+                && ctx.kernels.panel_supports(w.ty));
+        let fmt = if panel {
+            ActFormat::Panel
+        } else {
+            ActFormat::Ggml(
+                ctx.kernels
+                    .vec_dot_type(w.ty)
+                    .expect("activation format checked at load"),
+            )
+        };
+        Self { packed, panel, fmt }
+    }
+}
+
+/// Rows `r0..r0 + out.len()` of a one-token product `x · wᵀ` (`act`: `x` quantized in the
+/// format of `w`'s [`Plan`]), by the packed, panel or llama.cpp kernel.
+fn decode_rows(ctx: Ctx<'_>, w: &QMatrix, panel: bool, act: &[u8], r0: usize, out: &mut [f32]) {
+    let (k, len) = (w.n_cols, out.len());
+    if let Some(p) = w.packed_from(r0).filter(|_| !ctx.exact) {
+        return ctx.kernels.gemm_packed(w.ty, k, p, len, act, 1, out, len);
+    }
+    let rb = w.row_bytes;
+    let wr = &w.data(ctx.file)[r0 * rb..(r0 + len) * rb];
+    if panel {
+        ctx.kernels.gemm_panel(w.ty, k, wr, len, act, 1, out, len);
+    } else {
+        ctx.kernels.gemm(w.ty, k, wr, len, act, 1, out, len);
+    }
+}
+
 /// `out (n_tok, w.n_rows) = x (n_tok, w.n_cols) · wᵀ`, spread over the pool.
 ///
 /// Decode (one token) splits the rows into chunks written straight into `out`. With several
@@ -127,24 +176,7 @@ pub(crate) fn matmul(
     let kernels = ctx.kernels;
     let wdata = w.data(ctx.file);
     let rb = w.row_bytes;
-    // Packed weights (packed at load) whenever not exact: the panel kernels' results, bit for
-    // bit, without unpacking per call. Else the panel kernels for batches (unless exact;
-    // every row count in continuous batching), else the activation format of this weight
-    // format (checked for every matrix at load).
-    let packed = w.packed().filter(|_| !ctx.exact);
-    let panel = packed.is_some()
-        || ((n_tok >= PANEL_MIN_ROWS || ctx.invariant)
-            && !ctx.exact
-            && kernels.panel_supports(w.ty));
-    let fmt = if panel {
-        ActFormat::Panel
-    } else {
-        ActFormat::Ggml(
-            kernels
-                .vec_dot_type(w.ty)
-                .expect("activation format checked at load"),
-        )
-    };
+    let Plan { packed, panel, fmt } = Plan::of(ctx, w, n_tok);
     let arow = input.ensure(ctx, fmt, x, n_tok, k);
     let act = &input.buf[..n_tok * arow];
     if n_tok == 1 {
@@ -161,28 +193,24 @@ pub(crate) fn matmul(
             offset,
             RUN_GRAIN,
             RUN_STEAL,
-            |p0, _, o| {
-                let r0 = p0 * PANEL_ROWS;
-                let len = o.len();
-                if let Some(p) = packed.and(w.packed_from(r0)) {
-                    kernels.gemm_packed(w.ty, k, p, len, act, 1, o, len);
-                    return;
-                }
-                let wr = &wdata[r0 * rb..(r0 + len) * rb];
-                if panel {
-                    kernels.gemm_panel(w.ty, k, wr, len, act, 1, o, len);
-                } else {
-                    kernels.gemm(w.ty, k, wr, len, act, 1, o, len);
-                }
-            },
+            |p0, _, o| decode_rows(ctx, w, panel, act, p0 * PANEL_ROWS, o),
         );
         return;
     }
-    if packed.is_some() {
-        // Each run of rows writes its outputs for every token straight into `out`.
-        let chunk = chunk_rows(n_rows, n_threads * 2, PANEL_ROWS);
-        ctx.pool
-            .for_each_column_block_mut(out, n_tok, n_rows, chunk, |_, mut blk| {
+    if packed {
+        // Each piece of rows writes its outputs for every token straight into `out`; one run
+        // of panels per thread, balanced by stealing (as decode).
+        let n_panels = n_rows.div_ceil(PANEL_ROWS);
+        let offset = |p: usize| (p * PANEL_ROWS).min(n_rows);
+        ctx.pool.for_each_run_columns_mut(
+            out,
+            n_tok,
+            n_rows,
+            n_panels,
+            offset,
+            RUN_GRAIN,
+            RUN_STEAL_BATCH,
+            |_, _, mut blk| {
                 let r0 = blk.first();
                 kernels.gemm_packed_into(
                     w.ty,
@@ -193,7 +221,8 @@ pub(crate) fn matmul(
                     n_tok,
                     &mut |c, r, v| microllm_kernels::put_rows(&mut blk.row_mut(c)[r..], v),
                 );
-            });
+            },
+        );
         return;
     }
     let align = if panel {
@@ -222,6 +251,8 @@ pub(crate) fn matmul(
 const RUN_GRAIN: usize = 16;
 /// Panels a thread done with its run takes at a time from the back of another's (1 tile).
 const RUN_STEAL: usize = 4;
+/// The same for batches (a panel takes a while there: all the tokens' columns).
+const RUN_STEAL_BATCH: usize = 1;
 
 /// `outs[i] = x · ws[i]ᵀ` for matrices sharing their input (Q/K/V, gate/up). Decoding one
 /// token with packed weights, all of them are one pool operation (their panels one after the
@@ -240,9 +271,11 @@ pub(crate) fn matmul_group<const N: usize>(
     outs: [&mut [f32]; N],
 ) {
     let k = ws[0].n_cols;
+    let plan = Plan::of(ctx, ws[0], n_tok);
     let fused = n_tok == 1
-        && !ctx.exact
-        && ws.iter().all(|w| w.packed().is_some() && w.n_cols == k)
+        && ws
+            .iter()
+            .all(|w| w.n_cols == k && Plan::of(ctx, w, n_tok) == plan)
         && ws.iter().map(|w| w.n_rows).sum::<usize>() <= scratch.len();
     if !fused {
         for (w, out) in ws.into_iter().zip(outs) {
@@ -250,7 +283,7 @@ pub(crate) fn matmul_group<const N: usize>(
         }
         return;
     }
-    let arow = input.ensure(ctx, ActFormat::Panel, x, 1, k);
+    let arow = input.ensure(ctx, plan.fmt, x, 1, k);
     let act = &input.buf[..arow];
     // The matrices' panels one after the other: matrix i's start at panel pstart[i] and
     // row base[i] of the concatenated output.
@@ -281,9 +314,7 @@ pub(crate) fn matmul_group<const N: usize>(
                 let r0 = (p - pstart[i]) * PANEL_ROWS;
                 let len = ((pe - pstart[i]) * PANEL_ROWS).min(w.n_rows) - r0;
                 let at = offset(p) - offset(p0);
-                let packed = w.packed_from(r0).expect("checked above");
-                ctx.kernels
-                    .gemm_packed(w.ty, k, packed, len, act, 1, &mut o[at..at + len], len);
+                decode_rows(ctx, w, plan.panel, act, r0, &mut o[at..at + len]);
                 p = pe;
             }
         });
@@ -339,6 +370,25 @@ pub(crate) fn rms_norm_rows(ctx: Ctx<'_>, x: &[f32], w: &[f32], eps: f32, out: &
         .for_each_chunk_mut(&mut out[..n_tok * n], n, |t, o| {
             rms_norm(&x[t * n..(t + 1) * n], w, eps, o)
         });
+}
+
+/// `gate = act(gate) * up` (SwiGLU, or GeGLU with `gelu`) on `n_tok` rows of `n_ff`, one
+/// task per row from [`ROW_PARALLEL_MIN`] rows up (elementwise: the same results).
+pub(crate) fn glu_rows(ctx: Ctx<'_>, gate: &mut [f32], up: &[f32], n_tok: usize, gelu: bool) {
+    let k = ctx.kernels;
+    let f = |g: &mut [f32], u: &[f32]| {
+        if gelu {
+            k.geglu(g, u)
+        } else {
+            k.swiglu(g, u)
+        }
+    };
+    if n_tok < ROW_PARALLEL_MIN {
+        return f(gate, up);
+    }
+    let n_ff = gate.len() / n_tok;
+    ctx.pool
+        .for_each_chunk_mut(gate, n_ff, |t, g| f(g, &up[t * n_ff..(t + 1) * n_ff]));
 }
 
 /// [`rope`] on `n_tok` rows, one task per row from [`ROW_PARALLEL_MIN`] rows up (the same
@@ -751,10 +801,10 @@ pub(crate) fn attention_rows(
     });
     let (qg, last, grp) = (&*b.qg, &*b.last, &*b.grp);
     let kernels = ctx.kernels;
-    // About four tasks per thread when the rows are few (continuous batching's decode steps),
-    // whole GQA groups each.
+    // About eight tasks per thread when the rows are few (continuous batching's decode steps,
+    // whose sequences' contexts, and so tasks, differ in length), whole GQA groups each.
     let task_rows = if ctx.invariant {
-        (n / (4 * ctx.pool.n_threads()))
+        (n / (8 * ctx.pool.n_threads()))
             .next_multiple_of(n_rep)
             .clamp(n_rep, ATTN_TASK_ROWS)
     } else {

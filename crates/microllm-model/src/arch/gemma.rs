@@ -57,7 +57,7 @@ pub(crate) fn forward(
 
         // Attention block: norm, Q/K/V, Q/K norms, RoPE, pre-scaled Q, attention, output
         // projection, post-norm, residual.
-        ops::rms_norm(x, &lw.attn_norm, c.rms_eps, xn);
+        ops::rms_norm_rows(ctx, x, &lw.attn_norm, c.rms_eps, xn);
         tap("attn_norm", il, xn);
         input.invalidate();
         let (q, k, v) = (
@@ -66,29 +66,26 @@ pub(crate) fn forward(
             &mut s.v[..n_tok * dv],
         );
         obs.matmul_input(&lw.wq, xn, n_tok);
-        ops::matmul(ctx, &lw.wq, xn, n_tok, &mut input, scratch, q);
         obs.matmul_input(&lw.wk, xn, n_tok);
-        ops::matmul(ctx, &lw.wk, xn, n_tok, &mut input, scratch, k);
         obs.matmul_input(&lw.wv, xn, n_tok);
-        ops::matmul(ctx, &lw.wv, xn, n_tok, &mut input, scratch, v);
+        ops::matmul_group(
+            ctx,
+            [&lw.wq, &lw.wk, &lw.wv],
+            xn,
+            n_tok,
+            &mut input,
+            scratch,
+            [q, k, v],
+        );
         if let Some(qn) = &lw.q_norm {
             ops::rms_norm_in_place(q, qn, c.rms_eps);
         }
         if let Some(kn) = &lw.k_norm {
             ops::rms_norm_in_place(k, kn, c.rms_eps);
         }
-        ops::rope(
-            &model.kernels,
-            q,
-            n_tok,
-            c.n_head,
-            c.head_dim,
-            c.rope.style,
-            cos,
-            sin,
-        );
-        ops::rope(
-            &model.kernels,
+        ops::rope_rows(ctx, q, n_tok, c.n_head, c.head_dim, c.rope.style, cos, sin);
+        ops::rope_rows(
+            ctx,
             k,
             n_tok,
             c.n_head_kv,
@@ -132,16 +129,23 @@ pub(crate) fn forward(
         ops::add_in_place(x, xn);
 
         // Feed-forward block (GeGLU), post-norm, residual.
-        ops::rms_norm(x, &lw.ffn_norm, c.rms_eps, xn);
+        ops::rms_norm_rows(ctx, x, &lw.ffn_norm, c.rms_eps, xn);
         input.invalidate();
         let (gate, up) = (&mut s.gate[..n_tok * dff], &mut s.up[..n_tok * dff]);
         obs.matmul_input(&lw.w_gate, xn, n_tok);
-        ops::matmul(ctx, &lw.w_gate, xn, n_tok, &mut input, scratch, gate);
         obs.matmul_input(&lw.w_up, xn, n_tok);
-        ops::matmul(ctx, &lw.w_up, xn, n_tok, &mut input, scratch, up);
+        ops::matmul_group(
+            ctx,
+            [&lw.w_gate, &lw.w_up],
+            xn,
+            n_tok,
+            &mut input,
+            scratch,
+            [gate, up],
+        );
         match c.ffn_act {
-            FfnAct::GeluTanh => model.kernels.geglu(gate, up),
-            FfnAct::Silu => model.kernels.swiglu(gate, up),
+            FfnAct::GeluTanh => ops::glu_rows(ctx, gate, up, n_tok, true),
+            FfnAct::Silu => ops::glu_rows(ctx, gate, up, n_tok, false),
         }
         input.invalidate();
         obs.matmul_input(&lw.w_down, gate, n_tok);

@@ -125,7 +125,7 @@ pub(crate) fn forward(
             scratch,
             [gate, up],
         );
-        model.kernels.swiglu(gate, up);
+        ops::glu_rows(ctx, gate, up, n_tok, false);
         input.invalidate();
         obs.matmul_input(&lw.w_down, gate, n_tok);
         ops::matmul(ctx, &lw.w_down, gate, n_tok, &mut input, scratch, xn);
