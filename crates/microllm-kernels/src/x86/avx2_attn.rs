@@ -269,6 +269,21 @@ unsafe fn rows_to_f32(
     }
 }
 
+/// Prefetches rows `a..b` of the f16 matrix `src` (rows `stride` apart, `d` wide) into L2.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn prefetch_rows(src: &[f16], stride: usize, d: usize, a: usize, b: usize) {
+    let p = src.as_ptr();
+    for j in a..b {
+        let row = p.wrapping_add(j * stride);
+        // 32 f16 = one 64-byte line.
+        for x in (0..d).step_by(32) {
+            // Prefetches never fault (wrapping arithmetic, nothing dereferenced).
+            _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(x).cast());
+        }
+    }
+}
+
 /// The end of a call: with `ml`, every row's maximum and sum of exponentials there and its
 /// unnormalised sum in `out`; else `out = acc / sum` (0 for a row that saw no key).
 fn finish(
@@ -353,10 +368,23 @@ unsafe fn rows_small(
         &mut sc.vf[..KB * dv],
         &mut sc.sb[..KB],
     );
+    // The keys and values of the first two blocks are requested up front into L2, then each
+    // block asks for the one two ahead: one head's slice of each cache row is a short strided
+    // read, and converting them one by one waits on memory (continuous batching reads every
+    // sequence's cache once per step, from DRAM).
+    let ahead = |from: usize, to: usize| {
+        let to = to.min(hi);
+        if from < to {
+            prefetch_rows(keys, k_stride, dk, from, to);
+            prefetch_rows(values, v_stride, dv, from, to);
+        }
+    };
     let mut j0 = if lo < hi { lo - lo % KB } else { hi };
+    ahead(lo, j0 + 2 * KB);
     while j0 < hi {
         let j1 = (j0 + KB).min(hi);
         let c0 = lo.max(j0);
+        ahead(j0 + 2 * KB, j0 + 3 * KB);
         // Convert the block's keys and values that some row sees.
         // SAFETY: keys and values below hi <= n_kv are inside `keys`/`values` (checked by the
         // caller); kf/vf have room for KB rows.
