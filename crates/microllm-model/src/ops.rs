@@ -391,8 +391,9 @@ pub(crate) fn glu_rows(ctx: Ctx<'_>, gate: &mut [f32], up: &[f32], n_tok: usize,
         .for_each_chunk_mut(gate, n_ff, |t, g| f(g, &up[t * n_ff..(t + 1) * n_ff]));
 }
 
-/// [`rope`] on `n_tok` rows, one task per row from [`ROW_PARALLEL_MIN`] rows up (the same
-/// arithmetic).
+/// Rotates the first `n_rot` dimensions of every head of each of the `n_tok` rows of `x`
+/// (rows of `n_heads * head_dim`; `cos`/`sin` hold `n_rot / 2` angles per row), one task per
+/// row from [`ROW_PARALLEL_MIN`] rows up (the same arithmetic).
 pub(crate) fn rope_rows(
     ctx: Ctx<'_>,
     x: &mut [f32],
@@ -403,16 +404,21 @@ pub(crate) fn rope_rows(
     cos: &[f32],
     sin: &[f32],
 ) {
-    if n_tok < ROW_PARALLEL_MIN {
-        return rope(ctx.kernels, x, n_tok, n_heads, head_dim, style, cos, sin);
-    }
-    let h = cos.len() / n_tok;
+    let h = (cos.len() / n_tok.max(1)).min(head_dim / 2);
+    let neox = matches!(style, RopeStyle::Neox);
     let row = n_heads * head_dim;
-    ctx.pool
-        .for_each_chunk_mut(&mut x[..n_tok * row], row, |t, xr| {
-            let (c, s) = (&cos[t * h..(t + 1) * h], &sin[t * h..(t + 1) * h]);
-            rope(ctx.kernels, xr, 1, n_heads, head_dim, style, c, s)
-        });
+    let one = |t: usize, xr: &mut [f32]| {
+        let (c, s) = (&cos[t * h..(t + 1) * h], &sin[t * h..(t + 1) * h]);
+        ctx.kernels.rope(xr, head_dim, neox, c, s);
+    };
+    let x = &mut x[..n_tok * row];
+    if n_tok < ROW_PARALLEL_MIN {
+        x.chunks_exact_mut(row.max(1))
+            .enumerate()
+            .for_each(|(t, xr)| one(t, xr));
+    } else {
+        ctx.pool.for_each_chunk_mut(x, row, one);
+    }
 }
 
 /// Rows per task: about `n_tasks` tasks, a multiple of `align`, at least `align`.
@@ -498,28 +504,6 @@ pub(crate) struct RopeTables {
     pub mscale: f32,
     /// Per-pair divisors (`rope_freqs.weight`, llama3-style scaling).
     pub factors: Option<Vec<f32>>,
-}
-
-/// Rotates the first `n_rot` dimensions of every head of every row of `x` (rows of
-/// `n_heads * head_dim`).
-pub(crate) fn rope(
-    kernels: &Kernels,
-    x: &mut [f32],
-    n_tok: usize,
-    n_heads: usize,
-    head_dim: usize,
-    style: RopeStyle,
-    cos: &[f32],
-    sin: &[f32],
-) {
-    let h = cos.len() / n_tok.max(1);
-    let h = h.min(head_dim / 2);
-    let neox = matches!(style, RopeStyle::Neox);
-    for t in 0..n_tok {
-        let (c, s) = (&cos[t * h..(t + 1) * h], &sin[t * h..(t + 1) * h]);
-        let row = &mut x[t * n_heads * head_dim..(t + 1) * n_heads * head_dim];
-        kernels.rope(row, head_dim, neox, c, s);
-    }
 }
 
 /// Widest attention head supported (Gemma uses 256).

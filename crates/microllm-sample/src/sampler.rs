@@ -247,25 +247,18 @@ impl Sampler {
         let total: f64 = self.block_sums.iter().sum();
         let u = self.rng.next_f64() * total;
         let mut acc = 0.0f64;
-        for (bi, &bs) in self.block_sums.iter().enumerate() {
+        for (bi, (block, &bs)) in self.probs.chunks(BLOCK).zip(&self.block_sums).enumerate() {
             if u < acc + bs {
-                let b0 = bi * BLOCK;
                 let mut a = acc;
-                for (i, &p) in self.probs[b0..(b0 + BLOCK).min(self.probs.len())]
-                    .iter()
-                    .enumerate()
-                {
+                for (i, &p) in block.iter().enumerate() {
                     a += p as f64;
                     if u < a {
-                        return (b0 + i) as u32;
+                        return (bi * BLOCK + i) as u32;
                     }
                 }
                 // Rounding between the block's sum and its running sum: its last id with mass.
-                if let Some(i) = self.probs[b0..(b0 + BLOCK).min(self.probs.len())]
-                    .iter()
-                    .rposition(|&p| p > 0.0)
-                {
-                    return (b0 + i) as u32;
+                if let Some(i) = block.iter().rposition(|&p| p > 0.0) {
+                    return (bi * BLOCK + i) as u32;
                 }
             }
             acc += bs;
