@@ -10,15 +10,23 @@
 //! group of a panel (8 rows) is
 //!
 //! - 4-bit formats (Q4_0, Q4_1): 4 vectors of 32 bytes, vector `t` byte `4 * r + i` =
-//!   `q[r][4t + i] | q[r][16 + 4t + i] << 4`, then the 8 rows' scales `s` (8 x f16) and
-//!   offsets `m` (8 x f16): 160 bytes for 256 weights, 0.625 bytes per weight as Q4_1;
+//!   `q[r][4t + i] | q[r][16 + 4t + i] << 4`, then the 8 rows' scales `s` (8 x f16) and, for
+//!   Q4_1, offsets `m` (8 x f16): 144 bytes for 256 weights as Q4_0 (0.5625 bytes per weight,
+//!   the file's), 160 as Q4_1 (0.625);
+//! - 5-bit formats (Q5_0, Q5_1): the 4-bit vectors of the low 4 bits, then one vector of the
+//!   fifth bits, byte `4 * r + i` bit `t` = bit 4 of `q[r][4t + i]` and bit `4 + t` = bit 4 of
+//!   `q[r][16 + 4t + i]`, then the scales and, for Q5_1, the offsets: 176 bytes as Q5_0
+//!   (0.6875 bytes per weight, the file's), 192 as Q5_1 (0.75);
 //! - Q8_0: 8 vectors of 32 bytes, vector `t` byte `4 * r + i` = `q[r][4t + i]` (signed), then
 //!   the 8 scales (8 x f16): 272 bytes, 1.0625 bytes per weight as Q8_0.
 //!
+//! Q4_0's and Q5_0's offsets are not stored: they are `8 s` and `16 s`, which the kernels
+//! compute in f32 (exactly, as the canonical form does).
+//!
 //! Panels follow each other (rows padded with zeros to a multiple of 8), each holding its
-//! groups in order. A matrix is packed only if every canonical scale and offset is exactly an
-//! f16 (always for Q4_1 and Q8_0, whose scales are f16 in the file; Q4_0's offset `8 d` could
-//! overflow), so the kernels see the same f32 values as the panel path's fill, and compute
+//! groups in order. A matrix is packed only if every stored scale and offset is exactly an
+//! f16 (always, for these formats: they are f16s in the file), so the kernels see the same f32
+//! values as the panel path's fill, and compute
 //! every output with the same integer sums and the same float operations in the same order:
 //! the packed matmul is bit-identical to [`Kernels::gemm_panel`](crate::Kernels::gemm_panel)
 //! on the same weights, whatever the number of columns (which continuous batching relies on).
@@ -32,28 +40,81 @@ use crate::blocks::QK;
 use crate::format::Fmt;
 use crate::panel::{canon_row, dot_canon, PanelShape, PANEL_ROWS};
 
-/// Whether weights of `f` can be packed.
-pub(crate) fn supports(f: Fmt) -> bool {
-    matches!(f, Fmt::Q4_0 | Fmt::Q4_1 | Fmt::Q8_0)
+/// The packed layout of a format (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Layout {
+    /// Signed 8-bit levels, 8 vectors per group (Q8_0); otherwise 4-bit vectors.
+    pub q8: bool,
+    /// A vector of fifth bits follows the 4-bit vectors.
+    pub five: bool,
+    /// Offsets are stored after the scales; otherwise they are `sym * s` (0 for Q8_0).
+    pub offsets: bool,
+    /// The offset as a multiple of the scale when it is not stored.
+    pub sym: f32,
 }
 
-/// Bytes of one packed 32-element group of a panel.
-pub(crate) const fn group_bytes(q8: bool) -> usize {
-    if q8 {
-        8 * 32 + 2 * PANEL_ROWS
-    } else {
-        4 * 32 + 4 * PANEL_ROWS
+impl Layout {
+    /// The layout of `f`, if it can be packed.
+    pub(crate) const fn of(f: Fmt) -> Option<Layout> {
+        let (q8, five, offsets, sym) = match f {
+            Fmt::Q8_0 => (true, false, false, 0.0),
+            Fmt::Q4_0 => (false, false, false, 8.0),
+            Fmt::Q4_1 => (false, false, true, 0.0),
+            Fmt::Q5_0 => (false, true, false, 16.0),
+            Fmt::Q5_1 => (false, true, true, 0.0),
+            _ => return None,
+        };
+        Some(Layout {
+            q8,
+            five,
+            offsets,
+            sym,
+        })
+    }
+
+    /// Byte offset of the 8 scales in a group.
+    pub(crate) const fn scales_at(self) -> usize {
+        if self.q8 {
+            256
+        } else if self.five {
+            160
+        } else {
+            128
+        }
+    }
+
+    /// Byte offset of the 8 offsets in a group (when stored).
+    pub(crate) const fn offsets_at(self) -> usize {
+        self.scales_at() + 2 * PANEL_ROWS
+    }
+
+    /// Byte offset of the fifth-bit vector in a group (5-bit formats).
+    pub(crate) const FIVE_AT: usize = 128;
+
+    /// Bytes of one packed 32-element group of a panel.
+    pub(crate) const fn group_bytes(self) -> usize {
+        self.scales_at() + 2 * PANEL_ROWS * if self.offsets { 2 } else { 1 }
+    }
+
+    /// Bytes of one packed panel (8 rows of `k` elements).
+    pub(crate) const fn panel_bytes(self, k: usize) -> usize {
+        (k / QK) * self.group_bytes()
     }
 }
 
-/// Bytes of one packed panel (8 rows of `k` elements) of format `f`.
-pub(crate) fn panel_bytes(f: Fmt, k: usize) -> usize {
-    (k / QK) * group_bytes(f == Fmt::Q8_0)
+/// Whether weights of `f` can be packed.
+pub(crate) fn supports(f: Fmt) -> bool {
+    Layout::of(f).is_some()
+}
+
+/// The layout of a format the caller checked with [`supports`].
+fn layout(f: Fmt) -> Layout {
+    Layout::of(f).expect("packed format")
 }
 
 /// Bytes of a packed matrix of `n_rows` rows.
 pub(crate) fn packed_len(f: Fmt, k: usize, n_rows: usize) -> usize {
-    n_rows.div_ceil(PANEL_ROWS) * panel_bytes(f, k)
+    n_rows.div_ceil(PANEL_ROWS) * layout(f).panel_bytes(k)
 }
 
 /// `v` as f16 bits if that is exact, else `None`.
@@ -63,8 +124,8 @@ pub(crate) fn exact_f16(v: f32) -> Option<u16> {
 }
 
 /// Packs rows `0..n_rows` of `w` (rows `w_row` bytes apart, `k` elements each) into `out`
-/// (`packed_len` bytes). `false` if a scale or offset is not exactly an f16 (`out` is then
-/// partly written and must not be used).
+/// (`packed_len` bytes). `false` if a stored scale or offset is not exactly an f16 (`out` is
+/// then partly written and must not be used).
 pub(crate) fn pack_ref(
     f: Fmt,
     k: usize,
@@ -73,8 +134,8 @@ pub(crate) fn pack_ref(
     n_rows: usize,
     out: &mut [u8],
 ) -> bool {
-    let q8 = f == Fmt::Q8_0;
-    let (ng, gb, pb) = (k / QK, group_bytes(q8), panel_bytes(f, k));
+    let lay = layout(f);
+    let (ng, gb, pb) = (k / QK, lay.group_bytes(), lay.panel_bytes(k));
     out[..packed_len(f, k, n_rows)].fill(0);
     let (mut q, mut s, mut m) = (vec![0u8; k], vec![0f32; ng], vec![0f32; ng]);
     for r in 0..n_rows {
@@ -83,31 +144,33 @@ pub(crate) fn pack_ref(
         for g in 0..ng {
             let o = panel * pb + g * gb;
             let grp = &mut out[o..o + gb];
-            let e0 = g * QK;
-            if q8 {
+            let lv = &q[g * QK..(g + 1) * QK];
+            if lay.q8 {
                 for t in 0..8 {
-                    for i in 0..4 {
-                        grp[32 * t + 4 * lane + i] = q[e0 + 4 * t + i];
-                    }
+                    grp[32 * t + 4 * lane..32 * t + 4 * lane + 4]
+                        .copy_from_slice(&lv[4 * t..4 * t + 4]);
                 }
             } else {
                 for t in 0..4 {
                     for i in 0..4 {
-                        grp[32 * t + 4 * lane + i] =
-                            q[e0 + 4 * t + i] | (q[e0 + 16 + 4 * t + i] << 4);
+                        let (a, b) = (lv[4 * t + i], lv[16 + 4 * t + i]);
+                        grp[32 * t + 4 * lane + i] = (a & 0xf) | (b & 0xf) << 4;
+                        if lay.five {
+                            grp[Layout::FIVE_AT + 4 * lane + i] |=
+                                (a >> 4) << t | (b >> 4) << (4 + t);
+                        }
                     }
                 }
             }
-            let so = if q8 { 256 } else { 128 };
-            let Some(sh) = exact_f16(s[g]) else {
-                return false;
+            let mut put = |at: usize, v: f32| {
+                let h = exact_f16(v)?;
+                grp[at + 2 * lane..at + 2 * lane + 2].copy_from_slice(&h.to_le_bytes());
+                Some(())
             };
-            grp[so + 2 * lane..so + 2 * lane + 2].copy_from_slice(&sh.to_le_bytes());
-            if !q8 {
-                let Some(mh) = exact_f16(m[g]) else {
-                    return false;
-                };
-                grp[144 + 2 * lane..144 + 2 * lane + 2].copy_from_slice(&mh.to_le_bytes());
+            if put(lay.scales_at(), s[g]).is_none()
+                || (lay.offsets && put(lay.offsets_at(), m[g]).is_none())
+            {
+                return false;
             }
         }
     }
@@ -125,31 +188,39 @@ fn unpack_row(
     s: &mut [f32],
     m: &mut [f32],
 ) {
-    let q8 = f == Fmt::Q8_0;
-    let (gb, pb) = (group_bytes(q8), panel_bytes(f, k));
-    let h = |b: &[u8], at: usize| f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32();
+    let lay = layout(f);
+    let (gb, pb) = (lay.group_bytes(), lay.panel_bytes(k));
+    let h = |b: &[u8], at: usize| {
+        f16::from_bits(u16::from_le_bytes([b[at + 2 * lane], b[at + 2 * lane + 1]])).to_f32()
+    };
     for g in 0..k / QK {
         let grp = &packed[panel * pb + g * gb..panel * pb + (g + 1) * gb];
-        let e0 = g * QK;
-        if q8 {
+        let lv = &mut q[g * QK..(g + 1) * QK];
+        if lay.q8 {
             for t in 0..8 {
-                for i in 0..4 {
-                    q[e0 + 4 * t + i] = grp[32 * t + 4 * lane + i];
-                }
+                lv[4 * t..4 * t + 4]
+                    .copy_from_slice(&grp[32 * t + 4 * lane..32 * t + 4 * lane + 4]);
             }
-            s[g] = h(grp, 256 + 2 * lane);
-            m[g] = 0.0;
         } else {
             for t in 0..4 {
                 for i in 0..4 {
                     let b = grp[32 * t + 4 * lane + i];
-                    q[e0 + 4 * t + i] = b & 0xf;
-                    q[e0 + 16 + 4 * t + i] = b >> 4;
+                    let hb = if lay.five {
+                        grp[Layout::FIVE_AT + 4 * lane + i]
+                    } else {
+                        0
+                    };
+                    lv[4 * t + i] = (b & 0xf) | ((hb >> t) & 1) << 4;
+                    lv[16 + 4 * t + i] = (b >> 4) | ((hb >> (4 + t)) & 1) << 4;
                 }
             }
-            s[g] = h(grp, 128 + 2 * lane);
-            m[g] = h(grp, 144 + 2 * lane);
         }
+        s[g] = h(grp, lay.scales_at());
+        m[g] = if lay.offsets {
+            h(grp, lay.offsets_at())
+        } else {
+            lay.sym * s[g]
+        };
     }
 }
 
@@ -166,6 +237,7 @@ pub(crate) fn gemm_ref(
 ) {
     let shape = PanelShape::of(f).expect("packed format");
     let ng = k / QK;
+    debug_assert!(shape.blk == QK);
     let a_row = crate::panel::act_row_bytes(k);
     let (mut q, mut s, mut m) = (vec![0u8; k], vec![0f32; ng], vec![0f32; ng]);
     for r in 0..n_rows {

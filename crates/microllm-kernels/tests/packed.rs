@@ -8,7 +8,25 @@ mod common;
 use common::{all_paths, avx2, row_size, scalar, vnni, Rng};
 use microllm_kernels::{panel, GgmlType, Kernels};
 
-const PACKED_TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+const PACKED_TYPES: [GgmlType; 5] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+];
+
+/// Bytes of a packed 32-element group of 8 rows (see `microllm_kernels::packed`).
+fn group_bytes(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::Q4_0 => 144,
+        GgmlType::Q4_1 => 160,
+        GgmlType::Q5_0 => 176,
+        GgmlType::Q5_1 => 192,
+        GgmlType::Q8_0 => 272,
+        _ => unreachable!(),
+    }
+}
 
 struct Case {
     k: usize,
@@ -77,10 +95,7 @@ fn packing_gives_the_same_bytes_on_every_path() {
         for (k, n_rows) in [(32, 1), (96, 8), (576, 13), (544, 24)] {
             let c = case(ty, k, n_rows, 1, (k + n_rows) as u64);
             let want = pack(&scalar(), ty, &c);
-            assert_eq!(
-                want.len(),
-                n_rows.div_ceil(8) * (k / 32) * if ty == GgmlType::Q8_0 { 272 } else { 160 }
-            );
+            assert_eq!(want.len(), n_rows.div_ceil(8) * (k / 32) * group_bytes(ty));
             for kern in all_paths() {
                 assert_eq!(
                     pack(&kern, ty, &c),
@@ -194,22 +209,45 @@ fn rows_split_at_panels_and_columns_alone_give_the_same_bits() {
 }
 
 #[test]
-fn scales_that_are_not_exact_halves_are_refused() {
-    // Q4_0's offset is 8 * d: with d = 10000 (an f16) it is 80000, beyond f16's range, so
-    // the matrix cannot be packed; every path says so.
+fn offsets_beyond_f16_range_are_computed_not_stored() {
+    // Q4_0's offset is 8 * d and Q5_0's 16 * d: with d = 10000 (an f16) they are 80000 and
+    // 160000, beyond f16's range. They are not stored but computed in f32, so such matrices
+    // pack and still give the panel matmul's bits.
     let k = 64;
-    let mut w = vec![0u8; 2 * 18];
-    for b in 0..2 {
-        w[b * 18..b * 18 + 2]
-            .copy_from_slice(&half::f16::from_f32(10000.0).to_bits().to_le_bytes());
-    }
-    for kern in all_paths() {
-        let mut out = vec![0u8; kern.packed_len(GgmlType::Q4_0, k, 1).unwrap()];
-        assert!(
-            !kern.pack(GgmlType::Q4_0, k, &w, 1, &mut out),
-            "{:?}",
-            kern.path()
-        );
+    for (ty, block) in [(GgmlType::Q4_0, 18), (GgmlType::Q5_0, 22)] {
+        let mut rng = Rng::new(9);
+        let mut w = rng.bytes(2 * block);
+        for b in 0..2 {
+            w[b * block..b * block + 2]
+                .copy_from_slice(&half::f16::from_f32(10000.0).to_bits().to_le_bytes());
+        }
+        let ab = panel::act_row_bytes(k);
+        let mut act = vec![0u8; ab];
+        let x = rng.vec(k, 1.0);
+        scalar().quantize_panel_act(&x, &mut act).unwrap();
+        let c = Case {
+            k,
+            n_rows: 1,
+            n_cols: 1,
+            w,
+            act,
+        };
+        for kern in all_paths() {
+            let packed = pack(&kern, ty, &c);
+            let got = run_packed(&kern, ty, &c, &packed);
+            let panel_kern = if kern.path() == microllm_kernels::KernelPath::Scalar {
+                kern
+            } else {
+                avx2().expect("a SIMD path implies AVX2")
+            };
+            assert!(got[0].is_finite() && got[0].abs() > 1e3, "{got:?}");
+            assert_eq!(
+                bits(&got),
+                bits(&run_panel(&panel_kern, ty, &c)),
+                "{}",
+                ty.name()
+            );
+        }
     }
     assert!(!scalar().pack_supports(GgmlType::Q4_K));
     assert_eq!(scalar().packed_len(GgmlType::Q4_K, 256, 8), None);

@@ -4,9 +4,11 @@
 //! Inner step, as in the panel tile (`avx2_panel.rs`): one 32-byte vector holds 4 levels of
 //! each of the 8 rows; 4 activation bytes broadcast to every 32-bit lane; a u8 x i8 multiply
 //! with 4-way sums leaves in lane `r` row `r`'s dot over those 4 elements. The 4-bit levels
-//! come out of one packed vector as two (`& 0x0f`, `>> 4 & 0x0f`). AVX2 does the multiply as
-//! `vpmaddubsw` (sums kept in 16 bits for a whole group: 8 * 2 * 15 * 127 < 32768) and
-//! `vpmaddwd`; VNNI as one `vpdpbusd` into 32 bits. Both are exact, so both give the group
+//! come out of one packed vector as two (`& 0x0f`, `>> 4 & 0x0f`), and for the 5-bit formats
+//! each gets its fifth bit from the group's fifth-bit vector (shifted to bit 4, masked, or-ed
+//! in). AVX2 does the multiply as `vpmaddubsw` and `vpmaddwd`, with the 16-bit partial sums
+//! widened once per group for 4-bit levels (8 * 2 * 15 * 127 < 32768) and once per two steps
+//! for 5-bit ones (4 * 2 * 31 * 127 < 32768); VNNI as one `vpdpbusd` into 32 bits. Both are exact, so both give the group
 //! sums the panel kernel gets, and the float epilogue is the panel kernel's, operation for
 //! operation: bit-identical results.
 //!
@@ -22,7 +24,7 @@
 use core::arch::x86_64::*;
 
 use crate::format::Fmt;
-use crate::packed::{group_bytes, packed_len, panel_bytes};
+use crate::packed::{packed_len, Layout};
 use crate::panel::{act_offsets, act_row_bytes, Panel, PanelShape, PANEL_ROWS};
 
 /// Whether the running CPU has AVX-512 VNNI with 256-bit forms (and AVX2, FMA, F16C).
@@ -48,8 +50,8 @@ pub(crate) unsafe fn pack(
     out: &mut [u8],
 ) -> bool {
     let shape = PanelShape::of(f).expect("packed format");
-    let q8 = f == Fmt::Q8_0;
-    let (ng, gb, pb) = (k / 32, group_bytes(q8), panel_bytes(f, k));
+    let lay = Layout::of(f).expect("packed format");
+    let (ng, gb, pb) = (k / 32, lay.group_bytes(), lay.panel_bytes(k));
     assert!(
         out.len() >= packed_len(f, k, n_rows),
         "pack: output too short"
@@ -71,17 +73,33 @@ pub(crate) unsafe fn pack(
             let gp = grp.as_mut_ptr();
             // SAFETY: g < ng, so the 8 level vectors of group g, (8g .. 8g + 8) * 32 bytes,
             // are inside p.q (k * 8 bytes, asserted) and its 8 scales/offsets inside p.s/p.m;
-            // the stores stay inside this group's gb bytes (256 + 16 for Q8_0, 128 + 32).
+            // the stores stay inside this group's gb bytes (the layout's vectors, then its
+            // 16-byte scales and offsets).
             unsafe {
                 let lv = |j: usize| _mm256_loadu_si256(qp.add((8 * g + j) * 32).cast());
-                if q8 {
+                if lay.q8 {
                     for j in 0..8 {
                         _mm256_storeu_si256(gp.add(32 * j).cast(), lv(j));
                     }
                 } else {
+                    let (low, bit4) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x10));
+                    let mut fifth = _mm256_setzero_si256();
                     for t in 0..4 {
-                        let v = _mm256_or_si256(lv(t), _mm256_slli_epi16::<4>(lv(t + 4)));
+                        let (a, b) = (lv(t), lv(t + 4));
+                        let v = _mm256_or_si256(
+                            _mm256_and_si256(a, low),
+                            _mm256_slli_epi16::<4>(_mm256_and_si256(b, low)),
+                        );
                         _mm256_storeu_si256(gp.add(32 * t).cast(), v);
+                        // Bit 4 of a level to bit t (low half) or 4 + t (high half) of its
+                        // byte: 16-bit shifts of a masked bit stay inside the byte.
+                        let (cr, cl) = (count(4 - t), count(t));
+                        let ha = _mm256_srl_epi16(_mm256_and_si256(a, bit4), cr);
+                        let hb = _mm256_sll_epi16(_mm256_and_si256(b, bit4), cl);
+                        fifth = _mm256_or_si256(fifth, _mm256_or_si256(ha, hb));
+                    }
+                    if lay.five {
+                        _mm256_storeu_si256(gp.add(Layout::FIVE_AT).cast(), fifth);
                     }
                 }
                 let halves = |src: *const f32| -> Option<__m128i> {
@@ -90,21 +108,49 @@ pub(crate) unsafe fn pack(
                     let back = _mm256_cvtph_ps(h);
                     (_mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(back, v)) == 0xff).then_some(h)
                 };
-                let so = if q8 { 256 } else { 128 };
                 let Some(sh) = halves(sp.add(g * PANEL_ROWS)) else {
                     return false;
                 };
-                _mm_storeu_si128(gp.add(so).cast(), sh);
-                if !q8 {
+                _mm_storeu_si128(gp.add(lay.scales_at()).cast(), sh);
+                if lay.offsets {
                     let Some(mh) = halves(mp.add(g * PANEL_ROWS)) else {
                         return false;
                     };
-                    _mm_storeu_si128(gp.add(144).cast(), mh);
+                    _mm_storeu_si128(gp.add(lay.offsets_at()).cast(), mh);
                 }
             }
         }
     }
     true
+}
+
+/// A shift count for `_mm256_sll_epi16` / `_mm256_srl_epi16`.
+#[inline(always)]
+fn count(n: usize) -> __m128i {
+    // SAFETY: SSE2, part of x86_64.
+    unsafe { _mm_cvtsi32_si128(n as i32) }
+}
+
+// Layout tags for the kernels' const generic (a `Layout` cannot be one).
+const L_Q8_0: u8 = 0;
+const L_Q4_0: u8 = 1;
+const L_Q4_1: u8 = 2;
+const L_Q5_0: u8 = 3;
+const L_Q5_1: u8 = 4;
+
+/// The layout of tag `l`.
+const fn lay(l: u8) -> Layout {
+    let f = match l {
+        L_Q8_0 => Fmt::Q8_0,
+        L_Q4_0 => Fmt::Q4_0,
+        L_Q4_1 => Fmt::Q4_1,
+        L_Q5_0 => Fmt::Q5_0,
+        _ => Fmt::Q5_1,
+    };
+    match Layout::of(f) {
+        Some(x) => x,
+        None => panic!("every tag has a layout"),
+    }
 }
 
 /// Outputs of `R` consecutive panels (at `p`, `pb` bytes apart) for `C` activation columns
@@ -115,7 +161,7 @@ pub(crate) unsafe fn pack(
 /// `R` panels of `k` elements are readable at `p`, and `C` activation rows of `k` elements at
 /// `a` (`act_row_bytes(k)` each).
 #[inline(always)]
-unsafe fn tile<const Q8: bool, const R: usize, const C: usize, const VNNI: bool>(
+unsafe fn tile<const L: u8, const R: usize, const C: usize, const VNNI: bool>(
     k: usize,
     p: *const u8,
     pb: usize,
@@ -123,7 +169,8 @@ unsafe fn tile<const Q8: bool, const R: usize, const C: usize, const VNNI: bool>
     a_row: usize,
 ) -> [[__m256; C]; R] {
     let ng = k / 32;
-    let gb = group_bytes(Q8);
+    let lay = const { lay(L) };
+    let gb = lay.group_bytes();
     let (od, o32, _) = act_offsets(k);
     // SAFETY: the intrinsics need AVX2/FMA/F16C (and VNNI in the VNNI instances), which the
     // entry point this is inlined into guarantees. Every load is of panel r < R, group g < ng,
@@ -131,6 +178,7 @@ unsafe fn tile<const Q8: bool, const R: usize, const C: usize, const VNNI: bool>
     // column c < C: inside the ranges the caller guarantees. Prefetches never fault.
     unsafe {
         let (ones, low) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0f));
+        let bit4 = _mm256_set1_epi8(0x10);
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         let bcast = |c: usize, e: usize| {
             _mm256_set1_epi32(a.add(c * a_row + e).cast::<i32>().read_unaligned())
@@ -148,7 +196,7 @@ unsafe fn tile<const Q8: bool, const R: usize, const C: usize, const VNNI: bool>
                 l += 64;
             }
             let mut isum = [[_mm256_setzero_si256(); C]; R];
-            if Q8 {
+            if lay.q8 {
                 for t in 0..8 {
                     let av: [__m256i; C] = core::array::from_fn(|c| bcast(c, e0 + 4 * t));
                     for r in 0..R {
@@ -167,13 +215,28 @@ unsafe fn tile<const Q8: bool, const R: usize, const C: usize, const VNNI: bool>
                 }
             } else {
                 let mut s16 = [[_mm256_setzero_si256(); C]; R];
+                let fifth: [__m256i; R] = core::array::from_fn(|r| {
+                    if lay.five {
+                        _mm256_loadu_si256(p.add(r * pb + g * gb + Layout::FIVE_AT).cast())
+                    } else {
+                        _mm256_setzero_si256()
+                    }
+                });
                 for t in 0..4 {
                     let alo: [__m256i; C] = core::array::from_fn(|c| bcast(c, e0 + 4 * t));
                     let ahi: [__m256i; C] = core::array::from_fn(|c| bcast(c, e0 + 16 + 4 * t));
                     for r in 0..R {
                         let v = _mm256_loadu_si256(p.add(r * pb + g * gb + 32 * t).cast());
-                        let lo = _mm256_and_si256(v, low);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                        let mut lo = _mm256_and_si256(v, low);
+                        let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                        if lay.five {
+                            // Bits t and 4 + t of each byte to bit 4 (see `pack`).
+                            let h = fifth[r];
+                            let hl = _mm256_sll_epi16(h, count(4 - t));
+                            let hh = _mm256_srl_epi16(h, count(t));
+                            lo = _mm256_or_si256(lo, _mm256_and_si256(hl, bit4));
+                            hi = _mm256_or_si256(hi, _mm256_and_si256(hh, bit4));
+                        }
                         for c in 0..C {
                             if VNNI {
                                 isum[r][c] = _mm256_dpbusd_epi32(isum[r][c], lo, alo[c]);
@@ -187,11 +250,14 @@ unsafe fn tile<const Q8: bool, const R: usize, const C: usize, const VNNI: bool>
                             }
                         }
                     }
-                }
-                if !VNNI {
-                    for r in 0..R {
-                        for c in 0..C {
-                            isum[r][c] = _mm256_madd_epi16(s16[r][c], ones);
+                    // Widen the 16-bit sums before they could overflow (module docs).
+                    if !VNNI && (t == 3 || (lay.five && t == 1)) {
+                        for r in 0..R {
+                            for c in 0..C {
+                                let w = _mm256_madd_epi16(s16[r][c], ones);
+                                isum[r][c] = _mm256_add_epi32(isum[r][c], w);
+                                s16[r][c] = _mm256_setzero_si256();
+                            }
                         }
                     }
                 }
@@ -199,12 +265,12 @@ unsafe fn tile<const Q8: bool, const R: usize, const C: usize, const VNNI: bool>
             // The panel kernel's epilogue: acc = fma(f32(isum), s * d_a, acc) - m * s_a.
             for r in 0..R {
                 let gp = p.add(r * pb + g * gb);
-                let sw =
-                    _mm256_cvtph_ps(_mm_loadu_si128(gp.add(if Q8 { 256 } else { 128 }).cast()));
-                let mw = if Q8 {
-                    _mm256_setzero_ps()
+                let sw = _mm256_cvtph_ps(_mm_loadu_si128(gp.add(lay.scales_at()).cast()));
+                let mw = if lay.offsets {
+                    _mm256_cvtph_ps(_mm_loadu_si128(gp.add(lay.offsets_at()).cast()))
                 } else {
-                    _mm256_cvtph_ps(_mm_loadu_si128(gp.add(144).cast()))
+                    // sym * s, exact in f32 (a power of two; 0 for Q8_0).
+                    _mm256_mul_ps(sw, _mm256_set1_ps(lay.sym))
                 };
                 for c in 0..C {
                     let ac = a.add(c * a_row);
@@ -234,7 +300,7 @@ const COLS: usize = 4;
 /// # Safety
 /// As [`tile`]: inlined only into the entry points; sizes checked by [`gemm`].
 #[inline(always)]
-unsafe fn drive<const Q8: bool, const VNNI: bool>(
+unsafe fn drive<const L: u8, const VNNI: bool>(
     k: usize,
     packed: &[u8],
     n_rows: usize,
@@ -242,10 +308,7 @@ unsafe fn drive<const Q8: bool, const VNNI: bool>(
     n_cols: usize,
     sink: &mut dyn FnMut(usize, usize, &[f32]),
 ) {
-    let (pb, a_row) = (
-        panel_bytes(if Q8 { Fmt::Q8_0 } else { Fmt::Q4_1 }, k),
-        act_row_bytes(k),
-    );
+    let (pb, a_row) = (const { lay(L) }.panel_bytes(k), act_row_bytes(k));
     let np = n_rows.div_ceil(PANEL_ROWS);
     assert!(packed.len() >= np * pb && act.len() >= n_cols * a_row);
     let (pp, ap) = (packed.as_ptr(), act.as_ptr());
@@ -271,23 +334,23 @@ unsafe fn drive<const Q8: bool, const VNNI: bool>(
                     let (p, a) = (pp.add(pi * pb), ap.add(c0 * a_row));
                     if c0 + COLS <= n_cols {
                         if two {
-                            let t = tile::<Q8, 2, COLS, VNNI>(k, p, pb, a, a_row);
+                            let t = tile::<L, 2, COLS, VNNI>(k, p, pb, a, a_row);
                             for (r, row) in t.into_iter().enumerate() {
                                 for (c, v) in row.into_iter().enumerate() {
                                     put(c0 + c, pi + r, v);
                                 }
                             }
                         } else {
-                            let t = tile::<Q8, 1, COLS, VNNI>(k, p, pb, a, a_row);
+                            let t = tile::<L, 1, COLS, VNNI>(k, p, pb, a, a_row);
                             for (c, v) in t[0].into_iter().enumerate() {
                                 put(c0 + c, pi, v);
                             }
                         }
                         c0 += COLS;
                     } else {
-                        put(c0, pi, tile::<Q8, 1, 1, VNNI>(k, p, pb, a, a_row)[0][0]);
+                        put(c0, pi, tile::<L, 1, 1, VNNI>(k, p, pb, a, a_row)[0][0]);
                         if two {
-                            let t = tile::<Q8, 1, 1, VNNI>(k, p.add(pb), pb, a, a_row);
+                            let t = tile::<L, 1, 1, VNNI>(k, p.add(pb), pb, a, a_row);
                             put(c0, pi + 1, t[0][0]);
                         }
                         c0 += 1;
@@ -306,13 +369,13 @@ unsafe fn drive<const Q8: bool, const VNNI: bool>(
             unsafe {
                 let (p, a) = (pp.add(pi * pb), ap.add(c * a_row));
                 if pi + DECODE_PANELS <= np {
-                    let t = tile::<Q8, DECODE_PANELS, 1, VNNI>(k, p, pb, a, a_row);
+                    let t = tile::<L, DECODE_PANELS, 1, VNNI>(k, p, pb, a, a_row);
                     for (r, v) in t.into_iter().enumerate() {
                         put(c, pi + r, v[0]);
                     }
                     pi += DECODE_PANELS;
                 } else {
-                    put(c, pi, tile::<Q8, 1, 1, VNNI>(k, p, pb, a, a_row)[0][0]);
+                    put(c, pi, tile::<L, 1, 1, VNNI>(k, p, pb, a, a_row)[0][0]);
                     pi += 1;
                 }
             }
@@ -325,7 +388,7 @@ unsafe fn drive<const Q8: bool, const VNNI: bool>(
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; sizes checked by [`gemm`].
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemm_avx2<const Q8: bool>(
+unsafe fn gemm_avx2<const L: u8>(
     k: usize,
     packed: &[u8],
     n_rows: usize,
@@ -334,7 +397,7 @@ unsafe fn gemm_avx2<const Q8: bool>(
     sink: &mut dyn FnMut(usize, usize, &[f32]),
 ) {
     // SAFETY: this function's features are the ones `drive::<_, false>` needs.
-    unsafe { drive::<Q8, false>(k, packed, n_rows, act, n_cols, sink) }
+    unsafe { drive::<L, false>(k, packed, n_rows, act, n_cols, sink) }
 }
 
 /// [`drive`] with AVX-512 VNNI (256-bit forms).
@@ -342,7 +405,7 @@ unsafe fn gemm_avx2<const Q8: bool>(
 /// # Safety
 /// The CPU must support AVX2, FMA, F16C, AVX512F, AVX512VL and AVX512-VNNI.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn gemm_vnni<const Q8: bool>(
+unsafe fn gemm_vnni<const L: u8>(
     k: usize,
     packed: &[u8],
     n_rows: usize,
@@ -351,7 +414,7 @@ unsafe fn gemm_vnni<const Q8: bool>(
     sink: &mut dyn FnMut(usize, usize, &[f32]),
 ) {
     // SAFETY: this function's features are the ones `drive::<_, true>` needs.
-    unsafe { drive::<Q8, true>(k, packed, n_rows, act, n_cols, sink) }
+    unsafe { drive::<L, true>(k, packed, n_rows, act, n_cols, sink) }
 }
 
 /// See `Kernels::gemm_packed_into` (shapes checked there): `vnni` picks the VNNI inner step.
@@ -368,13 +431,24 @@ pub(crate) unsafe fn gemm(
     sink: &mut dyn FnMut(usize, usize, &[f32]),
     vnni: bool,
 ) {
-    // SAFETY: the caller guarantees the features of the variant chosen.
-    unsafe {
-        match (f == Fmt::Q8_0, vnni) {
-            (true, true) => gemm_vnni::<true>(k, packed, n_rows, act, n_cols, sink),
-            (false, true) => gemm_vnni::<false>(k, packed, n_rows, act, n_cols, sink),
-            (true, false) => gemm_avx2::<true>(k, packed, n_rows, act, n_cols, sink),
-            (false, false) => gemm_avx2::<false>(k, packed, n_rows, act, n_cols, sink),
-        }
+    macro_rules! go {
+        ($l:expr) => {
+            // SAFETY: the caller guarantees the features of the variant chosen.
+            unsafe {
+                if vnni {
+                    gemm_vnni::<{ $l }>(k, packed, n_rows, act, n_cols, sink)
+                } else {
+                    gemm_avx2::<{ $l }>(k, packed, n_rows, act, n_cols, sink)
+                }
+            }
+        };
+    }
+    match f {
+        Fmt::Q8_0 => go!(L_Q8_0),
+        Fmt::Q4_0 => go!(L_Q4_0),
+        Fmt::Q4_1 => go!(L_Q4_1),
+        Fmt::Q5_0 => go!(L_Q5_0),
+        Fmt::Q5_1 => go!(L_Q5_1),
+        _ => unreachable!("checked by Kernels::gemm_packed_into: {f:?} is not packed"),
     }
 }
