@@ -550,7 +550,7 @@ impl Kernels {
     /// the format has no packed layout or `k` is not a multiple of 32.
     pub fn packed_len(&self, w_ty: GgmlType, k: usize, n_rows: usize) -> Option<usize> {
         let f = Fmt::of(w_ty).filter(|f| packed::supports(*f))?;
-        k.is_multiple_of(blocks::QK)
+        k.is_multiple_of(packed::block(f))
             .then(|| packed::packed_len(f, k, n_rows))
     }
 

@@ -20,6 +20,13 @@
 //! - Q8_0: 8 vectors of 32 bytes, vector `t` byte `4 * r + i` = `q[r][4t + i]` (signed), then
 //!   the 8 scales (8 x f16): 272 bytes, 1.0625 bytes per weight as Q8_0.
 //!
+//! - K-quants (Q4_K, Q5_K): per 256-element super-block a 160-byte header — the 8 rows' `d`
+//!   and `dmin` (8 x f16 each), then for each of the 8 groups the rows' 6-bit scales `sc`
+//!   (8 x u8) and minimums `mn` (8 x u8) — then the 8 groups' level vectors as above (4-bit,
+//!   plus fifth bits for Q5_K): 1184 bytes for 2048 weights as Q4_K (0.578 bytes per weight;
+//!   the file's 0.5625), 1440 as Q5_K (0.703; 0.6875). The kernels form the canonical scale
+//!   `d * sc` and offset `dmin * mn` in f32, where they are exact.
+//!
 //! Q4_0's and Q5_0's offsets are not stored: they are `8 s` and `16 s`, which the kernels
 //! compute in f32 (exactly, as the canonical form does).
 //!
@@ -36,7 +43,7 @@
 
 use half::f16;
 
-use crate::blocks::QK;
+use crate::blocks::{cast_blocks, scale_min_k4, BlockQ4_K, BlockQ5_K, QK, QK_K};
 use crate::format::Fmt;
 use crate::panel::{canon_row, dot_canon, PanelShape, PANEL_ROWS};
 
@@ -51,17 +58,26 @@ pub(crate) struct Layout {
     pub offsets: bool,
     /// The offset as a multiple of the scale when it is not stored.
     pub sym: f32,
+    /// K-quant super-blocks: a header with the rows' `d`, `dmin` and 6-bit group scales and
+    /// minimums, then 8 groups of levels only.
+    pub kq: bool,
 }
+
+/// Bytes of a K-quant super-block header: `d` and `dmin` of the 8 rows (8 x f16 each), then
+/// per group the 8 rows' scales (8 x u8) and minimums (8 x u8).
+pub(crate) const KQ_HEAD: usize = 32 + 2 * 8 * PANEL_ROWS;
 
 impl Layout {
     /// The layout of `f`, if it can be packed.
     pub(crate) const fn of(f: Fmt) -> Option<Layout> {
-        let (q8, five, offsets, sym) = match f {
-            Fmt::Q8_0 => (true, false, false, 0.0),
-            Fmt::Q4_0 => (false, false, false, 8.0),
-            Fmt::Q4_1 => (false, false, true, 0.0),
-            Fmt::Q5_0 => (false, true, false, 16.0),
-            Fmt::Q5_1 => (false, true, true, 0.0),
+        let (q8, five, offsets, sym, kq) = match f {
+            Fmt::Q8_0 => (true, false, false, 0.0, false),
+            Fmt::Q4_0 => (false, false, false, 8.0, false),
+            Fmt::Q4_1 => (false, false, true, 0.0, false),
+            Fmt::Q5_0 => (false, true, false, 16.0, false),
+            Fmt::Q5_1 => (false, true, true, 0.0, false),
+            Fmt::Q4_K => (false, false, false, 0.0, true),
+            Fmt::Q5_K => (false, true, false, 0.0, true),
             _ => return None,
         };
         Some(Layout {
@@ -69,11 +85,21 @@ impl Layout {
             five,
             offsets,
             sym,
+            kq,
         })
     }
 
-    /// Byte offset of the 8 scales in a group.
-    pub(crate) const fn scales_at(self) -> usize {
+    /// Elements per block of the format: a packed row holds a multiple of it.
+    pub(crate) const fn block(self) -> usize {
+        if self.kq {
+            QK_K
+        } else {
+            QK
+        }
+    }
+
+    /// Bytes of the level vectors of a group.
+    const fn levels_bytes(self) -> usize {
         if self.q8 {
             256
         } else if self.five {
@@ -81,6 +107,11 @@ impl Layout {
         } else {
             128
         }
+    }
+
+    /// Byte offset of the 8 scales in a group (not K-quants).
+    pub(crate) const fn scales_at(self) -> usize {
+        self.levels_bytes()
     }
 
     /// Byte offset of the 8 offsets in a group (when stored).
@@ -93,12 +124,77 @@ impl Layout {
 
     /// Bytes of one packed 32-element group of a panel.
     pub(crate) const fn group_bytes(self) -> usize {
-        self.scales_at() + 2 * PANEL_ROWS * if self.offsets { 2 } else { 1 }
+        if self.kq {
+            self.levels_bytes()
+        } else {
+            self.levels_bytes() + 2 * PANEL_ROWS * if self.offsets { 2 } else { 1 }
+        }
+    }
+
+    /// Bytes of one block of a panel: a group, or a K-quant header and its 8 groups.
+    const fn block_bytes(self) -> usize {
+        if self.kq {
+            KQ_HEAD + 8 * self.group_bytes()
+        } else {
+            self.group_bytes()
+        }
     }
 
     /// Bytes of one packed panel (8 rows of `k` elements).
     pub(crate) const fn panel_bytes(self, k: usize) -> usize {
-        (k / QK) * self.group_bytes()
+        (k / self.block()) * self.block_bytes()
+    }
+
+    /// Byte offset of group `g` in a panel.
+    #[inline(always)]
+    pub(crate) const fn group_at(self, g: usize) -> usize {
+        if self.kq {
+            (g / 8) * self.block_bytes() + KQ_HEAD + (g % 8) * self.group_bytes()
+        } else {
+            g * self.group_bytes()
+        }
+    }
+
+    /// Byte offset of the K-quant header of group `g`'s super-block in a panel.
+    #[inline(always)]
+    pub(crate) const fn head_at(self, g: usize) -> usize {
+        (g / 8) * self.block_bytes()
+    }
+}
+
+/// Writes the K-quant headers of one panel (`rows` rows of `w`, `w_row` bytes apart, `k`
+/// elements each) into `panel` (see [`KQ_HEAD`]); missing rows' entries are zero.
+pub(crate) fn put_kq_heads(
+    f: Fmt,
+    k: usize,
+    w: &[u8],
+    w_row: usize,
+    rows: usize,
+    panel: &mut [u8],
+) {
+    let lay = layout(f);
+    for sb in 0..k / QK_K {
+        panel[lay.head_at(8 * sb)..lay.head_at(8 * sb) + KQ_HEAD].fill(0);
+    }
+    for r in 0..rows {
+        let row = &w[r * w_row..(r + 1) * w_row];
+        for sb in 0..k / QK_K {
+            let (d, dmin, scales) = if f == Fmt::Q4_K {
+                let b = &cast_blocks::<BlockQ4_K>(row).expect("whole blocks")[sb];
+                (b.d, b.dmin, b.scales)
+            } else {
+                let b = &cast_blocks::<BlockQ5_K>(row).expect("whole blocks")[sb];
+                (b.d, b.dmin, b.scales)
+            };
+            let h = &mut panel[lay.head_at(8 * sb)..lay.head_at(8 * sb) + KQ_HEAD];
+            h[2 * r..2 * r + 2].copy_from_slice(&d.0);
+            h[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&dmin.0);
+            for j in 0..8 {
+                let (sc, mn) = scale_min_k4(j, &scales);
+                h[32 + 8 * j + r] = sc;
+                h[96 + 8 * j + r] = mn;
+            }
+        }
     }
 }
 
@@ -110,6 +206,11 @@ pub(crate) fn supports(f: Fmt) -> bool {
 /// The layout of a format the caller checked with [`supports`].
 fn layout(f: Fmt) -> Layout {
     Layout::of(f).expect("packed format")
+}
+
+/// Elements a packed row's length must be a multiple of.
+pub(crate) fn block(f: Fmt) -> usize {
+    layout(f).block()
 }
 
 /// Bytes of a packed matrix of `n_rows` rows.
@@ -137,12 +238,22 @@ pub(crate) fn pack_ref(
     let lay = layout(f);
     let (ng, gb, pb) = (k / QK, lay.group_bytes(), lay.panel_bytes(k));
     out[..packed_len(f, k, n_rows)].fill(0);
+    if lay.kq {
+        for (pi, panel) in out[..packed_len(f, k, n_rows)]
+            .chunks_exact_mut(pb)
+            .enumerate()
+        {
+            let r0 = pi * PANEL_ROWS;
+            let rows = PANEL_ROWS.min(n_rows - r0);
+            put_kq_heads(f, k, &w[r0 * w_row..], w_row, rows, panel);
+        }
+    }
     let (mut q, mut s, mut m) = (vec![0u8; k], vec![0f32; ng], vec![0f32; ng]);
     for r in 0..n_rows {
         canon_row(f, &w[r * w_row..(r + 1) * w_row], &mut q, &mut s, &mut m);
         let (panel, lane) = (r / PANEL_ROWS, r % PANEL_ROWS);
         for g in 0..ng {
-            let o = panel * pb + g * gb;
+            let o = panel * pb + lay.group_at(g);
             let grp = &mut out[o..o + gb];
             let lv = &q[g * QK..(g + 1) * QK];
             if lay.q8 {
@@ -161,6 +272,9 @@ pub(crate) fn pack_ref(
                         }
                     }
                 }
+            }
+            if lay.kq {
+                continue;
             }
             let mut put = |at: usize, v: f32| {
                 let h = exact_f16(v)?;
@@ -194,7 +308,8 @@ fn unpack_row(
         f16::from_bits(u16::from_le_bytes([b[at + 2 * lane], b[at + 2 * lane + 1]])).to_f32()
     };
     for g in 0..k / QK {
-        let grp = &packed[panel * pb + g * gb..panel * pb + (g + 1) * gb];
+        let o = panel * pb + lay.group_at(g);
+        let grp = &packed[o..o + gb];
         let lv = &mut q[g * QK..(g + 1) * QK];
         if lay.q8 {
             for t in 0..8 {
@@ -214,6 +329,13 @@ fn unpack_row(
                     lv[16 + 4 * t + i] = (b >> 4) | ((hb >> (4 + t)) & 1) << 4;
                 }
             }
+        }
+        if lay.kq {
+            // The canonical d * sc and dmin * mn (exact in f32: an f16 times 6 bits).
+            let hd = &packed[panel * pb + lay.head_at(g)..];
+            s[g] = h(hd, 0) * hd[32 + 8 * (g % 8) + lane] as f32;
+            m[g] = h(hd, 16) * hd[96 + 8 * (g % 8) + lane] as f32;
+            continue;
         }
         s[g] = h(grp, lay.scales_at());
         m[g] = if lay.offsets {

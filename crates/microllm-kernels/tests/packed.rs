@@ -8,24 +8,34 @@ mod common;
 use common::{all_paths, avx2, row_size, scalar, vnni, Rng};
 use microllm_kernels::{panel, GgmlType, Kernels};
 
-const PACKED_TYPES: [GgmlType; 5] = [
+const PACKED_TYPES: [GgmlType; 7] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_0,
     GgmlType::Q5_1,
     GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
 ];
 
-/// Bytes of a packed 32-element group of 8 rows (see `microllm_kernels::packed`).
-fn group_bytes(ty: GgmlType) -> usize {
+/// Elements per block of a format and the packed bytes of one block of 8 rows (see
+/// `microllm_kernels::packed`).
+fn block(ty: GgmlType) -> (usize, usize) {
     match ty {
-        GgmlType::Q4_0 => 144,
-        GgmlType::Q4_1 => 160,
-        GgmlType::Q5_0 => 176,
-        GgmlType::Q5_1 => 192,
-        GgmlType::Q8_0 => 272,
+        GgmlType::Q4_0 => (32, 144),
+        GgmlType::Q4_1 => (32, 160),
+        GgmlType::Q5_0 => (32, 176),
+        GgmlType::Q5_1 => (32, 192),
+        GgmlType::Q8_0 => (32, 272),
+        GgmlType::Q4_K => (256, 1184),
+        GgmlType::Q5_K => (256, 1440),
         _ => unreachable!(),
     }
+}
+
+/// A row length near `k` that `ty` can have (the K-quants need multiples of 256).
+fn fit(ty: GgmlType, k: usize) -> usize {
+    k.div_ceil(block(ty).0) * block(ty).0
 }
 
 struct Case {
@@ -93,9 +103,11 @@ fn bits(v: &[f32]) -> Vec<u32> {
 fn packing_gives_the_same_bytes_on_every_path() {
     for ty in PACKED_TYPES {
         for (k, n_rows) in [(32, 1), (96, 8), (576, 13), (544, 24)] {
+            let k = fit(ty, k);
             let c = case(ty, k, n_rows, 1, (k + n_rows) as u64);
             let want = pack(&scalar(), ty, &c);
-            assert_eq!(want.len(), n_rows.div_ceil(8) * (k / 32) * group_bytes(ty));
+            let (blk, bytes) = block(ty);
+            assert_eq!(want.len(), n_rows.div_ceil(8) * (k / blk) * bytes);
             for kern in all_paths() {
                 assert_eq!(
                     pack(&kern, ty, &c),
@@ -122,6 +134,7 @@ fn packed_matmul_is_bit_identical_to_the_panel_matmul() {
         };
         for ty in PACKED_TYPES {
             for (k, n_rows) in [(32, 1), (576, 13), (96, 40), (1536, 37)] {
+                let k = fit(ty, k);
                 for n_cols in [1, 2, 3, 4, 5, 8, 9] {
                     let c = case(ty, k, n_rows, n_cols, (k * 7 + n_rows * 3 + n_cols) as u64);
                     let packed = pack(&kern, ty, &c);
@@ -144,6 +157,7 @@ fn simd_paths_match_the_scalar_specification() {
     for kern in avx2().into_iter().chain(vnni()) {
         for ty in PACKED_TYPES {
             for (k, n_rows, n_cols) in [(576, 24, 1), (576, 21, 8), (1536, 16, 3)] {
+                let k = fit(ty, k);
                 let c = case(ty, k, n_rows, n_cols, (k + n_rows * n_cols) as u64);
                 let packed = pack(&s, ty, &c);
                 let want = run_packed(&s, ty, &c, &packed);
@@ -165,7 +179,7 @@ fn simd_paths_match_the_scalar_specification() {
 fn rows_split_at_panels_and_columns_alone_give_the_same_bits() {
     for kern in all_paths() {
         for ty in PACKED_TYPES {
-            let (k, n_rows, n_cols) = (576, 45, 9);
+            let (k, n_rows, n_cols) = (fit(ty, 576), 45, 9);
             let c = case(ty, k, n_rows, n_cols, 5 + ty as u64);
             let packed = pack(&kern, ty, &c);
             let whole = run_packed(&kern, ty, &c, &packed);
@@ -249,7 +263,8 @@ fn offsets_beyond_f16_range_are_computed_not_stored() {
             );
         }
     }
-    assert!(!scalar().pack_supports(GgmlType::Q4_K));
-    assert_eq!(scalar().packed_len(GgmlType::Q4_K, 256, 8), None);
+    assert!(!scalar().pack_supports(GgmlType::Q6_K));
+    assert_eq!(scalar().packed_len(GgmlType::Q6_K, 256, 8), None);
+    assert_eq!(scalar().packed_len(GgmlType::Q4_K, 288, 8), None);
     assert_eq!(scalar().packed_len(GgmlType::Q4_1, 48, 8), None);
 }

@@ -68,8 +68,12 @@ pub(crate) unsafe fn pack(
         unsafe { super::avx2_canon::fill(&mut p, f, shape, k, &w[r0 * w_row..], w_row, n) };
         assert!(p.q.len() >= k * PANEL_ROWS && p.s.len() >= ng * PANEL_ROWS);
         assert!(p.m.len() >= ng * PANEL_ROWS);
+        if lay.kq {
+            crate::packed::put_kq_heads(f, k, &w[r0 * w_row..], w_row, n, dst);
+        }
         let (qp, sp, mp) = (p.q.as_ptr(), p.s.as_ptr(), p.m.as_ptr());
-        for (g, grp) in dst.chunks_exact_mut(gb).enumerate() {
+        for g in 0..ng {
+            let grp = &mut dst[lay.group_at(g)..lay.group_at(g) + gb];
             let gp = grp.as_mut_ptr();
             // SAFETY: g < ng, so the 8 level vectors of group g, (8g .. 8g + 8) * 32 bytes,
             // are inside p.q (k * 8 bytes, asserted) and its 8 scales/offsets inside p.s/p.m;
@@ -101,6 +105,9 @@ pub(crate) unsafe fn pack(
                     if lay.five {
                         _mm256_storeu_si256(gp.add(Layout::FIVE_AT).cast(), fifth);
                     }
+                }
+                if lay.kq {
+                    continue;
                 }
                 let halves = |src: *const f32| -> Option<__m128i> {
                     let v = _mm256_loadu_ps(src);
@@ -137,6 +144,8 @@ const L_Q4_0: u8 = 1;
 const L_Q4_1: u8 = 2;
 const L_Q5_0: u8 = 3;
 const L_Q5_1: u8 = 4;
+const L_Q4_K: u8 = 5;
+const L_Q5_K: u8 = 6;
 
 /// The layout of tag `l`.
 const fn lay(l: u8) -> Layout {
@@ -145,7 +154,9 @@ const fn lay(l: u8) -> Layout {
         L_Q4_0 => Fmt::Q4_0,
         L_Q4_1 => Fmt::Q4_1,
         L_Q5_0 => Fmt::Q5_0,
-        _ => Fmt::Q5_1,
+        L_Q5_1 => Fmt::Q5_1,
+        L_Q4_K => Fmt::Q4_K,
+        _ => Fmt::Q5_K,
     };
     match Layout::of(f) {
         Some(x) => x,
@@ -170,7 +181,8 @@ unsafe fn tile<const L: u8, const R: usize, const C: usize, const VNNI: bool>(
 ) -> [[__m256; C]; R] {
     let ng = k / 32;
     let lay = const { lay(L) };
-    let gb = lay.group_bytes();
+    // Bytes of the next tile prefetched per group: R panels spread over the ng groups.
+    let ahead = (R * pb).div_ceil(ng);
     let (od, o32, _) = act_offsets(k);
     // SAFETY: the intrinsics need AVX2/FMA/F16C (and VNNI in the VNNI instances), which the
     // entry point this is inlined into guarantees. Every load is of panel r < R, group g < ng,
@@ -189,9 +201,9 @@ unsafe fn tile<const L: u8, const R: usize, const C: usize, const VNNI: bool>(
             // spread over this tile's groups: R * gb bytes per group. The R panels read at
             // once are R streams pb bytes apart, which the hardware prefetchers follow poorly
             // (measured: decode streamed at 12 GB/s without this).
-            let next = p.wrapping_add(R * pb + g * R * gb);
+            let next = p.wrapping_add(R * pb + g * ahead);
             let mut l = 0;
-            while l < R * gb {
+            while l < ahead {
                 _mm_prefetch::<PF_HINT>(next.wrapping_add(l).cast());
                 l += 64;
             }
@@ -200,7 +212,7 @@ unsafe fn tile<const L: u8, const R: usize, const C: usize, const VNNI: bool>(
                 for t in 0..8 {
                     let av: [__m256i; C] = core::array::from_fn(|c| bcast(c, e0 + 4 * t));
                     for r in 0..R {
-                        let v = _mm256_loadu_si256(p.add(r * pb + g * gb + 32 * t).cast());
+                        let v = _mm256_loadu_si256(p.add(r * pb + lay.group_at(g) + 32 * t).cast());
                         let wabs = _mm256_sign_epi8(v, v);
                         for c in 0..C {
                             let sa = _mm256_sign_epi8(av[c], v);
@@ -217,7 +229,7 @@ unsafe fn tile<const L: u8, const R: usize, const C: usize, const VNNI: bool>(
                 let mut s16 = [[_mm256_setzero_si256(); C]; R];
                 let fifth: [__m256i; R] = core::array::from_fn(|r| {
                     if lay.five {
-                        _mm256_loadu_si256(p.add(r * pb + g * gb + Layout::FIVE_AT).cast())
+                        _mm256_loadu_si256(p.add(r * pb + lay.group_at(g) + Layout::FIVE_AT).cast())
                     } else {
                         _mm256_setzero_si256()
                     }
@@ -226,7 +238,7 @@ unsafe fn tile<const L: u8, const R: usize, const C: usize, const VNNI: bool>(
                     let alo: [__m256i; C] = core::array::from_fn(|c| bcast(c, e0 + 4 * t));
                     let ahi: [__m256i; C] = core::array::from_fn(|c| bcast(c, e0 + 16 + 4 * t));
                     for r in 0..R {
-                        let v = _mm256_loadu_si256(p.add(r * pb + g * gb + 32 * t).cast());
+                        let v = _mm256_loadu_si256(p.add(r * pb + lay.group_at(g) + 32 * t).cast());
                         let mut lo = _mm256_and_si256(v, low);
                         let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
                         if lay.five {
@@ -264,13 +276,26 @@ unsafe fn tile<const L: u8, const R: usize, const C: usize, const VNNI: bool>(
             }
             // The panel kernel's epilogue: acc = fma(f32(isum), s * d_a, acc) - m * s_a.
             for r in 0..R {
-                let gp = p.add(r * pb + g * gb);
-                let sw = _mm256_cvtph_ps(_mm_loadu_si128(gp.add(lay.scales_at()).cast()));
-                let mw = if lay.offsets {
-                    _mm256_cvtph_ps(_mm_loadu_si128(gp.add(lay.offsets_at()).cast()))
+                let gp = p.add(r * pb + lay.group_at(g));
+                let (sw, mw) = if lay.kq {
+                    // d * sc and dmin * mn, exact in f32 (the canonical values).
+                    let h = p.add(r * pb + lay.head_at(g));
+                    let six = |at: usize| {
+                        let b = _mm_loadl_epi64(h.add(at + 8 * (g % 8)).cast());
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b))
+                    };
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(h.cast()));
+                    let dmin = _mm256_cvtph_ps(_mm_loadu_si128(h.add(16).cast()));
+                    (_mm256_mul_ps(d, six(32)), _mm256_mul_ps(dmin, six(96)))
                 } else {
-                    // sym * s, exact in f32 (a power of two; 0 for Q8_0).
-                    _mm256_mul_ps(sw, _mm256_set1_ps(lay.sym))
+                    let sw = _mm256_cvtph_ps(_mm_loadu_si128(gp.add(lay.scales_at()).cast()));
+                    let mw = if lay.offsets {
+                        _mm256_cvtph_ps(_mm_loadu_si128(gp.add(lay.offsets_at()).cast()))
+                    } else {
+                        // sym * s, exact in f32 (a power of two; 0 for Q8_0).
+                        _mm256_mul_ps(sw, _mm256_set1_ps(lay.sym))
+                    };
+                    (sw, mw)
                 };
                 for c in 0..C {
                     let ac = a.add(c * a_row);
@@ -449,6 +474,8 @@ pub(crate) unsafe fn gemm(
         Fmt::Q4_1 => go!(L_Q4_1),
         Fmt::Q5_0 => go!(L_Q5_0),
         Fmt::Q5_1 => go!(L_Q5_1),
+        Fmt::Q4_K => go!(L_Q4_K),
+        Fmt::Q5_K => go!(L_Q5_K),
         _ => unreachable!("checked by Kernels::gemm_packed_into: {f:?} is not packed"),
     }
 }
