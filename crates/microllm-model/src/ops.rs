@@ -557,8 +557,8 @@ pub(crate) fn attention(
         match &state.kv {
             KvCache::F16 { k, v } => {
                 let (k, v) = (k.reinterpret_cast::<f16>(), v.reinterpret_cast::<f16>());
-                let k_cache = &k[il * n_ctx * k_dim..(il + 1) * n_ctx * k_dim];
-                let v_cache = &v[il * n_ctx * v_dim..(il + 1) * n_ctx * v_dim];
+                let k_head = f16_head(k, il, g, n_ctx, sh.head_dim, k_dim);
+                let v_head = f16_head(v, il, g, n_ctx, sh.head_dim_v, v_dim);
                 // Q rounded to f16 like the cached keys; the kernel mirrors llama.cpp's CPU
                 // flash attention (f16 accumulator, key-by-key online softmax), which the
                 // references use.
@@ -567,10 +567,10 @@ pub(crate) fn attention(
                 kernels.f32_to_f16(qh, q16);
                 kernels.attention_f16(
                     q16,
-                    &k_cache[start * k_dim + g * sh.head_dim..],
-                    k_dim,
-                    &v_cache[start * v_dim + g * sh.head_dim_v..],
-                    v_dim,
+                    &k_head[start * sh.head_dim..],
+                    sh.head_dim,
+                    &v_head[start * sh.head_dim_v..],
+                    sh.head_dim_v,
                     n_kv,
                     sh.scale,
                     sh.softcap,
@@ -660,8 +660,6 @@ pub(crate) fn attention_decode(
         unreachable!("attention_any routes only f16 caches here")
     };
     let (k, v) = (k.reinterpret_cast::<f16>(), v.reinterpret_cast::<f16>());
-    let kc = &k[il * n_ctx * k_dim..(il + 1) * n_ctx * k_dim];
-    let vc = &v[il * n_ctx * v_dim..(il + 1) * n_ctx * v_dim];
     let window = sh.window.unwrap_or(0);
     let start = if window > 0 {
         (row.pos + 1).saturating_sub(window)
@@ -692,10 +690,10 @@ pub(crate) fn attention_decode(
                 dk,
                 last,
                 window,
-                &kc[g * dk..],
-                k_dim,
-                &vc[g * dv..],
-                v_dim,
+                f16_head(k, il, g, n_ctx, dk, k_dim),
+                dk,
+                f16_head(v, il, g, n_ctx, dv, v_dim),
+                dv,
                 sh.scale,
                 sh.softcap,
                 o,
@@ -715,10 +713,10 @@ pub(crate) fn attention_decode(
             dk,
             last,
             window,
-            &kc[g * dk..],
-            k_dim,
-            &vc[g * dv..],
-            v_dim,
+            f16_head(k, il, g, n_ctx, dk, k_dim),
+            dk,
+            f16_head(v, il, g, n_ctx, dv, v_dim),
+            dv,
             sh.scale,
             sh.softcap,
             start + part * n_kv / n_parts,
@@ -811,8 +809,6 @@ pub(crate) fn attention_rows(
                     unreachable!("attention_any routes only f16 caches here")
                 };
                 let (k, v) = (k.reinterpret_cast::<f16>(), v.reinterpret_cast::<f16>());
-                let kc = &k[il * n_ctx * k_dim..(il + 1) * n_ctx * k_dim];
-                let vc = &v[il * n_ctx * v_dim..(il + 1) * n_ctx * v_dim];
                 let f = if invariant {
                     Kernels::attention_rows_invariant
                 } else {
@@ -824,10 +820,10 @@ pub(crate) fn attention_rows(
                     dk,
                     &last[a..e],
                     sh.window.unwrap_or(0),
-                    &kc[g * dk..],
-                    k_dim,
-                    &vc[g * dv..],
-                    v_dim,
+                    f16_head(k, il, g, n_ctx, dk, k_dim),
+                    dk,
+                    f16_head(v, il, g, n_ctx, dv, v_dim),
+                    dv,
                     sh.scale,
                     sh.softcap,
                     &mut o[(a - r0) * dv..(e - r0) * dv],
@@ -863,13 +859,21 @@ fn regrouped(rows: &[Row], n_head_kv: usize, mut f: impl FnMut(usize, usize, usi
     }
 }
 
-/// Writes the keys and values of every row into its sequence's cache for layer `il`.
+/// Writes the keys and values of every row into its sequence's cache for layer `il`
+/// (`dk`, `dv`: the head sizes; `k_dim`, `v_dim`: a row's keys and values).
+///
+/// The f16 cache is head-major: per layer, per KV head, `n_ctx` positions of one head's values
+/// ([`f16_head`]), so attention reads each (sequence, head)'s keys as one contiguous block
+/// (continuous batching reads every sequence's cache from memory at every step). The q8_0
+/// cache keeps whole rows per position (`kv_q8`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn store_kv(
     kernels: &Kernels,
     seqs: &mut [SeqBatch<'_>],
     il: usize,
     k: &[f32],
     v: &[f32],
+    (dk, dv): (usize, usize),
     k_dim: usize,
     v_dim: usize,
 ) {
@@ -886,10 +890,15 @@ pub(crate) fn store_kv(
             KvCache::F16 { k: kc, v: vc } => {
                 let kc = kc.reinterpret_cast_mut::<f16>();
                 let vc = vc.reinterpret_cast_mut::<f16>();
-                let kc = &mut kc[il * n_ctx * k_dim..(il + 1) * n_ctx * k_dim];
-                kernels.f32_to_f16(ks, &mut kc[p0 * k_dim..(p0 + n) * k_dim]);
-                let vc = &mut vc[il * n_ctx * v_dim..(il + 1) * n_ctx * v_dim];
-                kernels.f32_to_f16(vs, &mut vc[p0 * v_dim..(p0 + n) * v_dim]);
+                for (cache, rows, d, dim) in [(kc, ks, dk, k_dim), (vc, vs, dv, v_dim)] {
+                    let layer = &mut cache[il * n_ctx * dim..(il + 1) * n_ctx * dim];
+                    for (g, head) in layer.chunks_exact_mut(n_ctx * d).enumerate() {
+                        for (t, row) in rows.chunks_exact(dim).enumerate() {
+                            let at = (p0 + t) * d;
+                            kernels.f32_to_f16(&row[g * d..(g + 1) * d], &mut head[at..at + d]);
+                        }
+                    }
+                }
             }
             KvCache::Q8_0 { k: kc, v: vc } => {
                 let (kr, vr) = (kv_q8::row_bytes(k_dim), kv_q8::row_bytes(v_dim));
@@ -901,6 +910,20 @@ pub(crate) fn store_kv(
         }
         r0 += n;
     }
+}
+
+/// KV head `g`'s `n_ctx` positions of `d` values each in layer `il` of a head-major f16 cache
+/// (`dim` values per position over all heads; see [`store_kv`]).
+pub(crate) fn f16_head(
+    cache: &[f16],
+    il: usize,
+    g: usize,
+    n_ctx: usize,
+    d: usize,
+    dim: usize,
+) -> &[f16] {
+    let at = il * n_ctx * dim + g * n_ctx * d;
+    &cache[at..at + n_ctx * d]
 }
 
 /// Token embeddings of every row (dequantized rows of `token_embd`).

@@ -352,14 +352,19 @@ impl State {
         }
         out.reserve((to - from) * self.kv_bytes_per_pos());
         let (kr, vr) = self.kv_row_bytes(k_dim, v_dim);
+        let (dk, dv) = (model.config.head_dim, model.config.head_dim_v);
         for p in from..to {
             for l in 0..n_layer {
                 let at = l * self.n_ctx + p;
                 match &self.kv {
                     KvCache::F16 { k, v } => {
-                        let ks = &k[at * k_dim..(at + 1) * k_dim];
-                        let vs = &v[at * v_dim..(at + 1) * v_dim];
-                        out.extend(ks.iter().chain(vs).flat_map(|x| x.to_le_bytes()));
+                        // Head-major cache (ops::store_kv): gather the position's row.
+                        for (cache, d, dim) in [(k, dk, k_dim), (v, dv, v_dim)] {
+                            for g in 0..dim / d {
+                                let h = f16_at(l, g, p, self.n_ctx, d, dim);
+                                out.extend(cache[h..h + d].iter().flat_map(|x| x.to_le_bytes()));
+                            }
+                        }
                     }
                     KvCache::Q8_0 { k, v } => {
                         out.extend_from_slice(&k[at * kr..(at + 1) * kr]);
@@ -390,6 +395,7 @@ impl State {
             )));
         }
         let (kr, vr) = self.kv_row_bytes(k_dim, v_dim);
+        let (dk, dv) = (model.config.head_dim, model.config.head_dim_v);
         let n_ctx = self.n_ctx;
         let mut src = rows;
         for p in at..at + n {
@@ -400,17 +406,14 @@ impl State {
                 src = rest;
                 match &mut self.kv {
                     KvCache::F16 { k, v } => {
-                        for (d, c) in k[i * k_dim..(i + 1) * k_dim]
-                            .iter_mut()
-                            .zip(kb.chunks_exact(2))
-                        {
-                            *d = u16::from_le_bytes([c[0], c[1]]);
-                        }
-                        for (d, c) in v[i * v_dim..(i + 1) * v_dim]
-                            .iter_mut()
-                            .zip(vb.chunks_exact(2))
-                        {
-                            *d = u16::from_le_bytes([c[0], c[1]]);
+                        // Head-major cache (ops::store_kv): scatter the row over the heads.
+                        for (cache, bytes, d, dim) in [(k, kb, dk, k_dim), (v, vb, dv, v_dim)] {
+                            for (g, hb) in bytes.chunks_exact(2 * d).enumerate() {
+                                let h = f16_at(l, g, p, n_ctx, d, dim);
+                                for (x, c) in cache[h..h + d].iter_mut().zip(hb.chunks_exact(2)) {
+                                    *x = u16::from_le_bytes([c[0], c[1]]);
+                                }
+                            }
                         }
                     }
                     KvCache::Q8_0 { k, v } => {
@@ -436,6 +439,12 @@ impl State {
         }
         Ok((n_layer, k_dim, v_dim))
     }
+}
+
+/// Index of layer `l`, KV head `g`, position `p` in a head-major f16 cache of `n_ctx`
+/// positions (`d` values per head, `dim` per position; see `ops::store_kv`).
+fn f16_at(l: usize, g: usize, p: usize, n_ctx: usize, d: usize, dim: usize) -> usize {
+    l * n_ctx * dim + g * n_ctx * d + p * d
 }
 
 #[cfg(test)]
