@@ -8,7 +8,7 @@ use microllm_kernels::panel::PANEL_ROWS;
 use microllm_kernels::pool::ThreadPool;
 use microllm_kernels::Kernels;
 
-use crate::config::RopeStyle;
+use crate::config::{Config, RopeStyle};
 use crate::kv_q8;
 use crate::state::{KvCache, Row};
 use crate::weights::QMatrix;
@@ -859,24 +859,22 @@ fn regrouped(rows: &[Row], n_head_kv: usize, mut f: impl FnMut(usize, usize, usi
     }
 }
 
-/// Writes the keys and values of every row into its sequence's cache for layer `il`
-/// (`dk`, `dv`: the head sizes; `k_dim`, `v_dim`: a row's keys and values).
+/// Writes the keys and values of every row (`c.k_dim()` and `c.v_dim()` each) into its
+/// sequence's cache for layer `il`.
 ///
 /// The f16 cache is head-major: per layer, per KV head, `n_ctx` positions of one head's values
 /// ([`f16_head`]), so attention reads each (sequence, head)'s keys as one contiguous block
 /// (continuous batching reads every sequence's cache from memory at every step). The q8_0
 /// cache keeps whole rows per position (`kv_q8`).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn store_kv(
     kernels: &Kernels,
+    c: &Config,
     seqs: &mut [SeqBatch<'_>],
     il: usize,
     k: &[f32],
     v: &[f32],
-    (dk, dv): (usize, usize),
-    k_dim: usize,
-    v_dim: usize,
 ) {
+    let (dk, dv, k_dim, v_dim) = (c.head_dim, c.head_dim_v, c.k_dim(), c.v_dim());
     let mut r0 = 0;
     for sb in seqs.iter_mut() {
         let n = sb.tokens.len();

@@ -100,16 +100,7 @@ pub(crate) fn forward(
         tap("Qcur", il, q);
         tap("Kcur", il, k);
         tap("Vcur", il, v);
-        ops::store_kv(
-            &model.kernels,
-            seqs,
-            il,
-            k,
-            v,
-            (c.head_dim, c.head_dim_v),
-            dk,
-            dv,
-        );
+        ops::store_kv(&model.kernels, c, seqs, il, k, v);
         let shape = AttnShape {
             n_head: c.n_head,
             n_head_kv: c.n_head_kv,
