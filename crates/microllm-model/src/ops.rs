@@ -889,11 +889,11 @@ pub(crate) fn store_kv(
                 let kc = kc.reinterpret_cast_mut::<f16>();
                 let vc = vc.reinterpret_cast_mut::<f16>();
                 for (cache, rows, d, dim) in [(kc, ks, dk, k_dim), (vc, vs, dv, v_dim)] {
-                    let layer = &mut cache[il * n_ctx * dim..(il + 1) * n_ctx * dim];
-                    for (g, head) in layer.chunks_exact_mut(n_ctx * d).enumerate() {
+                    for g in 0..dim / d {
+                        let head = crate::state::f16_head_start(il, g, n_ctx, d, dim);
                         for (t, row) in rows.chunks_exact(dim).enumerate() {
-                            let at = (p0 + t) * d;
-                            kernels.f32_to_f16(&row[g * d..(g + 1) * d], &mut head[at..at + d]);
+                            let at = head + (p0 + t) * d;
+                            kernels.f32_to_f16(&row[g * d..(g + 1) * d], &mut cache[at..at + d]);
                         }
                     }
                 }
@@ -920,7 +920,7 @@ pub(crate) fn f16_head(
     d: usize,
     dim: usize,
 ) -> &[f16] {
-    let at = il * n_ctx * dim + g * n_ctx * d;
+    let at = crate::state::f16_head_start(il, g, n_ctx, d, dim);
     &cache[at..at + n_ctx * d]
 }
 

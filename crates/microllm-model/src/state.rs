@@ -361,7 +361,7 @@ impl State {
                         // Head-major cache (ops::store_kv): gather the position's row.
                         for (cache, d, dim) in [(k, dk, k_dim), (v, dv, v_dim)] {
                             for g in 0..dim / d {
-                                let h = f16_at(l, g, p, self.n_ctx, d, dim);
+                                let h = f16_head_start(l, g, self.n_ctx, d, dim) + p * d;
                                 out.extend(cache[h..h + d].iter().flat_map(|x| x.to_le_bytes()));
                             }
                         }
@@ -409,7 +409,7 @@ impl State {
                         // Head-major cache (ops::store_kv): scatter the row over the heads.
                         for (cache, bytes, d, dim) in [(k, kb, dk, k_dim), (v, vb, dv, v_dim)] {
                             for (g, hb) in bytes.chunks_exact(2 * d).enumerate() {
-                                let h = f16_at(l, g, p, n_ctx, d, dim);
+                                let h = f16_head_start(l, g, n_ctx, d, dim) + p * d;
                                 for (x, c) in cache[h..h + d].iter_mut().zip(hb.chunks_exact(2)) {
                                     *x = u16::from_le_bytes([c[0], c[1]]);
                                 }
@@ -441,10 +441,11 @@ impl State {
     }
 }
 
-/// Index of layer `l`, KV head `g`, position `p` in a head-major f16 cache of `n_ctx`
-/// positions (`d` values per head, `dim` per position; see `ops::store_kv`).
-fn f16_at(l: usize, g: usize, p: usize, n_ctx: usize, d: usize, dim: usize) -> usize {
-    l * n_ctx * dim + g * n_ctx * d + p * d
+/// Where layer `l`'s KV head `g` starts in a head-major f16 cache of `n_ctx` positions (`d`
+/// values per head, `dim` per position over all heads): its `n_ctx` positions of `d` values
+/// follow (see `ops::store_kv`). The one definition of that layout.
+pub(crate) fn f16_head_start(l: usize, g: usize, n_ctx: usize, d: usize, dim: usize) -> usize {
+    l * n_ctx * dim + g * n_ctx * d
 }
 
 #[cfg(test)]
