@@ -8,9 +8,10 @@
 //! each gets its fifth bit from the group's fifth-bit vector (shifted to bit 4, masked, or-ed
 //! in). AVX2 does the multiply as `vpmaddubsw` and `vpmaddwd`, with the 16-bit partial sums
 //! widened once per group for 4-bit levels (8 * 2 * 15 * 127 < 32768) and once per two steps
-//! for 5-bit ones (4 * 2 * 31 * 127 < 32768); VNNI as one `vpdpbusd` into 32 bits. Both are exact, so both give the group
-//! sums the panel kernel gets, and the float epilogue is the panel kernel's, operation for
-//! operation: bit-identical results.
+//! for 5-bit ones (4 * 2 * 31 * 127 < 32768); VNNI as one `vpdpbusd` into 32 bits. Both are
+//! exact, so both give the group sums the panel kernel gets, and the float epilogue is the
+//! panel kernel's, operation for operation (for the K-quants on the scales `d * sc` and
+//! `dmin * mn` formed in f32, where they are exact): bit-identical results.
 //!
 //! Tiles: `R` panels x `C` columns. Decode (one column) runs 4 panels at once so that 4
 //! independent float chains hide the multiply-add latency; batches run 1 panel x 4 columns,
@@ -185,9 +186,11 @@ unsafe fn tile<const L: u8, const R: usize, const C: usize, const VNNI: bool>(
     let ahead = (R * pb).div_ceil(ng);
     let (od, o32, _) = act_offsets(k);
     // SAFETY: the intrinsics need AVX2/FMA/F16C (and VNNI in the VNNI instances), which the
-    // entry point this is inlined into guarantees. Every load is of panel r < R, group g < ng,
-    // vector t < 8 (4-bit: < 4) or its scales, or of activation byte e < k or scale g < ng of
-    // column c < C: inside the ranges the caller guarantees. Prefetches never fault.
+    // entry point this is inlined into guarantees. Every load is of panel r < R (pb bytes
+    // each): group g < ng's vector t < 8 (4-bit: < 4), fifth-bit vector, scales or offsets, or
+    // its super-block's K-quant header (`Layout::group_at` / `head_at` stay inside the panel),
+    // or of activation byte e < k or scale g < ng of column c < C: inside the ranges the caller
+    // guarantees. Prefetches never fault.
     unsafe {
         let (ones, low) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0f));
         let bit4 = _mm256_set1_epi8(0x10);
