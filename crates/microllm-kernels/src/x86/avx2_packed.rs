@@ -96,6 +96,9 @@ pub(crate) unsafe fn pack(
                             _mm256_slli_epi16::<4>(_mm256_and_si256(b, low)),
                         );
                         _mm256_storeu_si256(gp.add(32 * t).cast(), v);
+                        if !lay.five {
+                            continue;
+                        }
                         // Bit 4 of a level to bit t (low half) or 4 + t (high half) of its
                         // byte: 16-bit shifts of a masked bit stay inside the byte.
                         let (cr, cl) = (count(4 - t), count(t));
