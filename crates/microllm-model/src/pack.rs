@@ -1,7 +1,7 @@
 //! Packing the weights at load: every matrix whose format has a packed layout
-//! (`microllm_kernels::packed`: Q4_0, Q4_1, Q8_0) is repacked once into the panel kernels'
-//! interleaved layout, at its original size, so that decode and small batches stream it with
-//! no per-call unpacking; the file's pages of a packed matrix are then released (they stay in
+//! (`microllm_kernels::packed`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K) is repacked once
+//! into the panel kernels' interleaved layout, at its original size, so that decode and small
+//! batches stream it with no per-call unpacking; the file's pages of a packed matrix are then released (they stay in
 //! the page cache), so resident memory holds the weights once. Results are bit-identical to
 //! the panel matmul on the original bytes, so a model is packed or not without changing any
 //! output but the llama.cpp-exact path's, which never uses packed weights.
@@ -27,9 +27,12 @@ pub struct PackStats {
     pub refused: usize,
 }
 
-/// A packed matrix's bytes: an anonymous mapping with transparent huge pages where the OS
-/// allows them (packing SmolLM2's 96 MB at load faulted in 24k zeroed 4 KiB pages), read-only
-/// once filled; a plain allocation if mapping fails.
+/// The packed matrices' bytes, all in one arena: an anonymous mapping with transparent huge
+/// pages where the OS allows them, read-only once filled; a plain allocation if mapping fails.
+/// One arena rather than a mapping per matrix because a huge page needs 2 MiB of one mapping:
+/// SmolLM2's layer matrices (0.2-1.1 MB each) got none when mapped one by one, so decode
+/// walked the page tables of ~16k 4 KiB pages per token. In the arena the matrices follow
+/// each other in the order a forward pass reads them.
 #[derive(Debug)]
 pub enum PackedBuf {
     Map(memmap2::Mmap),
@@ -46,11 +49,29 @@ impl std::ops::Deref for PackedBuf {
     }
 }
 
+/// One matrix's packed bytes: a range of the shared arena.
+#[derive(Clone, Debug)]
+pub struct PackedSlice {
+    buf: Arc<PackedBuf>,
+    start: usize,
+    len: usize,
+}
+
+impl std::ops::Deref for PackedSlice {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
 /// Zeroed, writable storage for `len` packed bytes, sealed read-only when filled.
 enum Fresh {
     Map(memmap2::MmapMut),
     Heap(Vec<u8>),
 }
+
+/// Huge-page size on x86-64 Linux: the arena's matrices start at a multiple of it.
+const HUGE: usize = 2 << 20;
 
 impl Fresh {
     fn new(len: usize) -> Fresh {
@@ -70,7 +91,7 @@ impl Fresh {
         }
     }
     /// The filled bytes, read-only; `None` if the OS refused to protect the mapping (the
-    /// matrix then stays unpacked: slower, same results).
+    /// matrices then stay unpacked: slower, same results).
     fn seal(self) -> Option<PackedBuf> {
         match self {
             Fresh::Map(m) => m.make_read_only().ok().map(PackedBuf::Map),
@@ -79,23 +100,24 @@ impl Fresh {
     }
 }
 
-/// Packs one matrix, splitting its panels over the pool; `None` if the format has no packed
-/// layout or a scale is not exactly an f16.
+/// Packs one matrix into `dst` (its `packed_len` bytes), splitting its panels over the pool;
+/// false if a scale is not exactly an f16.
 fn pack_matrix(
     m: &QMatrix,
     file: &GgufFile,
     kernels: &Kernels,
     pool: &ThreadPool,
-) -> Option<Arc<PackedBuf>> {
-    let len = kernels.packed_len(m.ty, m.n_cols, m.n_rows)?;
+    dst: &mut [u8],
+) -> bool {
     let data = m.data(file);
-    let panel = kernels.packed_len(m.ty, m.n_cols, PANEL_ROWS)?;
+    let Some(panel) = kernels.packed_len(m.ty, m.n_cols, PANEL_ROWS) else {
+        return false;
+    };
     let n_panels = m.n_rows.div_ceil(PANEL_ROWS);
     // A few chunks per thread: whole panels each.
     let per_chunk = n_panels.div_ceil(pool.n_threads() * 4).max(1);
-    let mut buf = Fresh::new(len);
     let ok = AtomicBool::new(true);
-    pool.for_each_chunk_mut(buf.bytes(), per_chunk * panel, |ci, dst| {
+    pool.for_each_chunk_mut(dst, per_chunk * panel, |ci, dst| {
         let r0 = ci * per_chunk * PANEL_ROWS;
         let n = (per_chunk * PANEL_ROWS).min(m.n_rows - r0);
         let w = &data[r0 * m.row_bytes..(r0 + n) * m.row_bytes];
@@ -103,13 +125,11 @@ fn pack_matrix(
             ok.store(false, Ordering::Relaxed);
         }
     });
-    if !ok.into_inner() {
-        return None;
-    }
-    buf.seal().map(Arc::new)
+    ok.into_inner()
 }
 
-/// Packs every packable matrix of `weights` and releases the file pages it copied.
+/// Packs every packable matrix of `weights` into one arena and releases the file pages it
+/// copied.
 pub(crate) fn pack_weights(
     weights: &mut Weights,
     file: &GgufFile,
@@ -130,19 +150,54 @@ pub(crate) fn pack_weights(
         ]);
     }
     mats.push(&mut weights.output);
+    // Each packable matrix's place in the arena: consecutive, each at a multiple of 64 bytes
+    // (a cache line; every packed length is a multiple of 32 already).
+    let mut places: Vec<(&mut QMatrix, usize, usize)> = Vec::new();
+    let mut total = 0usize;
     for m in mats {
         if !kernels.pack_supports(m.ty) {
             continue;
         }
-        match pack_matrix(m, file, kernels, pool) {
-            Some(p) => {
-                stats.matrices += 1;
-                stats.bytes += p.len() as u64;
-                m.packed = Some(p);
-                file.release_pages(m.info());
-            }
-            None => stats.refused += 1,
+        let Some(len) = kernels.packed_len(m.ty, m.n_cols, m.n_rows) else {
+            continue;
+        };
+        places.push((m, total, len));
+        total = (total + len).next_multiple_of(64);
+    }
+    if places.is_empty() {
+        return stats;
+    }
+    // The arena starts at a huge-page boundary inside a mapping one huge page longer.
+    let mut fresh = Fresh::new(total + HUGE);
+    let bytes = fresh.bytes();
+    let base = (HUGE - bytes.as_ptr() as usize % HUGE) % HUGE;
+    let mut ok = vec![false; places.len()];
+    for ((m, at, len), ok) in places.iter().zip(&mut ok) {
+        *ok = pack_matrix(
+            m,
+            file,
+            kernels,
+            pool,
+            &mut bytes[base + at..base + at + len],
+        );
+    }
+    let Some(buf) = fresh.seal().map(Arc::new) else {
+        stats.refused = places.len();
+        return stats;
+    };
+    for ((m, at, len), ok) in places.into_iter().zip(ok) {
+        if !ok {
+            stats.refused += 1;
+            continue;
         }
+        stats.matrices += 1;
+        stats.bytes += len as u64;
+        m.packed = Some(PackedSlice {
+            buf: buf.clone(),
+            start: base + at,
+            len,
+        });
+        file.release_pages(m.info());
     }
     stats
 }

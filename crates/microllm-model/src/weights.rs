@@ -2,7 +2,6 @@
 
 use microllm_gguf::{GgmlType, GgufFile, TensorInfo};
 use microllm_kernels::Kernels;
-use std::sync::Arc;
 
 use crate::config::Config;
 use crate::ModelError;
@@ -18,7 +17,7 @@ pub struct QMatrix {
     pub row_bytes: usize,
     info: TensorInfo,
     /// The rows repacked at load for the packed matmul (`Kernels::pack`), if they were.
-    pub(crate) packed: Option<Arc<crate::pack::PackedBuf>>,
+    pub(crate) packed: Option<crate::pack::PackedSlice>,
 }
 
 impl QMatrix {
@@ -52,7 +51,7 @@ impl QMatrix {
     }
     /// The packed copy of the rows (see `microllm_kernels::packed`), if the model made one.
     pub fn packed(&self) -> Option<&[u8]> {
-        self.packed.as_deref().map(|p| &p[..])
+        self.packed.as_deref()
     }
     /// The packed bytes from row `r0` (a multiple of 8, the panel height) on.
     pub(crate) fn packed_from(&self, r0: usize) -> Option<&[u8]> {
