@@ -81,7 +81,8 @@ struct Row {
     avg_ts: f64,
     stddev_ts: f64,
     samples_ts: Vec<f64>,
-    /// Bytes one generated token reads (weights used per token + the KV cache at this depth).
+    /// Bytes one generated token reads on average (weights used per token + the KV cache of
+    /// the positions it attends to).
     bytes_per_token: u64,
     /// Generation only: `bytes_per_token × avg_ts`, in GB/s.
     read_gbs: Option<f64>,
@@ -226,7 +227,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             if d > 0 {
                 test.push_str(&format!(" @ d{d}"));
             }
-            let bytes_per_token = weight_read + kv_per_pos * d as u64;
+            // Generated token i (from 0) reads the keys and values of d + i + 1 positions: on
+            // average d + (ng + 1) / 2.
+            let bytes_per_token = weight_read + kv_per_pos * (2 * d + ng + 1) as u64 / 2;
             rows.push(Row {
                 build_commit: env!("MICROLLM_COMMIT"),
                 model_filename: path.display().to_string(),

@@ -630,8 +630,10 @@ pub(crate) fn attention_any(
 /// Most parts the keys of one KV head are split into by [`attention_decode`].
 pub(crate) const DECODE_MAX_PARTS: usize = 8;
 /// Fewest keys per part of [`attention_decode`]: below, a part costs more in pool and merge
-/// overhead than it saves.
-const DECODE_MIN_PART_KEYS: usize = 256;
+/// overhead than it saves. Small enough that a short context splits too: SmolLM2's 3 KV heads
+/// on 2 threads otherwise leave one thread idle a third of the attention (tg256 on SmolLM2,
+/// A/B alternating: 229 -> 236 tok/s with 64 instead of 256).
+const DECODE_MIN_PART_KEYS: usize = 64;
 
 /// Attention of one token (decode), microllm's fast path: the `n_rep` query heads sharing a KV
 /// head are the rows of one `Kernels::attention_rows` call, so each key and value is
