@@ -27,7 +27,7 @@ struct Scratch {
     /// One tile of keys `[TK][dk]` and values `[TK][dv]` in f32.
     kf: Vec<f32>,
     vf: Vec<f32>,
-    /// [`rows_small`]: one block of scores and weights `[KB]`.
+    /// [`rows_small`]: one block of scores and weights `[KB]` per row (up to [`DIRECT_ROWS`]).
     sb: Vec<f32>,
 }
 
@@ -48,7 +48,7 @@ impl Scratch {
         grow(&mut self.acc, dv * TR);
         grow(&mut self.kf, dk * KB);
         grow(&mut self.vf, dv * KB);
-        grow(&mut self.sb, KB);
+        grow(&mut self.sb, DIRECT_ROWS * KB);
     }
 }
 
@@ -73,6 +73,8 @@ const KB: usize = 64;
 /// Most rows for which a non-row-wise call takes [`rows_small`] (a decode step's GQA group;
 /// more rows share the tiles of [`group`] better).
 const SMALL_ROWS: usize = 8;
+/// Most rows of [`rows_small`]'s direct path (scores and values straight from the cache).
+const DIRECT_ROWS: usize = 4;
 /// Query rows per group (4 vectors of 8).
 const TR: usize = 32;
 /// See `Kernels::attention_rows` (shapes checked there). `dk % 8 == 0`, `dv % 16 == 0`.
@@ -363,10 +365,12 @@ unsafe fn rows_small(
     acc.fill(0.0);
     let mut m = [f32::NEG_INFINITY; TR];
     let mut lsum = [0.0f32; TR];
-    let (kf, vf, sb) = (
+    // Few rows that all see the same keys (a decode step's GQA group) take the direct path.
+    let direct = nr <= DIRECT_ROWS && ranges[..nr].iter().all(|&rg| rg == ranges[0]);
+    let (kf, vf, sbs) = (
         &mut sc.kf[..KB * dk],
         &mut sc.vf[..KB * dv],
-        &mut sc.sb[..KB],
+        &mut sc.sb[..DIRECT_ROWS * KB],
     );
     // The keys and values of the first two blocks are requested up front into L2, then each
     // block asks for the one two ahead: one head's slice of each cache row is a short strided
@@ -385,6 +389,47 @@ unsafe fn rows_small(
         let j1 = (j0 + KB).min(hi);
         let c0 = lo.max(j0);
         ahead(j0 + 2 * KB, j0 + 3 * KB);
+        if direct {
+            // Every row sees the same keys a..b of this block: scores and weighted values
+            // straight from the f16 cache, each key converted once for all the rows (and
+            // nothing stored), with each row's arithmetic exactly that of the path below.
+            let (f, e) = ranges[0];
+            let (a, b) = (f.max(j0), e.min(j1));
+            if a < b {
+                let (ia, ib) = (a - j0, b - j0);
+                // SAFETY: same CPU contract; keys/values j0 + ia..j0 + ib are below hi, inside
+                // the caches (checked by the caller); the queries of the nr rows are in qs,
+                // the scores of row r at sbs[r * KB..] (room for 4 * KB).
+                unsafe {
+                    match nr {
+                        1 => scores_direct::<1>(qs, keys, k_stride, dk, j0, ia, ib, sbs),
+                        2 => scores_direct::<2>(qs, keys, k_stride, dk, j0, ia, ib, sbs),
+                        3 => scores_direct::<3>(qs, keys, k_stride, dk, j0, ia, ib, sbs),
+                        _ => scores_direct::<4>(qs, keys, k_stride, dk, j0, ia, ib, sbs),
+                    }
+                }
+                let mut corrs = [0.0f32; DIRECT_ROWS];
+                for (r, cr) in corrs.iter_mut().enumerate().take(nr) {
+                    let sb = &mut sbs[r * KB..(r + 1) * KB];
+                    // SAFETY: same CPU contract; ia < ib <= KB.
+                    *cr = unsafe {
+                        block_weights(sb, ia, ib, &mut m[r], &mut lsum[r], scale, softcap)
+                    };
+                }
+                // SAFETY: as above; acc holds nr rows of dv; the weights of row r are at
+                // sbs[r * KB + ia..r * KB + ib].
+                unsafe {
+                    match nr {
+                        1 => values_direct::<1>(acc, &corrs, sbs, values, v_stride, dv, j0, ia, ib),
+                        2 => values_direct::<2>(acc, &corrs, sbs, values, v_stride, dv, j0, ia, ib),
+                        3 => values_direct::<3>(acc, &corrs, sbs, values, v_stride, dv, j0, ia, ib),
+                        _ => values_direct::<4>(acc, &corrs, sbs, values, v_stride, dv, j0, ia, ib),
+                    }
+                }
+            }
+            j0 = j1;
+            continue;
+        }
         // Convert the block's keys and values that some row sees.
         // SAFETY: keys and values below hi <= n_kv are inside `keys`/`values` (checked by the
         // caller); kf/vf have room for KB rows.
@@ -392,6 +437,7 @@ unsafe fn rows_small(
             rows_to_f32(keys, k_stride, dk, j0, c0 - j0, j1 - j0, kf);
             rows_to_f32(values, v_stride, dv, j0, c0 - j0, j1 - j0, vf);
         }
+        let sb = &mut sbs[..KB];
         for r in 0..nr {
             let (f, e) = ranges[r];
             let (a, b) = (f.max(j0), e.min(j1));
@@ -401,49 +447,9 @@ unsafe fn rows_small(
             let (ia, ib) = (a - j0, b - j0);
             // SAFETY: same CPU contract; row r's query is inside qs, keys ia..ib inside kf.
             unsafe { block_scores(&qs[r * dk..(r + 1) * dk], kf, dk, ia, ib, sb) };
-            if softcap != 0.0 {
-                for v in &mut sb[ia..ib] {
-                    *v = crate::reference::softcap_score(*v, scale, softcap);
-                }
-            }
-            let bmax = sb[ia..ib].iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
-            let m_new = m[r].max(bmax);
-            let corr = if m[r] == f32::NEG_INFINITY {
-                0.0
-            } else {
-                let c = expf8(_mm256_set1_ps(m[r] - m_new));
-                _mm256_cvtss_f32(c)
-            };
-            m[r] = m_new;
-            // Weights over the 8-aligned span covering ia..ib, zero outside ia..ib.
-            let (ea, eb) = (ia - ia % 8, ib.next_multiple_of(8).min(KB));
-            let mv = _mm256_set1_ps(m_new);
-            let mut psum = _mm256_setzero_ps();
-            let mut jj = ea;
-            while jj < eb {
-                let idx = _mm256_add_epi32(
-                    _mm256_set1_epi32(jj as i32),
-                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                );
-                let inside = _mm256_andnot_si256(
-                    _mm256_or_si256(
-                        _mm256_cmpgt_epi32(_mm256_set1_epi32(ia as i32), idx),
-                        _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(ib as i32 - 1)),
-                    ),
-                    _mm256_set1_epi32(-1),
-                );
-                let inside = _mm256_castsi256_ps(inside);
-                // SAFETY: jj + 8 <= eb <= KB: inside sb (lanes outside ia..ib are masked, and
-                // hold finite scores of earlier blocks or zeros).
-                unsafe {
-                    let sv = _mm256_blendv_ps(mv, _mm256_loadu_ps(sb.as_ptr().add(jj)), inside);
-                    let pv = _mm256_and_ps(expf8(_mm256_sub_ps(sv, mv)), inside);
-                    psum = _mm256_add_ps(psum, pv);
-                    _mm256_storeu_ps(sb.as_mut_ptr().add(jj), pv);
-                }
-                jj += 8;
-            }
-            lsum[r] = lsum[r] * corr + hsum(psum);
+            // SAFETY: same CPU contract; ia < ib <= KB.
+            let corr =
+                unsafe { block_weights(sb, ia, ib, &mut m[r], &mut lsum[r], scale, softcap) };
             // SAFETY: same CPU contract; row r's accumulator is inside acc, values ia..ib
             // inside vf, weights inside sb.
             unsafe { block_values(&mut acc[r * dv..(r + 1) * dv], corr, sb, vf, dv, ia, ib) };
@@ -451,6 +457,202 @@ unsafe fn rows_small(
         j0 = j1;
     }
     finish(acc, &m, &lsum, nr, dv, out, ml);
+}
+
+/// One block's softmax step for one row: soft-caps its scores `sb[ia..ib]` (if `softcap`),
+/// raises the running maximum `m` to the block's, turns the scores into weights
+/// `exp(s - m)` in place (zero in the rest of the 8-aligned span), and updates the running
+/// sum `lsum`; returns the factor the row's earlier accumulators are to be scaled by.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `ia < ib <= KB <= sb.len()`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_weights(
+    sb: &mut [f32],
+    ia: usize,
+    ib: usize,
+    m: &mut f32,
+    lsum: &mut f32,
+    scale: f32,
+    softcap: f32,
+) -> f32 {
+    assert!(ia < ib && ib <= KB && sb.len() >= KB);
+    if softcap != 0.0 {
+        for v in &mut sb[ia..ib] {
+            *v = crate::reference::softcap_score(*v, scale, softcap);
+        }
+    }
+    let bmax = sb[ia..ib].iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
+    let m_new = m.max(bmax);
+    let corr = if *m == f32::NEG_INFINITY {
+        0.0
+    } else {
+        let c = expf8(_mm256_set1_ps(*m - m_new));
+        _mm256_cvtss_f32(c)
+    };
+    *m = m_new;
+    // Weights over the 8-aligned span covering ia..ib, zero outside ia..ib.
+    let (ea, eb) = (ia - ia % 8, ib.next_multiple_of(8).min(KB));
+    let mv = _mm256_set1_ps(m_new);
+    let mut psum = _mm256_setzero_ps();
+    let mut jj = ea;
+    while jj < eb {
+        let idx = _mm256_add_epi32(
+            _mm256_set1_epi32(jj as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        );
+        let inside = _mm256_andnot_si256(
+            _mm256_or_si256(
+                _mm256_cmpgt_epi32(_mm256_set1_epi32(ia as i32), idx),
+                _mm256_cmpgt_epi32(idx, _mm256_set1_epi32(ib as i32 - 1)),
+            ),
+            _mm256_set1_epi32(-1),
+        );
+        let inside = _mm256_castsi256_ps(inside);
+        // SAFETY: jj + 8 <= eb <= KB: inside sb (lanes outside ia..ib are masked, and
+        // hold finite scores of earlier blocks or zeros).
+        unsafe {
+            let sv = _mm256_blendv_ps(mv, _mm256_loadu_ps(sb.as_ptr().add(jj)), inside);
+            let pv = _mm256_and_ps(expf8(_mm256_sub_ps(sv, mv)), inside);
+            psum = _mm256_add_ps(psum, pv);
+            _mm256_storeu_ps(sb.as_mut_ptr().add(jj), pv);
+        }
+        jj += 8;
+    }
+    *lsum = *lsum * corr + hsum(psum);
+    corr
+}
+
+/// Scores of `RN` rows (queries `qs`, `dk` each) against keys `j0 + ia..j0 + ib` of the f16
+/// cache, into `sbs[r * KB + j]`: each key's 8-element chunks converted once for all the rows,
+/// each (row, key) one 8-lane accumulator over the chunks in order, reduced by [`hsum`] (the
+/// arithmetic of `block_scores`).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; rows `j0 + ia..j0 + ib` (`k_stride` apart, `dk`
+/// wide) inside `keys`; `qs` holds `RN * dk` floats, `sbs` `RN * KB`, `ib <= KB`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_direct<const RN: usize>(
+    qs: &[f32],
+    keys: &[f16],
+    k_stride: usize,
+    dk: usize,
+    j0: usize,
+    ia: usize,
+    ib: usize,
+    sbs: &mut [f32],
+) {
+    assert!(qs.len() >= RN * dk && sbs.len() >= RN * KB && ib <= KB);
+    assert!(ia >= ib || keys.len() >= (j0 + ib - 1) * k_stride + dk);
+    let (qp, kp) = (qs.as_ptr(), keys.as_ptr().cast::<u8>());
+    let mut j = ia;
+    // Two keys at a time: 2 * RN independent chains.
+    while j + 2 <= ib {
+        let mut a = [[_mm256_setzero_ps(); 2]; RN];
+        for d in (0..dk).step_by(8) {
+            // SAFETY: keys j, j + 1 < ib and elements d..d + 8 <= dk are inside `keys`
+            // (asserted); row r's elements d..d + 8 inside qs.
+            unsafe {
+                let k0 = _mm256_cvtph_ps(_mm_loadu_si128(
+                    kp.add(2 * ((j0 + j) * k_stride + d)).cast(),
+                ));
+                let k1 = _mm256_cvtph_ps(_mm_loadu_si128(
+                    kp.add(2 * ((j0 + j + 1) * k_stride + d)).cast(),
+                ));
+                for (r, ar) in a.iter_mut().enumerate() {
+                    let qv = _mm256_loadu_ps(qp.add(r * dk + d));
+                    ar[0] = _mm256_fmadd_ps(qv, k0, ar[0]);
+                    ar[1] = _mm256_fmadd_ps(qv, k1, ar[1]);
+                }
+            }
+        }
+        for (r, ar) in a.into_iter().enumerate() {
+            sbs[r * KB + j] = hsum(ar[0]);
+            sbs[r * KB + j + 1] = hsum(ar[1]);
+        }
+        j += 2;
+    }
+    if j < ib {
+        let mut a = [_mm256_setzero_ps(); RN];
+        for d in (0..dk).step_by(8) {
+            // SAFETY: as above, for key j < ib.
+            unsafe {
+                let k0 = _mm256_cvtph_ps(_mm_loadu_si128(
+                    kp.add(2 * ((j0 + j) * k_stride + d)).cast(),
+                ));
+                for (r, ar) in a.iter_mut().enumerate() {
+                    *ar = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(r * dk + d)), k0, *ar);
+                }
+            }
+        }
+        for (r, ar) in a.into_iter().enumerate() {
+            sbs[r * KB + j] = hsum(ar);
+        }
+    }
+}
+
+/// For `RN` rows: `acc[r] = acc[r] * corrs[r] + sum_{j in ia..ib} w[r][j] * v[j0 + j]`
+/// (weights `w[r] = sbs[r * KB..]`), straight from the f16 cache, 16 columns at a time: each
+/// value chunk converted once for all the rows; per row and column the arithmetic of
+/// `block_values` (scaled first, then one fused multiply-add per key in order).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; value rows `j0 + ia..j0 + ib` (`v_stride` apart,
+/// `dv` wide, `dv % 16 == 0`) inside `values`; `acc` holds `RN * dv` floats, `sbs` `RN * KB`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn values_direct<const RN: usize>(
+    acc: &mut [f32],
+    corrs: &[f32; DIRECT_ROWS],
+    sbs: &[f32],
+    values: &[f16],
+    v_stride: usize,
+    dv: usize,
+    j0: usize,
+    ia: usize,
+    ib: usize,
+) {
+    assert!(acc.len() >= RN * dv && sbs.len() >= RN * KB && ib <= KB && dv.is_multiple_of(16));
+    assert!(ia >= ib || values.len() >= (j0 + ib - 1) * v_stride + dv);
+    let (ap, vp) = (acc.as_mut_ptr(), values.as_ptr().cast::<u8>());
+    for d0 in (0..dv).step_by(16) {
+        let mut a: [[__m256; 2]; RN] = core::array::from_fn(|r| {
+            let c = _mm256_set1_ps(corrs[r]);
+            // SAFETY: columns d0..d0 + 16 <= dv of accumulator row r < RN (asserted).
+            unsafe {
+                [
+                    _mm256_mul_ps(_mm256_loadu_ps(ap.add(r * dv + d0)), c),
+                    _mm256_mul_ps(_mm256_loadu_ps(ap.add(r * dv + d0 + 8)), c),
+                ]
+            }
+        });
+        for j in ia..ib {
+            // SAFETY: value row j0 + j < j0 + ib, columns d0..d0 + 16, inside `values`.
+            let (v0, v1) = unsafe {
+                let row = vp.add(2 * ((j0 + j) * v_stride + d0));
+                (
+                    _mm256_cvtph_ps(_mm_loadu_si128(row.cast())),
+                    _mm256_cvtph_ps(_mm_loadu_si128(row.add(16).cast())),
+                )
+            };
+            for (r, ar) in a.iter_mut().enumerate() {
+                let pj = _mm256_set1_ps(sbs[r * KB + j]);
+                ar[0] = _mm256_fmadd_ps(pj, v0, ar[0]);
+                ar[1] = _mm256_fmadd_ps(pj, v1, ar[1]);
+            }
+        }
+        for (r, ar) in a.into_iter().enumerate() {
+            // SAFETY: as above.
+            unsafe {
+                _mm256_storeu_ps(ap.add(r * dv + d0), ar[0]);
+                _mm256_storeu_ps(ap.add(r * dv + d0 + 8), ar[1]);
+            }
+        }
+    }
 }
 
 /// The 8 lanes of `v` summed in a fixed order.

@@ -241,8 +241,23 @@ unsafe fn tile<const L: u8, const R: usize, const C: usize, const VNNI: bool>(
                     }
                 });
                 for t in 0..4 {
-                    let alo: [__m256i; C] = core::array::from_fn(|c| bcast(c, e0 + 4 * t));
-                    let ahi: [__m256i; C] = core::array::from_fn(|c| bcast(c, e0 + 16 + 4 * t));
+                    // Without VNNI the broadcasts serve every panel from registers; with it
+                    // they fold into each dpbusd as a memory operand (EVEX broadcast), which
+                    // frees the registers that otherwise spilled the accumulators.
+                    let alo: [__m256i; C] = core::array::from_fn(|c| {
+                        if VNNI {
+                            _mm256_setzero_si256()
+                        } else {
+                            bcast(c, e0 + 4 * t)
+                        }
+                    });
+                    let ahi: [__m256i; C] = core::array::from_fn(|c| {
+                        if VNNI {
+                            _mm256_setzero_si256()
+                        } else {
+                            bcast(c, e0 + 16 + 4 * t)
+                        }
+                    });
                     for r in 0..R {
                         let v = _mm256_loadu_si256(p.add(r * pb + lay.group_at(g) + 32 * t).cast());
                         let mut lo = _mm256_and_si256(v, low);
@@ -257,8 +272,9 @@ unsafe fn tile<const L: u8, const R: usize, const C: usize, const VNNI: bool>(
                         }
                         for c in 0..C {
                             if VNNI {
-                                isum[r][c] = _mm256_dpbusd_epi32(isum[r][c], lo, alo[c]);
-                                isum[r][c] = _mm256_dpbusd_epi32(isum[r][c], hi, ahi[c]);
+                                let (al, ah) = (bcast(c, e0 + 4 * t), bcast(c, e0 + 16 + 4 * t));
+                                isum[r][c] = _mm256_dpbusd_epi32(isum[r][c], lo, al);
+                                isum[r][c] = _mm256_dpbusd_epi32(isum[r][c], hi, ah);
                             } else {
                                 let x = _mm256_add_epi16(
                                     _mm256_maddubs_epi16(lo, alo[c]),
