@@ -229,6 +229,26 @@ fn out_size(
     Some(out_need)
 }
 
+/// Asks for the cache lines of `data` to be brought into the L2 cache (a hint: nothing is
+/// read, nothing can fault; a no-op off x86-64).
+#[inline]
+pub fn prefetch_l2<T>(data: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let p = data.as_ptr().cast::<i8>();
+        let mut at = 0;
+        while at < std::mem::size_of_val(data) {
+            // SAFETY: SSE is part of the x86-64 baseline; a prefetch reads nothing and never
+            // faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(at)) };
+            at += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
 /// `dst[..v.len()] = v`, with the usual 8 values (one panel) as a fixed-size copy: a
 /// `copy_from_slice` of unknown length is a `memmove` call per panel, 4% of a batched step.
 #[inline(always)]

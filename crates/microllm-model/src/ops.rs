@@ -170,6 +170,21 @@ pub(crate) fn matmul(
     scratch: &mut [f32],
     out: &mut [f32],
 ) {
+    matmul_side(ctx, w, x, n_tok, input, scratch, out, None);
+}
+
+/// [`matmul`], prefetching `side` piece by piece along the packed paths' runs.
+#[allow(clippy::too_many_arguments)]
+fn matmul_side(
+    ctx: Ctx<'_>,
+    w: &QMatrix,
+    x: &[f32],
+    n_tok: usize,
+    input: &mut QuantizedInput<'_>,
+    scratch: &mut [f32],
+    out: &mut [f32],
+    side: Option<&KvPrefetch<'_, '_>>,
+) {
     let k = w.n_cols;
     let n_rows = w.n_rows;
     let n_threads = ctx.pool.n_threads();
@@ -193,7 +208,12 @@ pub(crate) fn matmul(
             offset,
             RUN_GRAIN,
             RUN_STEAL,
-            |p0, _, o| decode_rows(ctx, w, panel, act, p0 * PANEL_ROWS, o),
+            |p0, p1, o| {
+                if let Some(side) = side {
+                    side.part(p0, p1, n_panels);
+                }
+                decode_rows(ctx, w, panel, act, p0 * PANEL_ROWS, o)
+            },
         );
         return;
     }
@@ -210,7 +230,10 @@ pub(crate) fn matmul(
             offset,
             RUN_GRAIN,
             RUN_STEAL_BATCH,
-            |_, _, mut blk| {
+            |p0, p1, mut blk| {
+                if let Some(side) = side {
+                    side.part(p0, p1, n_panels);
+                }
                 let r0 = blk.first();
                 kernels.gemm_packed_into(
                     w.ty,
@@ -261,6 +284,7 @@ const RUN_STEAL_BATCH: usize = 1;
 /// matrices (SmolLM2's K and V: 69 KB each) take less time to stream than a pool round trip.
 /// The same results as separate [`matmul`]s (every row computed by the same kernel call), to
 /// which it falls back otherwise.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_group<const N: usize>(
     ctx: Ctx<'_>,
     ws: [&QMatrix; N],
@@ -269,6 +293,7 @@ pub(crate) fn matmul_group<const N: usize>(
     input: &mut QuantizedInput<'_>,
     scratch: &mut [f32],
     outs: [&mut [f32]; N],
+    side: Option<&KvPrefetch<'_, '_>>,
 ) {
     let k = ws[0].n_cols;
     let plan = Plan::of(ctx, ws[0], n_tok);
@@ -278,8 +303,10 @@ pub(crate) fn matmul_group<const N: usize>(
             .all(|w| w.n_cols == k && Plan::of(ctx, w, n_tok) == plan)
         && ws.iter().map(|w| w.n_rows).sum::<usize>() <= scratch.len();
     if !fused {
-        for (w, out) in ws.into_iter().zip(outs) {
-            matmul(ctx, w, x, n_tok, input, scratch, out);
+        // The side prefetch rides on the first (largest) matrix.
+        for (i, (w, out)) in ws.into_iter().zip(outs).enumerate() {
+            let side = if i == 0 { side } else { None };
+            matmul_side(ctx, w, x, n_tok, input, scratch, out, side);
         }
         return;
     }
@@ -305,6 +332,9 @@ pub(crate) fn matmul_group<const N: usize>(
     let all = &mut scratch[..nr];
     ctx.pool
         .for_each_run_mut(all, np, offset, RUN_GRAIN, RUN_STEAL, |p0, p1, o| {
+            if let Some(side) = side {
+                side.part(p0, p1, np);
+            }
             // The piece's panels, matrix by matrix.
             let mut p = p0;
             while p < p1 {
@@ -858,6 +888,83 @@ fn regrouped(rows: &[Row], n_head_kv: usize, mut f: impl FnMut(usize, usize, usi
             }
         }
         t0 = t1;
+    }
+}
+
+/// The keys and values a layer's attention is about to read from memory — every sequence's
+/// cached positions before its new tokens (within the window), every KV head — requested
+/// into L2 a slice at a time by the matmul before it (Q/K/V), so that their latency hides
+/// under that matmul's weight stream (decode: attention read its cache from DRAM at a third
+/// of the weights' rate) or its arithmetic (batches). f16 caches only.
+pub(crate) struct KvPrefetch<'s, 'a> {
+    seqs: &'s [SeqBatch<'a>],
+    il: usize,
+    window: usize,
+    dims: [(usize, usize); 2],
+    total: usize,
+}
+
+impl<'s, 'a> KvPrefetch<'s, 'a> {
+    pub(crate) fn new(
+        c: &Config,
+        seqs: &'s [SeqBatch<'a>],
+        il: usize,
+        window: usize,
+    ) -> Option<Self> {
+        if !seqs
+            .iter()
+            .all(|s| matches!(s.state.kv, KvCache::F16 { .. }))
+        {
+            return None;
+        }
+        let mut p = KvPrefetch {
+            seqs,
+            il,
+            window,
+            dims: [(c.head_dim, c.k_dim()), (c.head_dim_v, c.v_dim())],
+            total: 0,
+        };
+        let mut total = 0;
+        p.each(|r| total += 2 * r.len());
+        p.total = total;
+        (total > 0).then_some(p)
+    }
+
+    /// Calls `f` on every range to fetch, in a fixed order.
+    fn each(&self, mut f: impl FnMut(&[f16])) {
+        for sb in self.seqs {
+            let st = &*sb.state;
+            let KvCache::F16 { k, v } = &st.kv else {
+                continue;
+            };
+            let p0 = st.n_past;
+            let from = if self.window > 0 {
+                p0.saturating_sub(self.window)
+            } else {
+                0
+            };
+            for (cache, (d, dim)) in [(k, self.dims[0]), (v, self.dims[1])] {
+                let cache = cache.reinterpret_cast::<f16>();
+                for g in 0..dim / d {
+                    let head = f16_head(cache, self.il, g, st.n_ctx, d, dim);
+                    f(&head[from * d..p0 * d]);
+                }
+            }
+        }
+    }
+
+    /// Prefetches part `a..b` of `n` equal parts of the bytes.
+    pub(crate) fn part(&self, a: usize, b: usize, n: usize) {
+        let (lo, hi) = (self.total * a / n, self.total * b / n);
+        let mut at = 0;
+        self.each(|r| {
+            let len = 2 * r.len();
+            let (s, e) = (lo.max(at), hi.min(at + len));
+            if s < e {
+                microllm_kernels::prefetch_l2(&r[(s - at) / 2..(e - at).div_ceil(2)]);
+            }
+            at += len;
+        });
     }
 }
 

@@ -128,11 +128,12 @@ fn chunked_concurrent_generation_matches_one_shot_solo() {
     drop(solo);
 
     // Three slots, 7-token prefill chunks, all six requests at once (three wait in the queue).
+    // A longer context than the solo engine's, for the long `busy` stream below.
     let batched = start(
         lm,
         EngineConfig {
             n_parallel: 3,
-            n_ctx: 200,
+            n_ctx: 2048,
             n_prefill_chunk: 7,
             max_queue: 8,
             // Small blocks, so that requests also copy prefixes from the block store.
@@ -161,7 +162,9 @@ fn chunked_concurrent_generation_matches_one_shot_solo() {
 
     // `busy` streams in one slot (its blocks are cached once its prompt is evaluated);
     // `later` must go to another slot, which holds nothing of the preamble: its prefix comes
-    // from the block store, and its answer is still the one-shot solo answer.
+    // from the block store, and its answer is still the one-shot solo answer. `busy` asks for
+    // far more tokens than `later` needs steps, so that it still holds its slot when `later`
+    // arrives (with 150 the tiny model sometimes finished first, and `later` took its slot).
     let copied = |st: &microllm_server::AppState| -> f64 {
         let m = st.metrics().render();
         let line = m
@@ -172,7 +175,7 @@ fn chunked_concurrent_generation_matches_one_shot_solo() {
         line.rsplit(' ').next().unwrap().parse().unwrap()
     };
     let copied0 = copied(&batched.state);
-    let body = json!({"prompt": busy, "max_tokens": 150, "temperature": 0, "ignore_eos": true,
+    let body = json!({"prompt": busy, "max_tokens": 1900, "temperature": 0, "ignore_eos": true,
                       "stream": true});
     let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
     let resp = agent

@@ -76,6 +76,8 @@ pub(crate) fn forward(
             &mut input,
             scratch,
             [q, k, v],
+            ops::KvPrefetch::new(c, seqs, il, c.sliding_window.filter(|_| swa).unwrap_or(0))
+                .as_ref(),
         );
         if let Some(qn) = &lw.q_norm {
             ops::rms_norm_in_place(q, qn, c.rms_eps);
@@ -142,6 +144,7 @@ pub(crate) fn forward(
             &mut input,
             scratch,
             [gate, up],
+            None,
         );
         match c.ffn_act {
             FfnAct::GeluTanh => ops::glu_rows(ctx, gate, up, n_tok, true),

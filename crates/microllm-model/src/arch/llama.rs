@@ -56,6 +56,13 @@ pub(crate) fn forward(
             &mut input,
             scratch,
             [q, k, v],
+            ops::KvPrefetch::new(
+                c,
+                seqs,
+                il,
+                c.sliding_window.filter(|_| c.swa_layers[il]).unwrap_or(0),
+            )
+            .as_ref(),
         );
         if let Some(b) = &lw.bq {
             ops::add_bias(q, b);
@@ -124,6 +131,7 @@ pub(crate) fn forward(
             &mut input,
             scratch,
             [gate, up],
+            None,
         );
         ops::glu_rows(ctx, gate, up, n_tok, false);
         input.invalidate();
