@@ -231,19 +231,28 @@ fn matmul_side(
             RUN_GRAIN,
             RUN_STEAL_BATCH,
             |p0, p1, mut blk| {
-                if let Some(side) = side {
-                    side.part(p0, p1, n_panels);
+                // With a side prefetch, a few panels at a time, each after its share of the
+                // prefetches: spread out, they wait on no free miss slot.
+                let step = if side.is_some() { SIDE_PANELS } else { p1 - p0 };
+                let mut p = p0;
+                while p < p1 {
+                    let pe = (p + step).min(p1);
+                    if let Some(side) = side {
+                        side.part(p, pe, n_panels);
+                    }
+                    let (r0, r1) = (p * PANEL_ROWS, (pe * PANEL_ROWS).min(n_rows));
+                    let at = r0 - blk.first();
+                    kernels.gemm_packed_into(
+                        w.ty,
+                        k,
+                        w.packed_from(r0).expect("packed"),
+                        r1 - r0,
+                        act,
+                        n_tok,
+                        &mut |c, r, v| microllm_kernels::put_rows(&mut blk.row_mut(c)[at + r..], v),
+                    );
+                    p = pe;
                 }
-                let r0 = blk.first();
-                kernels.gemm_packed_into(
-                    w.ty,
-                    k,
-                    w.packed_from(r0).expect("packed"),
-                    blk.len(),
-                    act,
-                    n_tok,
-                    &mut |c, r, v| microllm_kernels::put_rows(&mut blk.row_mut(c)[r..], v),
-                );
             },
         );
         return;
@@ -276,6 +285,8 @@ const RUN_GRAIN: usize = 16;
 const RUN_STEAL: usize = 4;
 /// The same for batches (a panel takes a while there: all the tokens' columns).
 const RUN_STEAL_BATCH: usize = 1;
+/// Panels per kernel call of a batched matmul that carries a side prefetch.
+const SIDE_PANELS: usize = 2;
 
 /// `outs[i] = x · ws[i]ᵀ` for matrices sharing their input (Q/K/V, gate/up). Decoding one
 /// token with packed weights, all of them are one pool operation (their panels one after the
