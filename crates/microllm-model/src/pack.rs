@@ -180,6 +180,13 @@ pub(crate) fn pack_weights(
             pool,
             &mut bytes[base + at..base + at + len],
         );
+        if *ok {
+            // Released at once, so that the file's pages and the packed copy are not both
+            // resident for the whole model at the end of packing (peak RSS). Released pages
+            // stay in the page cache: if sealing fails below, the unpacked path reads them
+            // back.
+            file.release_pages(m.info());
+        }
     }
     let Some(buf) = fresh.seal().map(Arc::new) else {
         stats.refused = places.len();
@@ -197,7 +204,6 @@ pub(crate) fn pack_weights(
             start: base + at,
             len,
         });
-        file.release_pages(m.info());
     }
     stats
 }
