@@ -1,10 +1,11 @@
 //! Packing the weights at load: every matrix whose format has a packed layout
 //! (`microllm_kernels::packed`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K) is repacked once
 //! into the panel kernels' interleaved layout, at its original size, so that decode and small
-//! batches stream it with no per-call unpacking; the file's pages of a packed matrix are then released (they stay in
-//! the page cache), so resident memory holds the weights once. Results are bit-identical to
-//! the panel matmul on the original bytes, so a model is packed or not without changing any
-//! output but the llama.cpp-exact path's, which never uses packed weights.
+//! batches stream it with no per-call unpacking; the file's pages of a packed matrix are then
+//! released (they stay in the page cache), so resident memory holds the weights once. Results
+//! are bit-identical to the panel matmul on the original bytes, so a model is packed or not
+//! without changing any output but the llama.cpp-exact path's, which never uses packed
+//! weights.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -322,7 +322,9 @@ fn finish(
 /// fixed order), its block maximum and exponentials, and its weighted sum of values held in
 /// registers, with the running maximum rescaling between blocks (online softmax). A row's
 /// result depends only on its query, its visible keys and the fixed block positions, never on
-/// the other rows.
+/// the other rows. Up to [`DIRECT_ROWS`] rows that all see the same keys (a decode step's GQA
+/// group) skip the f32 blocks: [`scores_direct`] and [`values_direct`] read the f16 cache in
+/// registers, with each row's arithmetic unchanged (the same bits either way).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_small(
     sc: &mut Scratch,
