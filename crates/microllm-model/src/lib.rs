@@ -518,7 +518,7 @@ pub(crate) fn output_logits(
             input.invalidate();
             obs.matmul_input(&w.output, src, nt);
             let logits = &mut outb[..nt * n_vocab];
-            ops::matmul(ctx, &w.output, src, nt, input, tmp, logits);
+            ops::matmul(ctx, &w.output, src, nt, input, tmp, logits, None);
             for row in logits.chunks_exact_mut(n_vocab) {
                 final_softcap(c, row);
                 while j == count_of(&seqs[si]) {
@@ -557,7 +557,7 @@ pub(crate) fn output_logits(
                 Logits::All(buf) => &mut buf[done * n_vocab..(done + nt) * n_vocab],
                 _ => &mut sb.state.logits[..],
             };
-            ops::matmul(ctx, &w.output, src, nt, input, scratch, dst);
+            ops::matmul(ctx, &w.output, src, nt, input, scratch, dst, None);
             final_softcap(c, dst);
             done += nt;
         }

@@ -161,21 +161,10 @@ fn decode_rows(ctx: Ctx<'_>, w: &QMatrix, panel: bool, act: &[u8], r0: usize, ou
 /// Decode (one token) splits the rows into chunks written straight into `out`. With several
 /// tokens every chunk of rows is multiplied with all the tokens at once (the weights are read
 /// once per call, not once per token) into `scratch`, transposed per chunk, then scattered.
-pub(crate) fn matmul(
-    ctx: Ctx<'_>,
-    w: &QMatrix,
-    x: &[f32],
-    n_tok: usize,
-    input: &mut QuantizedInput<'_>,
-    scratch: &mut [f32],
-    out: &mut [f32],
-) {
-    matmul_side(ctx, w, x, n_tok, input, scratch, out, None);
-}
-
-/// [`matmul`], prefetching `side` piece by piece along the packed paths' runs.
+/// `side`, if any, is prefetched piece by piece along the packed paths' runs
+/// ([`KvPrefetch`]).
 #[allow(clippy::too_many_arguments)]
-fn matmul_side(
+pub(crate) fn matmul(
     ctx: Ctx<'_>,
     w: &QMatrix,
     x: &[f32],
@@ -317,7 +306,7 @@ pub(crate) fn matmul_group<const N: usize>(
         // The side prefetch rides on the first (largest) matrix.
         for (i, (w, out)) in ws.into_iter().zip(outs).enumerate() {
             let side = if i == 0 { side } else { None };
-            matmul_side(ctx, w, x, n_tok, input, scratch, out, side);
+            matmul(ctx, w, x, n_tok, input, scratch, out, side);
         }
         return;
     }

@@ -124,7 +124,7 @@ pub(crate) fn forward(
         tap("kqv_out", il, attn);
         input.invalidate();
         obs.matmul_input(&lw.wo, attn, n_tok);
-        ops::matmul(ctx, &lw.wo, attn, n_tok, &mut input, scratch, xn);
+        ops::matmul(ctx, &lw.wo, attn, n_tok, &mut input, scratch, xn, None);
         if let Some(pn) = &lw.attn_post_norm {
             ops::rms_norm_in_place(xn, pn, c.rms_eps);
         }
@@ -152,7 +152,7 @@ pub(crate) fn forward(
         }
         input.invalidate();
         obs.matmul_input(&lw.w_down, gate, n_tok);
-        ops::matmul(ctx, &lw.w_down, gate, n_tok, &mut input, scratch, xn);
+        ops::matmul(ctx, &lw.w_down, gate, n_tok, &mut input, scratch, xn, None);
         tap("ffn_out", il, xn);
         if let Some(pn) = &lw.ffn_post_norm {
             ops::rms_norm_in_place(xn, pn, c.rms_eps);

@@ -114,7 +114,7 @@ pub(crate) fn forward(
         tap("kqv_out", il, attn);
         input.invalidate();
         obs.matmul_input(&lw.wo, attn, n_tok);
-        ops::matmul(ctx, &lw.wo, attn, n_tok, &mut input, scratch, xn);
+        ops::matmul(ctx, &lw.wo, attn, n_tok, &mut input, scratch, xn, None);
         ops::add_in_place(x, xn);
 
         // Feed-forward block (SwiGLU).
@@ -136,7 +136,7 @@ pub(crate) fn forward(
         ops::glu_rows(ctx, gate, up, n_tok, false);
         input.invalidate();
         obs.matmul_input(&lw.w_down, gate, n_tok);
-        ops::matmul(ctx, &lw.w_down, gate, n_tok, &mut input, scratch, xn);
+        ops::matmul(ctx, &lw.w_down, gate, n_tok, &mut input, scratch, xn, None);
         tap("ffn_out", il, xn);
         ops::add_in_place(x, xn);
         tap("l_out", il, x);
