@@ -82,8 +82,9 @@ pub enum KernelPath {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
-    /// [`KernelPath::Avx2`], with AVX-512 VNNI (256-bit `vpdpbusd`) in the packed matmul's
-    /// inner step (bit-identical results: the integer sums are exact either way).
+    /// [`KernelPath::Avx2`], with the packed matmul on AVX-512 (F, BW, VL, VNNI): two panels
+    /// per 512-bit vector and `vpdpbusd` in the inner step (bit-identical results: the
+    /// integer sums are exact either way and every lane's float epilogue is the same).
     Avx2Vnni,
 }
 
@@ -101,7 +102,7 @@ impl fmt::Display for KernelPath {
 ///
 /// Invariant (what makes the `unsafe` SIMD calls sound): a `Kernels` whose path is
 /// [`KernelPath::Avx2`] exists only if the running CPU reported AVX2, FMA and F16C, one whose
-/// path is [`KernelPath::Avx2Vnni`] only if it also reported AVX512F, AVX512VL and VNNI; the field
+/// path is [`KernelPath::Avx2Vnni`] only if it also reported AVX512F, AVX512BW, AVX512VL and VNNI; the field
 /// is private and only [`Kernels::with_path`] (and `detect`, through it) builds one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kernels {
@@ -114,7 +115,10 @@ fn vnni_available() -> Result<(), String> {
         if x86::avx2_packed::vnni_detected() {
             Ok(())
         } else {
-            Err("this CPU lacks AVX2, FMA, F16C, AVX512F, AVX512VL or AVX512-VNNI".to_string())
+            Err(
+                "this CPU lacks AVX2, FMA, F16C, AVX512F, AVX512BW, AVX512VL or AVX512-VNNI"
+                    .to_string(),
+            )
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -663,7 +667,8 @@ impl Kernels {
             KernelPath::Scalar => packed::gemm_ref(f, k, packed, n_rows, act, n_cols, sink),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the Avx2 path exists only with AVX2, FMA and F16C detected, Avx2Vnni
-            // only with AVX512F, AVX512VL and VNNI as well (the invariant on `Kernels`).
+            // only with AVX512F, AVX512BW, AVX512VL and VNNI as well (the invariant on
+            // `Kernels`).
             KernelPath::Avx2 | KernelPath::Avx2Vnni => unsafe {
                 x86::avx2_packed::gemm(
                     f,

@@ -124,8 +124,9 @@ fn packing_gives_the_same_bytes_on_every_path() {
 #[test]
 fn packed_matmul_is_bit_identical_to_the_panel_matmul() {
     // On each path, against that path's panel kernel: every column count through the
-    // decode tiles (1-3 columns, 4 panels at a time) and the batch tiles (4 columns), row
-    // counts around the 8-row panel and the 4-panel decode tile.
+    // decode tiles (one column, 4 panels at a time) and the batch tiles (8, 4, 2 and 1
+    // columns with 512-bit vectors, 4 and 1 with 256-bit ones), row counts around the 8-row
+    // panel, the panel pairs of the 512-bit tiles and the 4-panel decode tile.
     for kern in all_paths() {
         let panel_kern = if kern.path() == microllm_kernels::KernelPath::Scalar {
             kern
@@ -133,9 +134,9 @@ fn packed_matmul_is_bit_identical_to_the_panel_matmul() {
             avx2().expect("a SIMD path implies AVX2")
         };
         for ty in PACKED_TYPES {
-            for (k, n_rows) in [(32, 1), (576, 13), (96, 40), (1536, 37)] {
+            for (k, n_rows) in [(32, 1), (576, 13), (96, 40), (1536, 37), (256, 72)] {
                 let k = fit(ty, k);
-                for n_cols in [1, 2, 3, 4, 5, 8, 9] {
+                for n_cols in [1, 2, 3, 4, 5, 7, 8, 9, 15, 16] {
                     let c = case(ty, k, n_rows, n_cols, (k * 7 + n_rows * 3 + n_cols) as u64);
                     let packed = pack(&kern, ty, &c);
                     assert_eq!(

@@ -1,5 +1,6 @@
 //! AVX2 version of the packed matmul (see `crate::packed` for the layout and the scalar
-//! specification it is tested against), with an AVX-512 VNNI variant of the inner step.
+//! specification it is tested against), with an AVX-512 variant (`tile512`: two panels per
+//! 512-bit vector, VNNI inner step).
 //!
 //! Inner step, as in the panel tile (`avx2_panel.rs`): one 32-byte vector holds 4 levels of
 //! each of the 8 rows; 4 activation bytes broadcast to every 32-bit lane; a u8 x i8 multiply
@@ -15,12 +16,16 @@
 //!
 //! Tiles: `R` panels x `C` columns. Decode (one column) runs 4 panels at once so that 4
 //! independent float chains hide the multiply-add latency; batches run 1 panel x 4 columns,
-//! so each packed vector is loaded and split once for 4 columns.
+//! so each packed vector is loaded and split once for 4 columns. The AVX-512 tiles hold two
+//! consecutive panels per vector (each lane does what the 256-bit VNNI tile's lane does, so
+//! the results are the same bits): decode 2 pairs x 1 column, batches 1 pair x 8 columns
+//! (the rest of the columns in one narrower tile); a last odd panel takes the 256-bit tile.
 //!
-//! Safety: `tile` and `drive` are `#[inline(always)]` helpers of the two `#[target_feature]`
-//! entry points ([`gemm`] picks one); their `unsafe` intrinsic calls rely on the CPU features
-//! of whichever entry point they were inlined into: AVX2, FMA and F16C always, and AVX-512
-//! VNNI/VL for the `VNNI = true` instances, which only `gemm_vnni` creates.
+//! Safety: `tile`, `tile512`, `drive` and `drive512` are `#[inline(always)]` helpers of the
+//! two `#[target_feature]` entry points ([`gemm`] picks one); their `unsafe` intrinsic calls
+//! rely on the CPU features of whichever entry point they were inlined into: AVX2, FMA and
+//! F16C always, and AVX-512 F/BW/VL/VNNI for `tile512`, `drive512` and the `VNNI = true`
+//! instances, which only `gemm_vnni` creates.
 
 use core::arch::x86_64::*;
 
@@ -28,10 +33,11 @@ use crate::format::Fmt;
 use crate::packed::{packed_len, Layout};
 use crate::panel::{act_offsets, act_row_bytes, Panel, PanelShape, PANEL_ROWS};
 
-/// Whether the running CPU has AVX-512 VNNI with 256-bit forms (and AVX2, FMA, F16C).
+/// Whether the running CPU has AVX-512 F, BW, VL and VNNI (and AVX2, FMA, F16C).
 pub(crate) fn vnni_detected() -> bool {
     super::avx2_fma_f16c_detected()
         && std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vl")
         && std::arch::is_x86_feature_detected!("avx512vnni")
 }
@@ -333,6 +339,282 @@ unsafe fn tile<const L: u8, const R: usize, const C: usize, const VNNI: bool>(
     }
 }
 
+/// Two panels' 32-byte vectors at byte `off` of panels `2j` and `2j + 1` (`pb` bytes apart,
+/// from `p`), as one 512-bit vector: panel `2j` in the low half.
+///
+/// # Safety
+/// Inlined only into the AVX-512 entry point; both 32-byte ranges are readable.
+#[inline(always)]
+unsafe fn pair(p: *const u8, pb: usize, j: usize, off: usize) -> __m512i {
+    // SAFETY: the caller's contract (AVX-512F; both loads in range).
+    unsafe {
+        let lo = _mm256_loadu_si256(p.add(2 * j * pb + off).cast());
+        let hi = _mm256_loadu_si256(p.add((2 * j + 1) * pb + off).cast());
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    }
+}
+
+/// Two panels' 8 f16 values at byte `off` (as [`pair`]) as 16 floats.
+///
+/// # Safety
+/// As [`pair`] (16-byte ranges).
+#[inline(always)]
+unsafe fn pair_f16(p: *const u8, pb: usize, j: usize, off: usize) -> __m512 {
+    // SAFETY: the caller's contract (AVX-512F, F16C; both loads in range).
+    unsafe {
+        let lo = _mm_loadu_si128(p.add(2 * j * pb + off).cast());
+        let hi = _mm_loadu_si128(p.add((2 * j + 1) * pb + off).cast());
+        _mm512_cvtph_ps(_mm256_set_m128i(hi, lo))
+    }
+}
+
+/// [`tile`] with 512-bit vectors: `P` pairs of consecutive panels (each pair's 16 rows in one
+/// vector, the first panel in the low half) for `C` columns; `[j][c]` holds panels `2j` and
+/// `2j + 1` for column `c`. Every lane does the 256-bit VNNI tile's operations in the same
+/// order (exact integer group sums, then the same float epilogue), so the results are
+/// bit-identical to it.
+///
+/// # Safety
+/// Inlined only into the AVX-512 entry point (AVX-512F/BW/VL/VNNI, AVX2, FMA, F16C); `2P`
+/// panels of `k` elements are readable at `p`, and `C` activation rows at `a` (as [`tile`]).
+#[inline(always)]
+unsafe fn tile512<const L: u8, const P: usize, const C: usize>(
+    k: usize,
+    p: *const u8,
+    pb: usize,
+    a: *const u8,
+    a_row: usize,
+) -> [[__m512; C]; P] {
+    let ng = k / 32;
+    let lay = const { lay(L) };
+    let ahead = (2 * P * pb).div_ceil(ng);
+    let (od, o32, _) = act_offsets(k);
+    // SAFETY: the intrinsics need the entry point's features (see above). Every load is of
+    // panel 2j or 2j + 1 < 2P at an offset inside a panel (as in `tile`), or of activation
+    // byte e < k or scale g < ng of column c < C; prefetches never fault.
+    unsafe {
+        let low = _mm512_set1_epi8(0x0f);
+        let bit4 = _mm512_set1_epi8(0x10);
+        let mut acc = [[_mm512_setzero_ps(); C]; P];
+        let bcast = |c: usize, e: usize| {
+            _mm512_set1_epi32(a.add(c * a_row + e).cast::<i32>().read_unaligned())
+        };
+        for g in 0..ng {
+            let e0 = g * 32;
+            let next = p.wrapping_add(2 * P * pb + g * ahead);
+            let mut l = 0;
+            while l < ahead {
+                _mm_prefetch::<PF_HINT>(next.wrapping_add(l).cast());
+                l += 64;
+            }
+            let ga = lay.group_at(g);
+            let mut isum = [[_mm512_setzero_si512(); C]; P];
+            if lay.q8 {
+                for t in 0..8 {
+                    for j in 0..P {
+                        let v = pair(p, pb, j, ga + 32 * t);
+                        // |w| as u8 and the activation negated where w < 0: the products
+                        // of `sign_epi8` (where w = 0 both give 0).
+                        let wabs = _mm512_abs_epi8(v);
+                        let neg = _mm512_movepi8_mask(v);
+                        for c in 0..C {
+                            let av = bcast(c, e0 + 4 * t);
+                            let sa = _mm512_mask_sub_epi8(av, neg, _mm512_setzero_si512(), av);
+                            isum[j][c] = _mm512_dpbusd_epi32(isum[j][c], wabs, sa);
+                        }
+                    }
+                }
+            } else {
+                let fifth: [__m512i; P] = core::array::from_fn(|j| {
+                    if lay.five {
+                        pair(p, pb, j, ga + Layout::FIVE_AT)
+                    } else {
+                        _mm512_setzero_si512()
+                    }
+                });
+                for t in 0..4 {
+                    for j in 0..P {
+                        let v = pair(p, pb, j, ga + 32 * t);
+                        let mut lo = _mm512_and_si512(v, low);
+                        let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                        if lay.five {
+                            let h = fifth[j];
+                            let hl = _mm512_sll_epi16(h, count(4 - t));
+                            let hh = _mm512_srl_epi16(h, count(t));
+                            lo = _mm512_or_si512(lo, _mm512_and_si512(hl, bit4));
+                            hi = _mm512_or_si512(hi, _mm512_and_si512(hh, bit4));
+                        }
+                        for c in 0..C {
+                            let (al, ah) = (bcast(c, e0 + 4 * t), bcast(c, e0 + 16 + 4 * t));
+                            isum[j][c] = _mm512_dpbusd_epi32(isum[j][c], lo, al);
+                            isum[j][c] = _mm512_dpbusd_epi32(isum[j][c], hi, ah);
+                        }
+                    }
+                }
+            }
+            for j in 0..P {
+                let (sw, mw) = if lay.kq {
+                    let ha = lay.head_at(g);
+                    let h0 = p.add(2 * j * pb + ha);
+                    let h1 = p.add((2 * j + 1) * pb + ha);
+                    let six = |at: usize| {
+                        let o = at + 8 * (g % 8);
+                        let b0 = _mm_loadl_epi64(h0.add(o).cast());
+                        let b = _mm_unpacklo_epi64(b0, _mm_loadl_epi64(h1.add(o).cast()));
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b))
+                    };
+                    let d = pair_f16(p, pb, j, ha);
+                    let dmin = pair_f16(p, pb, j, ha + 16);
+                    (_mm512_mul_ps(d, six(32)), _mm512_mul_ps(dmin, six(96)))
+                } else {
+                    let sw = pair_f16(p, pb, j, ga + lay.scales_at());
+                    let mw = if lay.offsets {
+                        pair_f16(p, pb, j, ga + lay.offsets_at())
+                    } else {
+                        _mm512_mul_ps(sw, _mm512_set1_ps(lay.sym))
+                    };
+                    (sw, mw)
+                };
+                for c in 0..C {
+                    let ac = a.add(c * a_row);
+                    let da = _mm512_set1_ps(ac.add(od + 4 * g).cast::<f32>().read_unaligned());
+                    let sa = _mm512_set1_ps(ac.add(o32 + 4 * g).cast::<f32>().read_unaligned());
+                    let scale = _mm512_mul_ps(sw, da);
+                    acc[j][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[j][c]), scale, acc[j][c]);
+                    acc[j][c] = _mm512_fnmadd_ps(mw, sa, acc[j][c]);
+                }
+            }
+        }
+        acc
+    }
+}
+
+/// Panel pairs per 512-bit decode tile (one column).
+const DECODE_PAIRS: usize = 2;
+/// Panel pairs and columns per 512-bit batch tile.
+const BATCH_PAIRS: usize = 1;
+const COLS512: usize = 8;
+
+/// [`drive`] with 512-bit tiles ([`tile512`]) wherever two panels are left, the 256-bit VNNI
+/// tile for a last odd panel: bit-identical to `drive::<L, true>`.
+///
+/// # Safety
+/// Inlined only into [`gemm_avx512`]; sizes as in [`drive`].
+#[inline(always)]
+unsafe fn drive512<const L: u8>(
+    k: usize,
+    packed: &[u8],
+    n_rows: usize,
+    act: &[u8],
+    n_cols: usize,
+    sink: &mut dyn FnMut(usize, usize, &[f32]),
+) {
+    let (pb, a_row) = (const { lay(L) }.panel_bytes(k), act_row_bytes(k));
+    let np = n_rows.div_ceil(PANEL_ROWS);
+    assert!(packed.len() >= np * pb && act.len() >= n_cols * a_row);
+    let (pp, ap) = (packed.as_ptr(), act.as_ptr());
+    let mut put = |c: usize, pi: usize, v: __m256| {
+        let mut t = [0.0f32; PANEL_ROWS];
+        // SAFETY: 8 writable floats (AVX: see the module documentation).
+        unsafe { _mm256_storeu_ps(t.as_mut_ptr(), v) };
+        let rs = pi * PANEL_ROWS;
+        let len = PANEL_ROWS.min(n_rows - rs);
+        sink(c, rs, &t[..len]);
+    };
+    let halves = |v: __m512| {
+        // SAFETY: AVX-512F, a feature of the entry point this is inlined into.
+        unsafe {
+            (
+                _mm512_castps512_ps256(v),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+            )
+        }
+    };
+    // Panels pi.. for columns c0.., `P` pairs and `C` columns at a time.
+    macro_rules! run {
+        ($pairs:expr, $cols:expr, $pi:expr, $c0:expr) => {{
+            // SAFETY: panels pi .. pi + 2 * pairs <= np and columns c0 .. c0 + cols <=
+            // n_cols: inside the asserted ranges.
+            let t = unsafe {
+                tile512::<L, { $pairs }, { $cols }>(
+                    k,
+                    pp.add($pi * pb),
+                    pb,
+                    ap.add($c0 * a_row),
+                    a_row,
+                )
+            };
+            for (j, row) in t.into_iter().enumerate() {
+                for (c, v) in row.into_iter().enumerate() {
+                    let (lo, hi) = halves(v);
+                    put($c0 + c, $pi + 2 * j, lo);
+                    put($c0 + c, $pi + 2 * j + 1, hi);
+                }
+            }
+        }};
+    }
+    // The last odd panel, one column at a time, with the 256-bit tile.
+    macro_rules! odd {
+        ($pi:expr, $c:expr) => {{
+            // SAFETY: panel pi < np and column c < n_cols; the features of
+            // `drive::<_, true>`.
+            let t = unsafe {
+                tile::<L, 1, 1, true>(k, pp.add($pi * pb), pb, ap.add($c * a_row), a_row)
+            };
+            put($c, $pi, t[0][0]);
+        }};
+    }
+    if n_cols >= 2 {
+        let mut pi = 0;
+        while pi + 2 * BATCH_PAIRS <= np {
+            // Columns 8 at a time, then the rest in one tile (each tile reads the panels
+            // once).
+            let mut c0 = 0;
+            while c0 + COLS512 <= n_cols {
+                run!(BATCH_PAIRS, COLS512, pi, c0);
+                c0 += COLS512;
+            }
+            match n_cols - c0 {
+                0 => {}
+                1 => run!(BATCH_PAIRS, 1, pi, c0),
+                2 => run!(BATCH_PAIRS, 2, pi, c0),
+                3 => run!(BATCH_PAIRS, 3, pi, c0),
+                4 => run!(BATCH_PAIRS, 4, pi, c0),
+                5 => run!(BATCH_PAIRS, 5, pi, c0),
+                6 => run!(BATCH_PAIRS, 6, pi, c0),
+                _ => run!(BATCH_PAIRS, 7, pi, c0),
+            }
+            pi += 2 * BATCH_PAIRS;
+        }
+        while pi + 2 <= np {
+            for c in 0..n_cols {
+                run!(1, 1, pi, c);
+            }
+            pi += 2;
+        }
+        if pi < np {
+            for c in 0..n_cols {
+                odd!(pi, c);
+            }
+        }
+        return;
+    }
+    for c in 0..n_cols {
+        let mut pi = 0;
+        while pi + 2 * DECODE_PAIRS <= np {
+            run!(DECODE_PAIRS, 1, pi, c);
+            pi += 2 * DECODE_PAIRS;
+        }
+        while pi + 2 <= np {
+            run!(1, 1, pi, c);
+            pi += 2;
+        }
+        if pi < np {
+            odd!(pi, c);
+        }
+    }
+}
+
 /// Cache level the prefetches of the next tile go to: L2 (measured, 190 MB of Q4_1 streamed
 /// by 2 threads: 28-33 GB/s, the machine's read bandwidth; into L1 or non-temporal 19-22).
 const PF_HINT: i32 = _MM_HINT_T1;
@@ -447,11 +729,11 @@ unsafe fn gemm_avx2<const L: u8>(
     unsafe { drive::<L, false>(k, packed, n_rows, act, n_cols, sink) }
 }
 
-/// [`drive`] with AVX-512 VNNI (256-bit forms).
+/// [`drive512`]: AVX-512 (F, BW, VL, VNNI) with AVX2, FMA and F16C.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA, F16C, AVX512F, AVX512VL and AVX512-VNNI.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+/// The CPU must support AVX2, FMA, F16C, AVX512F, AVX512BW, AVX512VL and AVX512-VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn gemm_vnni<const L: u8>(
     k: usize,
     packed: &[u8],
@@ -460,14 +742,16 @@ unsafe fn gemm_vnni<const L: u8>(
     n_cols: usize,
     sink: &mut dyn FnMut(usize, usize, &[f32]),
 ) {
-    // SAFETY: this function's features are the ones `drive::<_, true>` needs.
-    unsafe { drive::<L, true>(k, packed, n_rows, act, n_cols, sink) }
+    // SAFETY: this function's features are the ones `drive512` (and the 256-bit
+    // `tile::<_, _, _, true>` it uses for an odd panel) needs.
+    unsafe { drive512::<L>(k, packed, n_rows, act, n_cols, sink) }
 }
 
-/// See `Kernels::gemm_packed_into` (shapes checked there): `vnni` picks the VNNI inner step.
+/// See `Kernels::gemm_packed_into` (shapes checked there): `vnni` picks the AVX-512 tiles.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C, and if `vnni`, AVX512F, AVX512VL and VNNI.
+/// The CPU must support AVX2, FMA and F16C, and if `vnni`, AVX512F, AVX512BW, AVX512VL and
+/// VNNI.
 pub(crate) unsafe fn gemm(
     f: Fmt,
     k: usize,
