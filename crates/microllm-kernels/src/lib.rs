@@ -149,7 +149,8 @@ macro_rules! dispatch {
             KernelPath::Scalar => $scalar,
             #[cfg(target_arch = "x86_64")]
             // SAFETY: a Kernels with the Avx2 or Avx2Vnni path is only built after detecting
-            // AVX2, FMA and F16C (see the invariant on `Kernels`).
+            // AVX2, FMA and F16C, Avx2Vnni also AVX-512F (the invariant on `Kernels`), which
+            // the calls that take AVX-512 variants ask for with `path == Avx2Vnni`.
             KernelPath::Avx2 | KernelPath::Avx2Vnni => unsafe { $avx2 },
             #[cfg(not(target_arch = "x86_64"))]
             KernelPath::Avx2 | KernelPath::Avx2Vnni => {
@@ -810,7 +811,7 @@ impl Kernels {
         dispatch!(self,
             scalar => reference::attention_rows(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, out, dv),
             avx2 => if simd {
-                x86::avx2_attn::attention_rows(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, out, dv, rowwise)
+                x86::avx2_attn::attention_rows(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, out, dv, rowwise, self.path == KernelPath::Avx2Vnni)
             } else {
                 reference::attention_rows(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, out, dv)
             },
@@ -879,7 +880,7 @@ impl Kernels {
         dispatch!(self,
             scalar => reference::attention_rows_part(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, keys_from, keys_to, out, dv, ml),
             avx2 => if simd {
-                x86::avx2_attn::attention_rows_part(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, keys_from, keys_to, out, dv, ml)
+                x86::avx2_attn::attention_rows_part(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, keys_from, keys_to, out, dv, ml, self.path == KernelPath::Avx2Vnni)
             } else {
                 reference::attention_rows_part(q, dk, last, window, keys, k_stride, values, v_stride, scale, softcap, keys_from, keys_to, out, dv, ml)
             },

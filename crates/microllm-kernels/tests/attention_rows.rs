@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{avx2, scalar, Rng};
+use common::{avx2, scalar, vnni, Rng};
 use half::f16;
 
 struct Case {
@@ -89,20 +89,22 @@ fn run_rows(
 
 #[test]
 fn avx2_matches_the_specification() {
-    let Some(fast) = avx2() else { return };
-    let s = scalar();
-    for (dk, dv) in [(64, 64), (256, 256), (128, 64), (8, 16)] {
-        for (n_rows, n_kv) in [(1, 1), (3, 17), (9, 40), (33, 70), (40, 100)] {
-            for (window, softcap) in [(0, 0.0), (5, 0.0), (0, 30.0), (16, 50.0)] {
-                let c = case(dk, dv, n_rows, n_kv, (dk * 7 + n_rows * 13 + window) as u64);
-                let want = run(&s, &c, window, softcap);
-                let got = run(&fast, &c, window, softcap);
-                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (g - w).abs() <= 2e-5 * (1.0 + w.abs()),
-                        "dk={dk} dv={dv} rows={n_rows} kv={n_kv} win={window} cap={softcap} \
-                         [{i}]: {g} vs {w}"
-                    );
+    // AVX2, and the AVX-512 variants where the CPU has them.
+    for fast in [avx2(), vnni()].into_iter().flatten() {
+        let s = scalar();
+        for (dk, dv) in [(64, 64), (256, 256), (128, 64), (8, 16)] {
+            for (n_rows, n_kv) in [(1, 1), (3, 17), (9, 40), (33, 70), (40, 100)] {
+                for (window, softcap) in [(0, 0.0), (5, 0.0), (0, 30.0), (16, 50.0)] {
+                    let c = case(dk, dv, n_rows, n_kv, (dk * 7 + n_rows * 13 + window) as u64);
+                    let want = run(&s, &c, window, softcap);
+                    let got = run(&fast, &c, window, softcap);
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 2e-5 * (1.0 + w.abs()),
+                            "dk={dk} dv={dv} rows={n_rows} kv={n_kv} win={window} cap={softcap} \
+                             [{i}]: {g} vs {w}"
+                        );
+                    }
                 }
             }
         }
@@ -223,35 +225,38 @@ fn run_split(
 
 #[test]
 fn avx2_part_matches_the_specification() {
-    let Some(fast) = avx2() else { return };
-    let s = scalar();
-    for (dk, dv) in [(64, 64), (256, 256), (8, 16)] {
-        // Decode-like groups (9 heads per KV head for SmolLM2, 4 for Gemma 3) and odd counts.
-        for (n_rows, n_kv) in [(1, 1), (4, 37), (9, 101), (9, 300), (33, 70)] {
-            for (window, softcap) in [(0, 0.0), (50, 0.0), (0, 30.0)] {
-                let c = case(dk, dv, n_rows, n_kv, (dk * 5 + n_rows * 11 + n_kv) as u64);
-                for (from, to) in [(0, n_kv), (n_kv / 3, n_kv), (1, n_kv / 2 + 1), (n_kv, n_kv)] {
-                    let (wo, wml) = run_part(&s, &c, window, softcap, from, to);
-                    let (go, gml) = run_part(&fast, &c, window, softcap, from, to);
-                    let ctx = format!(
-                        "dk={dk} rows={n_rows} kv={n_kv} win={window} cap={softcap} {from}..{to}"
-                    );
-                    for r in 0..n_rows {
-                        let (wm, wl) = (wml[2 * r], wml[2 * r + 1]);
-                        let (gm, gl) = (gml[2 * r], gml[2 * r + 1]);
-                        if wm == f32::NEG_INFINITY {
-                            assert!(gm == f32::NEG_INFINITY && gl == 0.0, "{ctx} row {r}");
-                        } else {
-                            assert!((gm - wm).abs() <= 2e-5 * (1.0 + wm.abs()), "{ctx} m {r}");
-                            assert!((gl - wl).abs() <= 2e-5 * (1.0 + wl.abs()), "{ctx} l {r}");
-                        }
-                        for d in 0..dv {
-                            let (g, w) = (go[r * dv + d], wo[r * dv + d]);
-                            // Unnormalised: relative to the row's sum of weights.
-                            assert!(
-                                (g - w).abs() <= 2e-5 * (1.0 + wl),
-                                "{ctx} [{r},{d}]: {g} vs {w}"
-                            );
+    // AVX2, and the AVX-512 variants where the CPU has them.
+    for fast in [avx2(), vnni()].into_iter().flatten() {
+        let s = scalar();
+        for (dk, dv) in [(64, 64), (256, 256), (8, 16)] {
+            // Decode-like groups (9 heads per KV head for SmolLM2, 4 for Gemma 3) and odd counts.
+            for (n_rows, n_kv) in [(1, 1), (4, 37), (9, 101), (9, 300), (33, 70)] {
+                for (window, softcap) in [(0, 0.0), (50, 0.0), (0, 30.0)] {
+                    let c = case(dk, dv, n_rows, n_kv, (dk * 5 + n_rows * 11 + n_kv) as u64);
+                    for (from, to) in [(0, n_kv), (n_kv / 3, n_kv), (1, n_kv / 2 + 1), (n_kv, n_kv)]
+                    {
+                        let (wo, wml) = run_part(&s, &c, window, softcap, from, to);
+                        let (go, gml) = run_part(&fast, &c, window, softcap, from, to);
+                        let ctx = format!(
+                            "dk={dk} rows={n_rows} kv={n_kv} win={window} cap={softcap} {from}..{to}"
+                        );
+                        for r in 0..n_rows {
+                            let (wm, wl) = (wml[2 * r], wml[2 * r + 1]);
+                            let (gm, gl) = (gml[2 * r], gml[2 * r + 1]);
+                            if wm == f32::NEG_INFINITY {
+                                assert!(gm == f32::NEG_INFINITY && gl == 0.0, "{ctx} row {r}");
+                            } else {
+                                assert!((gm - wm).abs() <= 2e-5 * (1.0 + wm.abs()), "{ctx} m {r}");
+                                assert!((gl - wl).abs() <= 2e-5 * (1.0 + wl.abs()), "{ctx} l {r}");
+                            }
+                            for d in 0..dv {
+                                let (g, w) = (go[r * dv + d], wo[r * dv + d]);
+                                // Unnormalised: relative to the row's sum of weights.
+                                assert!(
+                                    (g - w).abs() <= 2e-5 * (1.0 + wl),
+                                    "{ctx} [{r},{d}]: {g} vs {w}"
+                                );
+                            }
                         }
                     }
                 }
@@ -381,9 +386,16 @@ fn invariant_rows_do_not_depend_on_their_company() {
 /// context that ends inside a block and one that spans several.
 #[test]
 fn gqa_groups_give_the_same_bits_on_the_direct_path() {
-    let Some(fast) = avx2() else { return };
+    // On AVX2, and with AVX-512 (the 512-bit direct path) where the CPU has it; head sizes
+    // that take the 512-bit scores and values, and one (dv 48) whose values do not.
+    for fast in [avx2(), vnni()].into_iter().flatten() {
+        gqa_groups_same_bits(fast);
+    }
+}
+
+fn gqa_groups_same_bits(fast: microllm_kernels::Kernels) {
     let s = scalar();
-    for (dk, dv) in [(64, 64), (256, 256), (128, 64)] {
+    for (dk, dv) in [(64, 64), (256, 256), (128, 64), (32, 48)] {
         for n_kv in [5, 70, 200] {
             for (window, softcap) in [(0, 0.0), (21, 0.0), (0, 30.0)] {
                 let n_rows = 9;
@@ -410,7 +422,9 @@ fn gqa_groups_give_the_same_bits_on_the_direct_path() {
                             .zip(&all)
                             .all(|(a, b)| a.to_bits() == b.to_bits()),
                         "a group of {group} rows differs from the same rows in a call of \
-                         {n_rows} (dk {dk}, {n_kv} keys, window {window}, softcap {softcap})"
+                         {n_rows} (dk {dk}, {n_kv} keys, window {window}, softcap {softcap}, \
+                         {:?})",
+                        fast.path()
                     );
                 }
             }

@@ -80,7 +80,7 @@ const TR: usize = 32;
 /// See `Kernels::attention_rows` (shapes checked there). `dk % 8 == 0`, `dv % 16 == 0`.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C.
+/// The CPU must support AVX2, FMA and F16C, and AVX-512F if `wide`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn attention_rows(
     q: &[f32],
@@ -96,6 +96,7 @@ pub(crate) unsafe fn attention_rows(
     out: &mut [f32],
     dv: usize,
     rowwise: bool,
+    wide: bool,
 ) {
     let sh = Shape {
         dk,
@@ -108,6 +109,7 @@ pub(crate) unsafe fn attention_rows(
         from: 0,
         to: usize::MAX,
         rowwise,
+        wide,
     };
     // SAFETY: same CPU contract.
     unsafe { rows(&sh, q, last, keys, values, out, None) }
@@ -116,7 +118,7 @@ pub(crate) unsafe fn attention_rows(
 /// See `Kernels::attention_rows_part` (shapes checked there). `dk % 8 == 0`, `dv % 16 == 0`.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C.
+/// The CPU must support AVX2, FMA and F16C, and AVX-512F if `wide`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn attention_rows_part(
     q: &[f32],
@@ -134,6 +136,7 @@ pub(crate) unsafe fn attention_rows_part(
     out: &mut [f32],
     dv: usize,
     ml: &mut [f32],
+    wide: bool,
 ) {
     let sh = Shape {
         dk,
@@ -146,6 +149,7 @@ pub(crate) unsafe fn attention_rows_part(
         from: keys_from,
         to: keys_to,
         rowwise: false,
+        wide,
     };
     // SAFETY: same CPU contract.
     unsafe { rows(&sh, q, last, keys, values, out, Some(ml)) }
@@ -167,6 +171,9 @@ struct Shape {
     /// Every row by [`rows_small`], whatever the number of rows, so that a row's result does
     /// not depend on the other rows of the call (`Kernels::attention_rows_invariant`).
     rowwise: bool,
+    /// The CPU has AVX-512F (the caller's promise): [`rows_small`]'s direct path takes
+    /// [`scores_direct_512`] and [`values_direct_512`].
+    wide: bool,
 }
 
 /// All the rows, [`TR`] at a time; `ml` as in `attention_rows_part` (then `out` is not
@@ -369,6 +376,9 @@ unsafe fn rows_small(
     let mut lsum = [0.0f32; TR];
     // Few rows that all see the same keys (a decode step's GQA group) take the direct path.
     let direct = nr <= DIRECT_ROWS && ranges[..nr].iter().all(|&rg| rg == ranges[0]);
+    // The 512-bit variants' shapes (queries duplicated on the stack; 32 columns a step).
+    let wide_k = sh.wide && dk <= WIDE_MAX_DK;
+    let wide_v = sh.wide && dv.is_multiple_of(32);
     let (kf, vf, sbs) = (
         &mut sc.kf[..KB * dk],
         &mut sc.vf[..KB * dv],
@@ -402,12 +412,25 @@ unsafe fn rows_small(
                 // SAFETY: same CPU contract; keys/values j0 + ia..j0 + ib are below hi, inside
                 // the caches (checked by the caller); the queries of the nr rows are in qs,
                 // the scores of row r at sbs[r * KB..] (room for 4 * KB).
+                // With `wide`, AVX-512F (the `Shape`'s promise) for the 512-bit variants.
                 unsafe {
-                    match nr {
-                        1 => scores_direct::<1>(qs, keys, k_stride, dk, j0, ia, ib, sbs),
-                        2 => scores_direct::<2>(qs, keys, k_stride, dk, j0, ia, ib, sbs),
-                        3 => scores_direct::<3>(qs, keys, k_stride, dk, j0, ia, ib, sbs),
-                        _ => scores_direct::<4>(qs, keys, k_stride, dk, j0, ia, ib, sbs),
+                    match (nr, wide_k) {
+                        (1, true) => {
+                            scores_direct_512::<1>(qs, keys, k_stride, dk, j0, ia, ib, sbs)
+                        }
+                        (2, true) => {
+                            scores_direct_512::<2>(qs, keys, k_stride, dk, j0, ia, ib, sbs)
+                        }
+                        (3, true) => {
+                            scores_direct_512::<3>(qs, keys, k_stride, dk, j0, ia, ib, sbs)
+                        }
+                        (_, true) => {
+                            scores_direct_512::<4>(qs, keys, k_stride, dk, j0, ia, ib, sbs)
+                        }
+                        (1, false) => scores_direct::<1>(qs, keys, k_stride, dk, j0, ia, ib, sbs),
+                        (2, false) => scores_direct::<2>(qs, keys, k_stride, dk, j0, ia, ib, sbs),
+                        (3, false) => scores_direct::<3>(qs, keys, k_stride, dk, j0, ia, ib, sbs),
+                        (_, false) => scores_direct::<4>(qs, keys, k_stride, dk, j0, ia, ib, sbs),
                     }
                 }
                 let mut corrs = [0.0f32; DIRECT_ROWS];
@@ -421,11 +444,32 @@ unsafe fn rows_small(
                 // SAFETY: as above; acc holds nr rows of dv; the weights of row r are at
                 // sbs[r * KB + ia..r * KB + ib].
                 unsafe {
-                    match nr {
-                        1 => values_direct::<1>(acc, &corrs, sbs, values, v_stride, dv, j0, ia, ib),
-                        2 => values_direct::<2>(acc, &corrs, sbs, values, v_stride, dv, j0, ia, ib),
-                        3 => values_direct::<3>(acc, &corrs, sbs, values, v_stride, dv, j0, ia, ib),
-                        _ => values_direct::<4>(acc, &corrs, sbs, values, v_stride, dv, j0, ia, ib),
+                    let c = &corrs;
+                    match (nr, wide_v) {
+                        (1, true) => {
+                            values_direct_512::<1>(acc, c, sbs, values, v_stride, dv, j0, ia, ib)
+                        }
+                        (2, true) => {
+                            values_direct_512::<2>(acc, c, sbs, values, v_stride, dv, j0, ia, ib)
+                        }
+                        (3, true) => {
+                            values_direct_512::<3>(acc, c, sbs, values, v_stride, dv, j0, ia, ib)
+                        }
+                        (_, true) => {
+                            values_direct_512::<4>(acc, c, sbs, values, v_stride, dv, j0, ia, ib)
+                        }
+                        (1, false) => {
+                            values_direct::<1>(acc, c, sbs, values, v_stride, dv, j0, ia, ib)
+                        }
+                        (2, false) => {
+                            values_direct::<2>(acc, c, sbs, values, v_stride, dv, j0, ia, ib)
+                        }
+                        (3, false) => {
+                            values_direct::<3>(acc, c, sbs, values, v_stride, dv, j0, ia, ib)
+                        }
+                        (_, false) => {
+                            values_direct::<4>(acc, c, sbs, values, v_stride, dv, j0, ia, ib)
+                        }
                     }
                 }
             }
@@ -652,6 +696,141 @@ unsafe fn values_direct<const RN: usize>(
             unsafe {
                 _mm256_storeu_ps(ap.add(r * dv + d0), ar[0]);
                 _mm256_storeu_ps(ap.add(r * dv + d0 + 8), ar[1]);
+            }
+        }
+    }
+}
+
+/// Widest head [`scores_direct_512`] takes (its duplicated queries live on the stack).
+const WIDE_MAX_DK: usize = 256;
+
+/// [`scores_direct`] with 512-bit vectors: two keys per vector (key `j` in the low 8 lanes,
+/// `j + 1` in the high 8, against the row's query chunk in both), four keys at a time. Each
+/// half does what [`scores_direct`]'s 8-lane accumulator does for its key, in the same order,
+/// and is reduced by the same [`hsum`]: the same bits.
+///
+/// # Safety
+/// As [`scores_direct`], and the CPU must support AVX-512F; `dk <= WIDE_MAX_DK`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_direct_512<const RN: usize>(
+    qs: &[f32],
+    keys: &[f16],
+    k_stride: usize,
+    dk: usize,
+    j0: usize,
+    ia: usize,
+    ib: usize,
+    sbs: &mut [f32],
+) {
+    assert!(qs.len() >= RN * dk && sbs.len() >= RN * KB && ib <= KB && dk <= WIDE_MAX_DK);
+    assert!(ia >= ib || keys.len() >= (j0 + ib - 1) * k_stride + dk);
+    let (qp, kp) = (qs.as_ptr(), keys.as_ptr().cast::<u8>());
+    let nd = dk / 8;
+    // Each row's 8-float query chunks, duplicated into both halves.
+    let mut qd = [[_mm512_setzero_ps(); WIDE_MAX_DK / 8]; RN];
+    for (r, qr) in qd.iter_mut().enumerate() {
+        for (c, v) in qr.iter_mut().enumerate().take(nd) {
+            // SAFETY: row r < RN, elements 8c..8c + 8 <= dk inside qs (asserted).
+            let h = unsafe { _mm256_castps_pd(_mm256_loadu_ps(qp.add(r * dk + 8 * c))) };
+            *v = _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(h), h));
+        }
+    }
+    // Chunk d of keys j + u and j + u + 1 as one vector.
+    let pair = |j: usize, d: usize| {
+        // SAFETY: the callers' keys are < ib and d + 8 <= dk: inside `keys` (asserted).
+        unsafe {
+            let lo = _mm_loadu_si128(kp.add(2 * ((j0 + j) * k_stride + d)).cast());
+            let hi = _mm_loadu_si128(kp.add(2 * ((j0 + j + 1) * k_stride + d)).cast());
+            _mm512_cvtph_ps(_mm256_set_m128i(hi, lo))
+        }
+    };
+    let halves = |v: __m512| {
+        (
+            _mm512_castps512_ps256(v),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+        )
+    };
+    let mut j = ia;
+    while j + 4 <= ib {
+        let mut a = [[_mm512_setzero_ps(); 2]; RN];
+        for c in 0..nd {
+            let (k01, k23) = (pair(j, 8 * c), pair(j + 2, 8 * c));
+            for (r, ar) in a.iter_mut().enumerate() {
+                ar[0] = _mm512_fmadd_ps(qd[r][c], k01, ar[0]);
+                ar[1] = _mm512_fmadd_ps(qd[r][c], k23, ar[1]);
+            }
+        }
+        for (r, ar) in a.into_iter().enumerate() {
+            let ((s0, s1), (s2, s3)) = (halves(ar[0]), halves(ar[1]));
+            sbs[r * KB + j] = hsum(s0);
+            sbs[r * KB + j + 1] = hsum(s1);
+            sbs[r * KB + j + 2] = hsum(s2);
+            sbs[r * KB + j + 3] = hsum(s3);
+        }
+        j += 4;
+    }
+    if j < ib {
+        // SAFETY: same contract, keys j..ib.
+        unsafe { scores_direct::<RN>(qs, keys, k_stride, dk, j0, j, ib, sbs) };
+    }
+}
+
+/// [`values_direct`] with 512-bit vectors, 32 columns a step: per row and column the same
+/// operations in the same order (scaled first, then one fused multiply-add per key), so the
+/// same bits.
+///
+/// # Safety
+/// As [`values_direct`], and the CPU must support AVX-512F; `dv % 32 == 0`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn values_direct_512<const RN: usize>(
+    acc: &mut [f32],
+    corrs: &[f32; DIRECT_ROWS],
+    sbs: &[f32],
+    values: &[f16],
+    v_stride: usize,
+    dv: usize,
+    j0: usize,
+    ia: usize,
+    ib: usize,
+) {
+    assert!(acc.len() >= RN * dv && sbs.len() >= RN * KB && ib <= KB && dv.is_multiple_of(32));
+    assert!(ia >= ib || values.len() >= (j0 + ib - 1) * v_stride + dv);
+    let (ap, vp) = (acc.as_mut_ptr(), values.as_ptr().cast::<u8>());
+    for d0 in (0..dv).step_by(32) {
+        let mut a: [[__m512; 2]; RN] = core::array::from_fn(|r| {
+            let c = _mm512_set1_ps(corrs[r]);
+            // SAFETY: columns d0..d0 + 32 <= dv of accumulator row r < RN (asserted).
+            unsafe {
+                [
+                    _mm512_mul_ps(_mm512_loadu_ps(ap.add(r * dv + d0)), c),
+                    _mm512_mul_ps(_mm512_loadu_ps(ap.add(r * dv + d0 + 16)), c),
+                ]
+            }
+        });
+        for j in ia..ib {
+            // SAFETY: value row j0 + j < j0 + ib, columns d0..d0 + 32, inside `values`.
+            let (v0, v1) = unsafe {
+                let row = vp.add(2 * ((j0 + j) * v_stride + d0));
+                (
+                    _mm512_cvtph_ps(_mm256_loadu_si256(row.cast())),
+                    _mm512_cvtph_ps(_mm256_loadu_si256(row.add(32).cast())),
+                )
+            };
+            for (r, ar) in a.iter_mut().enumerate() {
+                let pj = _mm512_set1_ps(sbs[r * KB + j]);
+                ar[0] = _mm512_fmadd_ps(pj, v0, ar[0]);
+                ar[1] = _mm512_fmadd_ps(pj, v1, ar[1]);
+            }
+        }
+        for (r, ar) in a.into_iter().enumerate() {
+            // SAFETY: as above.
+            unsafe {
+                _mm512_storeu_ps(ap.add(r * dv + d0), ar[0]);
+                _mm512_storeu_ps(ap.add(r * dv + d0 + 16), ar[1]);
             }
         }
     }
