@@ -18,7 +18,7 @@
 //! independent float chains hide the multiply-add latency; batches run 1 panel x 4 columns,
 //! so each packed vector is loaded and split once for 4 columns. The AVX-512 tiles hold two
 //! consecutive panels per vector (each lane does what the 256-bit VNNI tile's lane does, so
-//! the results are the same bits): decode 2 pairs x 1 column, batches 1 pair x 8 columns
+//! the results are the same bits): decode 1 pair x 1 column, batches 1 pair x 8 columns
 //! (the rest of the columns in one narrower tile); a last odd panel takes the 256-bit tile.
 //!
 //! Safety: `tile`, `tile512`, `drive` and `drive512` are `#[inline(always)]` helpers of the
@@ -489,8 +489,10 @@ unsafe fn tile512<const L: u8, const P: usize, const C: usize>(
     }
 }
 
-/// Panel pairs per 512-bit decode tile (one column).
-const DECODE_PAIRS: usize = 2;
+/// Panel pairs per 512-bit decode tile (one column): one pair, whose next tile is prefetched
+/// (SmolLM2 decode, alternating 16-token blocks in one process: 317 tok/s with two pairs,
+/// 340 with one, three pairs 318; Gemma 3 132 -> 137).
+const DECODE_PAIRS: usize = 1;
 /// Panel pairs and columns per 512-bit batch tile.
 const BATCH_PAIRS: usize = 1;
 const COLS512: usize = 8;
