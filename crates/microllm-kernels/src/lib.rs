@@ -84,7 +84,8 @@ pub enum KernelPath {
     Avx2,
     /// [`KernelPath::Avx2`], with the packed matmul on AVX-512 (F, BW, VL, VNNI): two panels
     /// per 512-bit vector and `vpdpbusd` in the inner step (bit-identical results: the
-    /// integer sums are exact either way and every lane's float epilogue is the same).
+    /// integer sums are exact either way and every lane's float epilogue is the same), and
+    /// decode attention's direct path on 512-bit vectors (the same bits too).
     Avx2Vnni,
 }
 
@@ -102,8 +103,9 @@ impl fmt::Display for KernelPath {
 ///
 /// Invariant (what makes the `unsafe` SIMD calls sound): a `Kernels` whose path is
 /// [`KernelPath::Avx2`] exists only if the running CPU reported AVX2, FMA and F16C, one whose
-/// path is [`KernelPath::Avx2Vnni`] only if it also reported AVX512F, AVX512BW, AVX512VL and VNNI; the field
-/// is private and only [`Kernels::with_path`] (and `detect`, through it) builds one.
+/// path is [`KernelPath::Avx2Vnni`] only if it also reported AVX512F, AVX512BW, AVX512VL and
+/// VNNI; the field is private and only [`Kernels::with_path`] (and `detect`, through it)
+/// builds one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kernels {
     path: KernelPath,

@@ -14,9 +14,9 @@
 //! panel kernel's, operation for operation (for the K-quants on the scales `d * sc` and
 //! `dmin * mn` formed in f32, where they are exact): bit-identical results.
 //!
-//! Tiles: `R` panels x `C` columns. Decode (one column) runs 4 panels at once so that 4
-//! independent float chains hide the multiply-add latency; batches run 1 panel x 4 columns,
-//! so each packed vector is loaded and split once for 4 columns. The AVX-512 tiles hold two
+//! Tiles: `R` panels x `C` columns. With AVX2, decode (one column) runs 4 panels at once so
+//! that 4 independent float chains hide the multiply-add latency; batches run 1 panel x 4
+//! columns, so each packed vector is loaded and split once for 4 columns. The AVX-512 tiles hold two
 //! consecutive panels per vector (each lane does what the 256-bit VNNI tile's lane does, so
 //! the results are the same bits): decode 1 pair x 1 column, batches 1 pair x 8 columns
 //! (the rest of the columns in one narrower tile); a last odd panel takes the 256-bit tile.
@@ -25,7 +25,7 @@
 //! two `#[target_feature]` entry points ([`gemm`] picks one); their `unsafe` intrinsic calls
 //! rely on the CPU features of whichever entry point they were inlined into: AVX2, FMA and
 //! F16C always, and AVX-512 F/BW/VL/VNNI for `tile512`, `drive512` and the `VNNI = true`
-//! instances, which only `gemm_vnni` creates.
+//! instances of `tile`, which only `drive512` (in `gemm_vnni`) creates.
 
 use core::arch::x86_64::*;
 
@@ -497,11 +497,29 @@ const DECODE_PAIRS: usize = 1;
 const BATCH_PAIRS: usize = 1;
 const COLS512: usize = 8;
 
+/// Hands panel `pi`'s 8 results `v` for column `c` (those of its rows below `n_rows`) to
+/// `sink`.
+#[inline(always)]
+fn put_panel(
+    sink: &mut dyn FnMut(usize, usize, &[f32]),
+    n_rows: usize,
+    c: usize,
+    pi: usize,
+    v: __m256,
+) {
+    let mut t = [0.0f32; PANEL_ROWS];
+    // SAFETY: 8 writable floats; AVX, a feature of both entry points this is inlined into.
+    unsafe { _mm256_storeu_ps(t.as_mut_ptr(), v) };
+    let rs = pi * PANEL_ROWS;
+    let len = PANEL_ROWS.min(n_rows - rs);
+    sink(c, rs, &t[..len]);
+}
+
 /// [`drive`] with 512-bit tiles ([`tile512`]) wherever two panels are left, the 256-bit VNNI
-/// tile for a last odd panel: bit-identical to `drive::<L, true>`.
+/// tile for a last odd panel.
 ///
 /// # Safety
-/// Inlined only into [`gemm_avx512`]; sizes as in [`drive`].
+/// Inlined only into [`gemm_vnni`]; sizes as in [`drive`].
 #[inline(always)]
 unsafe fn drive512<const L: u8>(
     k: usize,
@@ -515,14 +533,7 @@ unsafe fn drive512<const L: u8>(
     let np = n_rows.div_ceil(PANEL_ROWS);
     assert!(packed.len() >= np * pb && act.len() >= n_cols * a_row);
     let (pp, ap) = (packed.as_ptr(), act.as_ptr());
-    let mut put = |c: usize, pi: usize, v: __m256| {
-        let mut t = [0.0f32; PANEL_ROWS];
-        // SAFETY: 8 writable floats (AVX: see the module documentation).
-        unsafe { _mm256_storeu_ps(t.as_mut_ptr(), v) };
-        let rs = pi * PANEL_ROWS;
-        let len = PANEL_ROWS.min(n_rows - rs);
-        sink(c, rs, &t[..len]);
-    };
+    let mut put = |c: usize, pi: usize, v: __m256| put_panel(sink, n_rows, c, pi, v);
     let halves = |v: __m512| {
         // SAFETY: AVX-512F, a feature of the entry point this is inlined into.
         unsafe {
@@ -558,8 +569,8 @@ unsafe fn drive512<const L: u8>(
     // The last odd panel, one column at a time, with the 256-bit tile.
     macro_rules! odd {
         ($pi:expr, $c:expr) => {{
-            // SAFETY: panel pi < np and column c < n_cols; the features of
-            // `drive::<_, true>`.
+            // SAFETY: panel pi < np and column c < n_cols; the VNNI tile needs AVX-512
+            // VNNI/VL, features of the entry point this is inlined into.
             let t = unsafe {
                 tile::<L, 1, 1, true>(k, pp.add($pi * pb), pb, ap.add($c * a_row), a_row)
             };
@@ -631,12 +642,12 @@ const DECODE_PANELS: usize = 4;
 /// Columns per batch tile.
 const COLS: usize = 4;
 
-/// The whole product (see [`gemm`]) for one format and instruction set.
+/// The whole product (see [`gemm`]) for one format with the 256-bit AVX2 tiles.
 ///
 /// # Safety
-/// As [`tile`]: inlined only into the entry points; sizes checked by [`gemm`].
+/// As [`tile`]: inlined only into the AVX2 entry point; sizes checked by [`gemm`].
 #[inline(always)]
-unsafe fn drive<const L: u8, const VNNI: bool>(
+unsafe fn drive<const L: u8>(
     k: usize,
     packed: &[u8],
     n_rows: usize,
@@ -648,52 +659,27 @@ unsafe fn drive<const L: u8, const VNNI: bool>(
     let np = n_rows.div_ceil(PANEL_ROWS);
     assert!(packed.len() >= np * pb && act.len() >= n_cols * a_row);
     let (pp, ap) = (packed.as_ptr(), act.as_ptr());
-    let mut put = |c: usize, pi: usize, v: __m256| {
-        let mut t = [0.0f32; PANEL_ROWS];
-        // SAFETY: 8 writable floats (AVX: see the module documentation).
-        unsafe { _mm256_storeu_ps(t.as_mut_ptr(), v) };
-        let rs = pi * PANEL_ROWS;
-        let len = PANEL_ROWS.min(n_rows - rs);
-        sink(c, rs, &t[..len]);
-    };
+    let mut put = |c: usize, pi: usize, v: __m256| put_panel(sink, n_rows, c, pi, v);
     if n_cols >= COLS {
-        let mut pi = 0;
-        while pi < np {
-            // With VNNI (32 vector registers, no 16-bit partial sums) two panels at a time:
-            // each activation broadcast serves both.
-            let two = VNNI && pi + 2 <= np;
+        for pi in 0..np {
             let mut c0 = 0;
             while c0 < n_cols {
-                // SAFETY: panels pi (and pi + 1 if `two`) < np and columns below n_cols are
-                // inside the asserted ranges.
+                // SAFETY: panel pi < np and columns below n_cols are inside the asserted
+                // ranges.
                 unsafe {
                     let (p, a) = (pp.add(pi * pb), ap.add(c0 * a_row));
                     if c0 + COLS <= n_cols {
-                        if two {
-                            let t = tile::<L, 2, COLS, VNNI>(k, p, pb, a, a_row);
-                            for (r, row) in t.into_iter().enumerate() {
-                                for (c, v) in row.into_iter().enumerate() {
-                                    put(c0 + c, pi + r, v);
-                                }
-                            }
-                        } else {
-                            let t = tile::<L, 1, COLS, VNNI>(k, p, pb, a, a_row);
-                            for (c, v) in t[0].into_iter().enumerate() {
-                                put(c0 + c, pi, v);
-                            }
+                        let t = tile::<L, 1, COLS, false>(k, p, pb, a, a_row);
+                        for (c, v) in t[0].into_iter().enumerate() {
+                            put(c0 + c, pi, v);
                         }
                         c0 += COLS;
                     } else {
-                        put(c0, pi, tile::<L, 1, 1, VNNI>(k, p, pb, a, a_row)[0][0]);
-                        if two {
-                            let t = tile::<L, 1, 1, VNNI>(k, p.add(pb), pb, a, a_row);
-                            put(c0, pi + 1, t[0][0]);
-                        }
+                        put(c0, pi, tile::<L, 1, 1, false>(k, p, pb, a, a_row)[0][0]);
                         c0 += 1;
                     }
                 }
             }
-            pi += if two { 2 } else { 1 };
         }
         return;
     }
@@ -705,13 +691,13 @@ unsafe fn drive<const L: u8, const VNNI: bool>(
             unsafe {
                 let (p, a) = (pp.add(pi * pb), ap.add(c * a_row));
                 if pi + DECODE_PANELS <= np {
-                    let t = tile::<L, DECODE_PANELS, 1, VNNI>(k, p, pb, a, a_row);
+                    let t = tile::<L, DECODE_PANELS, 1, false>(k, p, pb, a, a_row);
                     for (r, v) in t.into_iter().enumerate() {
                         put(c, pi + r, v[0]);
                     }
                     pi += DECODE_PANELS;
                 } else {
-                    put(c, pi, tile::<L, 1, 1, VNNI>(k, p, pb, a, a_row)[0][0]);
+                    put(c, pi, tile::<L, 1, 1, false>(k, p, pb, a, a_row)[0][0]);
                     pi += 1;
                 }
             }
@@ -732,8 +718,8 @@ unsafe fn gemm_avx2<const L: u8>(
     n_cols: usize,
     sink: &mut dyn FnMut(usize, usize, &[f32]),
 ) {
-    // SAFETY: this function's features are the ones `drive::<_, false>` needs.
-    unsafe { drive::<L, false>(k, packed, n_rows, act, n_cols, sink) }
+    // SAFETY: this function's features are the ones `drive` needs.
+    unsafe { drive::<L>(k, packed, n_rows, act, n_cols, sink) }
 }
 
 /// [`drive512`]: AVX-512 (F, BW, VL, VNNI) with AVX2, FMA and F16C.
