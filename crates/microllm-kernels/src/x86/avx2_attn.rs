@@ -29,6 +29,8 @@ struct Scratch {
     vf: Vec<f32>,
     /// [`rows_small`]: one block of scores and weights `[KB]` per row (up to [`DIRECT_ROWS`]).
     sb: Vec<f32>,
+    /// [`scores_direct_512`]'s queries: each 8-float chunk twice, `[DIRECT_ROWS][dk / 8][16]`.
+    qd: Vec<f32>,
 }
 
 thread_local! {
@@ -49,6 +51,7 @@ impl Scratch {
         grow(&mut self.kf, dk * KB);
         grow(&mut self.vf, dv * KB);
         grow(&mut self.sb, DIRECT_ROWS * KB);
+        grow(&mut self.qd, DIRECT_ROWS * 2 * dk);
     }
 }
 
@@ -376,9 +379,18 @@ unsafe fn rows_small(
     let mut lsum = [0.0f32; TR];
     // Few rows that all see the same keys (a decode step's GQA group) take the direct path.
     let direct = nr <= DIRECT_ROWS && ranges[..nr].iter().all(|&rg| rg == ranges[0]);
-    // The 512-bit variants' shapes (queries duplicated on the stack; 32 columns a step).
-    let wide_k = sh.wide && dk <= WIDE_MAX_DK;
+    // The 512-bit variants: the queries' chunks duplicated once for every block (each
+    // vector holds two keys); values 32 columns a step.
+    let wide_k = sh.wide && direct;
     let wide_v = sh.wide && dv.is_multiple_of(32);
+    let qd = &mut sc.qd[..if wide_k { nr * 2 * dk } else { 0 }];
+    if wide_k {
+        for (dst, src) in qd.chunks_exact_mut(16).zip(qs.chunks_exact(8)) {
+            dst[..8].copy_from_slice(src);
+            dst[8..].copy_from_slice(src);
+        }
+    }
+    let qd = &*qd;
     let (kf, vf, sbs) = (
         &mut sc.kf[..KB * dk],
         &mut sc.vf[..KB * dv],
@@ -416,16 +428,16 @@ unsafe fn rows_small(
                 unsafe {
                     match (nr, wide_k) {
                         (1, true) => {
-                            scores_direct_512::<1>(qs, keys, k_stride, dk, j0, ia, ib, sbs)
+                            scores_direct_512::<1>(qs, qd, keys, k_stride, dk, j0, ia, ib, sbs)
                         }
                         (2, true) => {
-                            scores_direct_512::<2>(qs, keys, k_stride, dk, j0, ia, ib, sbs)
+                            scores_direct_512::<2>(qs, qd, keys, k_stride, dk, j0, ia, ib, sbs)
                         }
                         (3, true) => {
-                            scores_direct_512::<3>(qs, keys, k_stride, dk, j0, ia, ib, sbs)
+                            scores_direct_512::<3>(qs, qd, keys, k_stride, dk, j0, ia, ib, sbs)
                         }
                         (_, true) => {
-                            scores_direct_512::<4>(qs, keys, k_stride, dk, j0, ia, ib, sbs)
+                            scores_direct_512::<4>(qs, qd, keys, k_stride, dk, j0, ia, ib, sbs)
                         }
                         (1, false) => scores_direct::<1>(qs, keys, k_stride, dk, j0, ia, ib, sbs),
                         (2, false) => scores_direct::<2>(qs, keys, k_stride, dk, j0, ia, ib, sbs),
@@ -701,21 +713,20 @@ unsafe fn values_direct<const RN: usize>(
     }
 }
 
-/// Widest head [`scores_direct_512`] takes (its duplicated queries live on the stack).
-const WIDE_MAX_DK: usize = 256;
-
 /// [`scores_direct`] with 512-bit vectors: two keys per vector (key `j` in the low 8 lanes,
-/// `j + 1` in the high 8, against the row's query chunk in both), four keys at a time. Each
-/// half does what [`scores_direct`]'s 8-lane accumulator does for its key, in the same order,
-/// and is reduced by the same [`hsum`]: the same bits.
+/// `j + 1` in the high 8, against the row's query chunk in both: `qd`, the chunks of `qs`
+/// each twice), four keys at a time. Each half does what [`scores_direct`]'s 8-lane
+/// accumulator does for its key, in the same order, and is reduced by the same [`hsum`]: the
+/// same bits.
 ///
 /// # Safety
-/// As [`scores_direct`], and the CPU must support AVX-512F; `dk <= WIDE_MAX_DK`.
+/// As [`scores_direct`], and the CPU must support AVX-512F; `qd` holds `RN * 2 * dk` floats.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn scores_direct_512<const RN: usize>(
     qs: &[f32],
+    qd: &[f32],
     keys: &[f16],
     k_stride: usize,
     dk: usize,
@@ -724,19 +735,16 @@ unsafe fn scores_direct_512<const RN: usize>(
     ib: usize,
     sbs: &mut [f32],
 ) {
-    assert!(qs.len() >= RN * dk && sbs.len() >= RN * KB && ib <= KB && dk <= WIDE_MAX_DK);
+    assert!(qs.len() >= RN * dk && qd.len() >= RN * 2 * dk);
+    assert!(sbs.len() >= RN * KB && ib <= KB);
     assert!(ia >= ib || keys.len() >= (j0 + ib - 1) * k_stride + dk);
-    let (qp, kp) = (qs.as_ptr(), keys.as_ptr().cast::<u8>());
+    let (qp, kp) = (qd.as_ptr(), keys.as_ptr().cast::<u8>());
     let nd = dk / 8;
-    // Each row's 8-float query chunks, duplicated into both halves.
-    let mut qd = [[_mm512_setzero_ps(); WIDE_MAX_DK / 8]; RN];
-    for (r, qr) in qd.iter_mut().enumerate() {
-        for (c, v) in qr.iter_mut().enumerate().take(nd) {
-            // SAFETY: row r < RN, elements 8c..8c + 8 <= dk inside qs (asserted).
-            let h = unsafe { _mm256_castps_pd(_mm256_loadu_ps(qp.add(r * dk + 8 * c))) };
-            *v = _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(h), h));
-        }
-    }
+    // Row r's chunk c, in both halves.
+    let q = |r: usize, c: usize| {
+        // SAFETY: r < RN and c < nd: 16 floats inside qd (asserted).
+        unsafe { _mm512_loadu_ps(qp.add((r * nd + c) * 16)) }
+    };
     // Chunk d of keys j + u and j + u + 1 as one vector.
     let pair = |j: usize, d: usize| {
         // SAFETY: the callers' keys are < ib and d + 8 <= dk: inside `keys` (asserted).
@@ -758,8 +766,8 @@ unsafe fn scores_direct_512<const RN: usize>(
         for c in 0..nd {
             let (k01, k23) = (pair(j, 8 * c), pair(j + 2, 8 * c));
             for (r, ar) in a.iter_mut().enumerate() {
-                ar[0] = _mm512_fmadd_ps(qd[r][c], k01, ar[0]);
-                ar[1] = _mm512_fmadd_ps(qd[r][c], k23, ar[1]);
+                ar[0] = _mm512_fmadd_ps(q(r, c), k01, ar[0]);
+                ar[1] = _mm512_fmadd_ps(q(r, c), k23, ar[1]);
             }
         }
         for (r, ar) in a.into_iter().enumerate() {

@@ -497,6 +497,21 @@ const DECODE_PAIRS: usize = 1;
 const BATCH_PAIRS: usize = 1;
 const COLS512: usize = 8;
 
+/// Bytes per panel and per activation row, and the number of panels, of a product, with
+/// the slices checked to hold them.
+fn sizes<const L: u8>(
+    k: usize,
+    packed: &[u8],
+    n_rows: usize,
+    act: &[u8],
+    n_cols: usize,
+) -> (usize, usize, usize) {
+    let (pb, a_row) = (const { lay(L) }.panel_bytes(k), act_row_bytes(k));
+    let np = n_rows.div_ceil(PANEL_ROWS);
+    assert!(packed.len() >= np * pb && act.len() >= n_cols * a_row);
+    (pb, a_row, np)
+}
+
 /// Hands panel `pi`'s 8 results `v` for column `c` (those of its rows below `n_rows`) to
 /// `sink`.
 #[inline(always)]
@@ -529,9 +544,7 @@ unsafe fn drive512<const L: u8>(
     n_cols: usize,
     sink: &mut dyn FnMut(usize, usize, &[f32]),
 ) {
-    let (pb, a_row) = (const { lay(L) }.panel_bytes(k), act_row_bytes(k));
-    let np = n_rows.div_ceil(PANEL_ROWS);
-    assert!(packed.len() >= np * pb && act.len() >= n_cols * a_row);
+    let (pb, a_row, np) = sizes::<L>(k, packed, n_rows, act, n_cols);
     let (pp, ap) = (packed.as_ptr(), act.as_ptr());
     let mut put = |c: usize, pi: usize, v: __m256| put_panel(sink, n_rows, c, pi, v);
     let halves = |v: __m512| {
@@ -655,9 +668,7 @@ unsafe fn drive<const L: u8>(
     n_cols: usize,
     sink: &mut dyn FnMut(usize, usize, &[f32]),
 ) {
-    let (pb, a_row) = (const { lay(L) }.panel_bytes(k), act_row_bytes(k));
-    let np = n_rows.div_ceil(PANEL_ROWS);
-    assert!(packed.len() >= np * pb && act.len() >= n_cols * a_row);
+    let (pb, a_row, np) = sizes::<L>(k, packed, n_rows, act, n_cols);
     let (pp, ap) = (packed.as_ptr(), act.as_ptr());
     let mut put = |c: usize, pi: usize, v: __m256| put_panel(sink, n_rows, c, pi, v);
     if n_cols >= COLS {
