@@ -47,6 +47,7 @@ struct Info {
     eos: Option<String>,
     chat_template: Option<String>,
     kernels: String,
+    prefetch: String,
     threads: usize,
 }
 
@@ -90,6 +91,7 @@ pub fn inspect(mut a: InspectArgs) -> Result<()> {
         eos: tok.eos_id().map(|i| tok.token_text(i).to_string()),
         chat_template: tok.chat_template().map(str::to_string),
         kernels: lm.model.kernels().path().to_string(),
+        prefetch: lm.model.kernels().prefetch().to_string(),
         threads: lm.model.n_threads(),
     };
     if a.json {
@@ -142,8 +144,8 @@ pub fn inspect(mut a: InspectArgs) -> Result<()> {
         None => println!("chat template:  (none: use --raw or --chat-template FILE)"),
     }
     println!(
-        "kernels:        {} ({} threads)",
-        info.kernels, info.threads
+        "kernels:        {} ({} threads, packed prefetch into {})",
+        info.kernels, info.threads, info.prefetch
     );
     Ok(())
 }

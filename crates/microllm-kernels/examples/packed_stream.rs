@@ -1,9 +1,11 @@
 //! Decode-style streaming: one activation column against ~190 MB of SmolLM2-shaped weights
-//! (far beyond the L3), on 1 and 2 threads, for llama.cpp's per-pair kernel (`gemm`) and the
+//! (beyond the L3 of most hosts; the packed copies on transparent huge pages, as the model's
+//! packed arena is), on 1 and 2 threads, for llama.cpp's per-pair kernel (`gemm`) and the
 //! packed matmul (AVX2, and VNNI where the CPU has it): the GB/s each reads weights from
 //! memory at. `cargo run --release -p microllm-kernels --example packed_stream [TYPE [K [MB]]]`
 //! (default Q4_1 with K = 576 over 190 MB; formats without a packed layout run `gemm` only).
 //! A total that fits the L2 (`Q4_1 576 0.8`) measures the kernel's compute rate instead.
+//! `MICROLLM_PREFETCH` is not read here: the VNNI column uses the CPU's default.
 use std::time::Instant;
 
 use microllm_gguf::GgmlType;
@@ -36,7 +38,17 @@ fn main() {
     assert!(plen == 0 || avx2.pack(ty, k, &w, n_rows, &mut p));
     let copies = ((total_mb * 1e6) as usize / w.len()).max(1);
     let ws: Vec<Vec<u8>> = (0..copies).map(|_| w.clone()).collect();
-    let ps: Vec<Vec<u8>> = (0..copies).map(|_| p.clone()).collect();
+    // The packed copies one after the other on transparent huge pages, as the model's
+    // packed arena is (4 KiB pages cost a page walk every 4 KiB of the stream).
+    let mut arena = memmap2::MmapMut::map_anon((copies * plen).max(1)).expect("an anonymous map");
+    #[cfg(target_os = "linux")]
+    let _ = arena.advise(memmap2::Advice::HugePage);
+    for i in 0..copies {
+        arena[i * plen..(i + 1) * plen].copy_from_slice(&p);
+    }
+    let ps: Vec<&[u8]> = (0..copies)
+        .map(|i| &arena[i * plen..(i + 1) * plen])
+        .collect();
     let a_row = panel::act_row_bytes(k);
     let mut act = vec![0u8; a_row];
     avx2.quantize_panel_act(&x[..k], &mut act).unwrap();

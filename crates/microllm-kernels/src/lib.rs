@@ -72,6 +72,11 @@ pub enum KernelError {
     /// `MICROLLM_KERNELS` holds something we do not understand.
     #[error("MICROLLM_KERNELS={value:?} is not understood; set it to scalar, avx2, avx2vnni or auto (or unset it)")]
     BadEnv { value: String },
+    /// `MICROLLM_PREFETCH` holds something we do not understand.
+    #[error(
+        "MICROLLM_PREFETCH={value:?} is not understood; set it to l1, l2 or auto (or unset it)"
+    )]
+    BadPrefetchEnv { value: String },
 }
 
 /// The instruction-set path a [`Kernels`] table uses.
@@ -109,6 +114,63 @@ impl fmt::Display for KernelPath {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kernels {
     path: KernelPath,
+    prefetch: Prefetch,
+}
+
+/// The cache level the 512-bit packed matmul prefetches its next tile into. A setting of
+/// speed only: the results are the same bits either way.
+///
+/// Which is faster depends on the CPU's memory system, so [`Kernels::detect`] and
+/// [`Kernels::with_path`] pick it by vendor ([`Prefetch::for_this_cpu`]), and
+/// `MICROLLM_PREFETCH=l1|l2` ([`Kernels::from_env`]) overrides it for measurements.
+/// Measured (2 threads, `microllm bench -p 0 -n 64`, the two settings alternating):
+/// - AMD EPYC (Zen 5): L1. SmolLM2 decode 352 tok/s with L2, 379 with L1; Gemma 3 155 -> 165.
+/// - Intel Xeon (AMX, AVX-512 FP16; 2026-12-07): L2. Gemma 3 decode 85 / 83 / 86 tok/s with
+///   L1, 93 / 92 / 95 with L2 (its 180 MB Q8_0 output matrix streams at 27 GB/s instead of
+///   25); SmolLM2 unchanged (within noise). Prefetching further ahead, or each panel's own
+///   stream 1-4 KB ahead, did not gain there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Prefetch {
+    /// `prefetcht0`: into L1.
+    L1,
+    /// `prefetcht1`: into L2.
+    L2,
+}
+
+impl Prefetch {
+    /// L2 on Intel CPUs, L1 on the others (see [`Prefetch`]).
+    pub fn for_this_cpu() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // The vendor string of leaf 0 is in EBX, EDX, ECX: "Genu" "ineI" "ntel".
+            let r = core::arch::x86_64::__cpuid(0);
+            if (r.ebx, r.edx, r.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e) {
+                return Prefetch::L2;
+            }
+        }
+        Prefetch::L1
+    }
+
+    /// From a `MICROLLM_PREFETCH`-style setting: `l1`, `l2`, or `auto` / empty (by CPU).
+    pub fn from_setting(value: &str) -> Result<Self, KernelError> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(Self::for_this_cpu()),
+            "l1" => Ok(Prefetch::L1),
+            "l2" => Ok(Prefetch::L2),
+            _ => Err(KernelError::BadPrefetchEnv {
+                value: value.to_string(),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Prefetch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Prefetch::L1 => "l1",
+            Prefetch::L2 => "l2",
+        })
+    }
 }
 
 fn vnni_available() -> Result<(), String> {
@@ -278,13 +340,19 @@ impl Kernels {
         } else {
             KernelPath::Scalar
         };
-        Kernels { path }
+        Kernels {
+            path,
+            prefetch: Prefetch::for_this_cpu(),
+        }
     }
 
     /// A specific path; `Err` if this CPU cannot run it.
     pub fn with_path(p: KernelPath) -> Result<Self, KernelError> {
         match p {
-            KernelPath::Scalar => Ok(Kernels { path: p }),
+            KernelPath::Scalar => Ok(Kernels {
+                path: p,
+                prefetch: Prefetch::for_this_cpu(),
+            }),
             KernelPath::Avx2 | KernelPath::Avx2Vnni => {
                 let check = if p == KernelPath::Avx2 {
                     avx2_available()
@@ -292,7 +360,10 @@ impl Kernels {
                     vnni_available()
                 };
                 match check {
-                    Ok(()) => Ok(Kernels { path: p }),
+                    Ok(()) => Ok(Kernels {
+                        path: p,
+                        prefetch: Prefetch::for_this_cpu(),
+                    }),
                     Err(reason) => Err(KernelError::PathUnavailable { path: p, reason }),
                 }
             }
@@ -301,14 +372,34 @@ impl Kernels {
 
     /// From `MICROLLM_KERNELS` = `scalar` | `avx2` | `avx2vnni` | `auto` (unset or empty = `auto`).
     /// Only binaries and tests should call this; libraries take a `Kernels` from their caller.
+    /// `MICROLLM_PREFETCH` = `l1` | `l2` | `auto` sets [`Prefetch`] (unset = by CPU).
     pub fn from_env() -> Result<Self, KernelError> {
-        match std::env::var("MICROLLM_KERNELS") {
-            Ok(v) => Self::from_setting(&v),
-            Err(std::env::VarError::NotPresent) => Ok(Self::detect()),
-            Err(std::env::VarError::NotUnicode(v)) => Err(KernelError::BadEnv {
+        let k = match std::env::var("MICROLLM_KERNELS") {
+            Ok(v) => Self::from_setting(&v)?,
+            Err(std::env::VarError::NotPresent) => Self::detect(),
+            Err(std::env::VarError::NotUnicode(v)) => {
+                return Err(KernelError::BadEnv {
+                    value: v.to_string_lossy().into_owned(),
+                })
+            }
+        };
+        match std::env::var("MICROLLM_PREFETCH") {
+            Ok(v) => Ok(k.with_prefetch(Prefetch::from_setting(&v)?)),
+            Err(std::env::VarError::NotPresent) => Ok(k),
+            Err(std::env::VarError::NotUnicode(v)) => Err(KernelError::BadPrefetchEnv {
                 value: v.to_string_lossy().into_owned(),
             }),
         }
+    }
+
+    /// The same table with the packed matmul's prefetches going to `prefetch`.
+    pub fn with_prefetch(self, prefetch: Prefetch) -> Self {
+        Kernels { prefetch, ..self }
+    }
+
+    /// The cache level the packed matmul prefetches into (see [`Prefetch`]).
+    pub fn prefetch(&self) -> Prefetch {
+        self.prefetch
     }
 
     /// Parse a `MICROLLM_KERNELS`-style setting (`scalar`, `avx2`, `auto`, or empty = auto).
@@ -682,6 +773,7 @@ impl Kernels {
                     n_cols,
                     sink,
                     self.path == KernelPath::Avx2Vnni,
+                    self.prefetch == Prefetch::L2,
                 )
             },
             #[cfg(not(target_arch = "x86_64"))]

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{all_paths, avx2, row_size, scalar, vnni, Rng};
-use microllm_kernels::{panel, GgmlType, Kernels};
+use microllm_kernels::{panel, GgmlType, Kernels, Prefetch};
 
 const PACKED_TYPES: [GgmlType; 7] = [
     GgmlType::Q4_0,
@@ -126,8 +126,12 @@ fn packed_matmul_is_bit_identical_to_the_panel_matmul() {
     // On each path, against that path's panel kernel: every column count through the
     // decode tiles (one column, 4 panels at a time) and the batch tiles (8, 4, 2 and 1
     // columns with 512-bit vectors, 4 and 1 with 256-bit ones), row counts around the 8-row
-    // panel, the panel pairs of the 512-bit tiles and the 4-panel decode tile.
-    for kern in all_paths() {
+    // panel, the panel pairs of the 512-bit tiles and the 4-panel decode tile; with the
+    // prefetches going to L1 and to L2 (a setting of speed only).
+    let settings = all_paths()
+        .into_iter()
+        .flat_map(|k| [k.with_prefetch(Prefetch::L1), k.with_prefetch(Prefetch::L2)]);
+    for kern in settings {
         let panel_kern = if kern.path() == microllm_kernels::KernelPath::Scalar {
             kern
         } else {
@@ -142,9 +146,10 @@ fn packed_matmul_is_bit_identical_to_the_panel_matmul() {
                     assert_eq!(
                         bits(&run_packed(&kern, ty, &c, &packed)),
                         bits(&run_panel(&panel_kern, ty, &c)),
-                        "{} k={k} {n_rows}x{n_cols} {:?}",
+                        "{} k={k} {n_rows}x{n_cols} {:?} prefetch {}",
                         ty.name(),
-                        kern.path()
+                        kern.path(),
+                        kern.prefetch()
                     );
                 }
             }
@@ -268,4 +273,28 @@ fn offsets_beyond_f16_range_are_computed_not_stored() {
     assert_eq!(scalar().packed_len(GgmlType::Q6_K, 256, 8), None);
     assert_eq!(scalar().packed_len(GgmlType::Q4_K, 288, 8), None);
     assert_eq!(scalar().packed_len(GgmlType::Q4_1, 48, 8), None);
+}
+
+#[test]
+fn the_prefetch_setting_is_parsed_and_bad_values_say_what_to_do() {
+    assert_eq!(Prefetch::from_setting("l1").unwrap(), Prefetch::L1);
+    assert_eq!(Prefetch::from_setting(" L2 ").unwrap(), Prefetch::L2);
+    assert_eq!(
+        Prefetch::from_setting("auto").unwrap(),
+        Prefetch::for_this_cpu()
+    );
+    assert_eq!(
+        Prefetch::from_setting("").unwrap(),
+        Prefetch::for_this_cpu()
+    );
+    let e = Prefetch::from_setting("l3").unwrap_err().to_string();
+    assert!(
+        e.contains("MICROLLM_PREFETCH") && e.contains("l1, l2 or auto"),
+        "{e}"
+    );
+    // Every constructor picks the CPU's setting; `with_prefetch` changes only that.
+    let k = Kernels::detect();
+    assert_eq!(k.prefetch(), Prefetch::for_this_cpu());
+    let other = k.with_prefetch(Prefetch::L1);
+    assert_eq!((other.path(), other.prefetch()), (k.path(), Prefetch::L1));
 }

@@ -384,6 +384,7 @@ unsafe fn tile512<const L: u8, const P: usize, const C: usize>(
     pb: usize,
     a: *const u8,
     a_row: usize,
+    to_l2: bool,
 ) -> [[__m512; C]; P] {
     let ng = k / 32;
     let lay = const { lay(L) };
@@ -404,7 +405,12 @@ unsafe fn tile512<const L: u8, const P: usize, const C: usize>(
             let next = p.wrapping_add(2 * P * pb + g * ahead);
             let mut l = 0;
             while l < ahead {
-                _mm_prefetch::<PF_HINT_512>(next.wrapping_add(l).cast());
+                // A branch the predictor always gets right (the same every call).
+                if to_l2 {
+                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(l).cast());
+                } else {
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(l).cast());
+                }
                 l += 64;
             }
             let ga = lay.group_at(g);
@@ -534,7 +540,8 @@ fn put_panel(
 /// tile for a last odd panel.
 ///
 /// # Safety
-/// Inlined only into [`gemm_vnni`]; sizes as in [`drive`].
+/// Inlined only into [`gemm_vnni`]; sizes as in [`drive`]. `to_l2`: the cache level the
+/// next tile is prefetched into (see [`crate::Prefetch`]).
 #[inline(always)]
 unsafe fn drive512<const L: u8>(
     k: usize,
@@ -543,6 +550,7 @@ unsafe fn drive512<const L: u8>(
     act: &[u8],
     n_cols: usize,
     sink: &mut dyn FnMut(usize, usize, &[f32]),
+    to_l2: bool,
 ) {
     let (pb, a_row, np) = sizes::<L>(k, packed, n_rows, act, n_cols);
     let (pp, ap) = (packed.as_ptr(), act.as_ptr());
@@ -568,6 +576,7 @@ unsafe fn drive512<const L: u8>(
                     pb,
                     ap.add($c0 * a_row),
                     a_row,
+                    to_l2,
                 )
             };
             for (j, row) in t.into_iter().enumerate() {
@@ -645,10 +654,7 @@ unsafe fn drive512<const L: u8>(
 /// by 2 threads: 28-33 GB/s, the machine's read bandwidth; into L1 or non-temporal 19-22).
 const PF_HINT: i32 = _MM_HINT_T1;
 
-/// The same for the 512-bit tiles: L1 (SmolLM2 decode, Q4_1 + Q8_0, 16-token blocks
-/// alternating in one process on an AMD EPYC with AVX-512: 352 tok/s with `T1`, 379 with
-/// `T0`; Gemma 3, Q4_K/Q5_K/Q8_0: 155 -> 165. Two tiles ahead instead of one: 372 -> 337).
-const PF_HINT_512: i32 = _MM_HINT_T0;
+// The 512-bit tiles take theirs from `crate::Prefetch`, which depends on the CPU.
 
 /// Panels per decode tile (one column): independent float chains.
 const DECODE_PANELS: usize = 4;
@@ -745,13 +751,16 @@ unsafe fn gemm_vnni<const L: u8>(
     act: &[u8],
     n_cols: usize,
     sink: &mut dyn FnMut(usize, usize, &[f32]),
+    to_l2: bool,
 ) {
     // SAFETY: this function's features are the ones `drive512` (and the 256-bit
     // `tile::<_, _, _, true>` it uses for an odd panel) needs.
-    unsafe { drive512::<L>(k, packed, n_rows, act, n_cols, sink) }
+    unsafe { drive512::<L>(k, packed, n_rows, act, n_cols, sink, to_l2) }
 }
 
-/// See `Kernels::gemm_packed_into` (shapes checked there): `vnni` picks the AVX-512 tiles.
+/// See `Kernels::gemm_packed_into` (shapes checked there): `vnni` picks the AVX-512 tiles,
+/// whose prefetches of the next tile go to L2 if `to_l2`, else to L1 (the 256-bit tiles
+/// always prefetch into L2).
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C, and if `vnni`, AVX512F, AVX512BW, AVX512VL and
@@ -765,13 +774,14 @@ pub(crate) unsafe fn gemm(
     n_cols: usize,
     sink: &mut dyn FnMut(usize, usize, &[f32]),
     vnni: bool,
+    to_l2: bool,
 ) {
     macro_rules! go {
         ($l:expr) => {
             // SAFETY: the caller guarantees the features of the variant chosen.
             unsafe {
                 if vnni {
-                    gemm_vnni::<{ $l }>(k, packed, n_rows, act, n_cols, sink)
+                    gemm_vnni::<{ $l }>(k, packed, n_rows, act, n_cols, sink, to_l2)
                 } else {
                     gemm_avx2::<{ $l }>(k, packed, n_rows, act, n_cols, sink)
                 }
