@@ -117,44 +117,29 @@ pub struct Kernels {
     prefetch: Prefetch,
 }
 
-/// The cache level the 512-bit packed matmul prefetches its next tile into. A setting of
-/// speed only: the results are the same bits either way.
+/// The cache level the 512-bit packed matmul prefetches its weights into (each panel stream
+/// a few KiB ahead of its reads). A setting of speed only: the results are the same bits
+/// either way. L1 by default; `MICROLLM_PREFETCH=l1|l2` ([`Kernels::from_env`]) picks one
+/// for measurements.
 ///
-/// Which is faster depends on the CPU's memory system, so [`Kernels::detect`] and
-/// [`Kernels::with_path`] pick it by vendor ([`Prefetch::for_this_cpu`]), and
-/// `MICROLLM_PREFETCH=l1|l2` ([`Kernels::from_env`]) overrides it for measurements.
-/// Measured (2 threads, `microllm bench -p 0 -n 64`, the two settings alternating):
-/// - AMD EPYC (Zen 5): L1. SmolLM2 decode 352 tok/s with L2, 379 with L1; Gemma 3 155 -> 165.
-/// - Intel Xeon (AMX, AVX-512 FP16; 2026-12-07): L2. Gemma 3 decode 85 / 83 / 86 tok/s with
-///   L1, 93 / 92 / 95 with L2 (its 180 MB Q8_0 output matrix streams at 27 GB/s instead of
-///   25); SmolLM2 unchanged (within noise). Prefetching further ahead, or each panel's own
-///   stream 1-4 KB ahead, did not gain there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Measured (2 threads, `microllm bench -p 0 -n 128`, the two alternating): on an Intel Xeon
+/// (2026-12-07) Gemma 3 decode 110 / 107 tok/s with L1, 106 / 103 with L2, SmolLM2 372 / 359
+/// against 365 / 354; on an AMD EPYC (Zen 5), with the earlier next-tile prefetch, L1 gave
+/// SmolLM2 379 tok/s against 352 and Gemma 3 165 against 155.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Prefetch {
     /// `prefetcht0`: into L1.
+    #[default]
     L1,
     /// `prefetcht1`: into L2.
     L2,
 }
 
 impl Prefetch {
-    /// L2 on Intel CPUs, L1 on the others (see [`Prefetch`]).
-    pub fn for_this_cpu() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            // The vendor string of leaf 0 is in EBX, EDX, ECX: "Genu" "ineI" "ntel".
-            let r = core::arch::x86_64::__cpuid(0);
-            if (r.ebx, r.edx, r.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e) {
-                return Prefetch::L2;
-            }
-        }
-        Prefetch::L1
-    }
-
-    /// From a `MICROLLM_PREFETCH`-style setting: `l1`, `l2`, or `auto` / empty (by CPU).
+    /// From a `MICROLLM_PREFETCH`-style setting: `l1`, `l2`, or `auto` / empty (the default).
     pub fn from_setting(value: &str) -> Result<Self, KernelError> {
         match value.trim().to_ascii_lowercase().as_str() {
-            "" | "auto" => Ok(Self::for_this_cpu()),
+            "" | "auto" => Ok(Self::default()),
             "l1" => Ok(Prefetch::L1),
             "l2" => Ok(Prefetch::L2),
             _ => Err(KernelError::BadPrefetchEnv {
@@ -342,7 +327,7 @@ impl Kernels {
         };
         Kernels {
             path,
-            prefetch: Prefetch::for_this_cpu(),
+            prefetch: Prefetch::default(),
         }
     }
 
@@ -351,7 +336,7 @@ impl Kernels {
         match p {
             KernelPath::Scalar => Ok(Kernels {
                 path: p,
-                prefetch: Prefetch::for_this_cpu(),
+                prefetch: Prefetch::default(),
             }),
             KernelPath::Avx2 | KernelPath::Avx2Vnni => {
                 let check = if p == KernelPath::Avx2 {
@@ -362,7 +347,7 @@ impl Kernels {
                 match check {
                     Ok(()) => Ok(Kernels {
                         path: p,
-                        prefetch: Prefetch::for_this_cpu(),
+                        prefetch: Prefetch::default(),
                     }),
                     Err(reason) => Err(KernelError::PathUnavailable { path: p, reason }),
                 }

@@ -279,22 +279,16 @@ fn offsets_beyond_f16_range_are_computed_not_stored() {
 fn the_prefetch_setting_is_parsed_and_bad_values_say_what_to_do() {
     assert_eq!(Prefetch::from_setting("l1").unwrap(), Prefetch::L1);
     assert_eq!(Prefetch::from_setting(" L2 ").unwrap(), Prefetch::L2);
-    assert_eq!(
-        Prefetch::from_setting("auto").unwrap(),
-        Prefetch::for_this_cpu()
-    );
-    assert_eq!(
-        Prefetch::from_setting("").unwrap(),
-        Prefetch::for_this_cpu()
-    );
+    assert_eq!(Prefetch::from_setting("auto").unwrap(), Prefetch::L1);
+    assert_eq!(Prefetch::from_setting("").unwrap(), Prefetch::L1);
     let e = Prefetch::from_setting("l3").unwrap_err().to_string();
     assert!(
         e.contains("MICROLLM_PREFETCH") && e.contains("l1, l2 or auto"),
         "{e}"
     );
-    // Every constructor picks the CPU's setting; `with_prefetch` changes only that.
+    // Every constructor picks the default; `with_prefetch` changes only that.
     let k = Kernels::detect();
-    assert_eq!(k.prefetch(), Prefetch::for_this_cpu());
-    let other = k.with_prefetch(Prefetch::L1);
-    assert_eq!((other.path(), other.prefetch()), (k.path(), Prefetch::L1));
+    assert_eq!(k.prefetch(), Prefetch::L1);
+    let other = k.with_prefetch(Prefetch::L2);
+    assert_eq!((other.path(), other.prefetch()), (k.path(), Prefetch::L2));
 }

@@ -388,7 +388,6 @@ unsafe fn tile512<const L: u8, const P: usize, const C: usize>(
 ) -> [[__m512; C]; P] {
     let ng = k / 32;
     let lay = const { lay(L) };
-    let ahead = (2 * P * pb).div_ceil(ng);
     let (od, o32, _) = act_offsets(k);
     // SAFETY: the intrinsics need the entry point's features (see above). Every load is of
     // panel 2j or 2j + 1 < 2P at an offset inside a panel (as in `tile`), or of activation
@@ -402,16 +401,26 @@ unsafe fn tile512<const L: u8, const P: usize, const C: usize>(
         };
         for g in 0..ng {
             let e0 = g * 32;
-            let next = p.wrapping_add(2 * P * pb + g * ahead);
-            let mut l = 0;
-            while l < ahead {
-                // A branch the predictor always gets right (the same every call).
-                if to_l2 {
-                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(l).cast());
-                } else {
-                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(l).cast());
+            // Each of the tile's 2P panel streams is prefetched PF_AHEAD bytes ahead of where
+            // it reads (this group's share of the lines, each line once); past its panel's
+            // end, into the matching panel of the next tile.
+            let (o0, o1) = (g * pb / ng + PF_AHEAD, (g + 1) * pb / ng + PF_AHEAD);
+            let mut o = o0 & !63;
+            while o < o1 & !63 {
+                for s in 0..2 * P {
+                    let at = if o < pb {
+                        s * pb + o
+                    } else {
+                        (2 * P + s) * pb + o - pb
+                    };
+                    // A branch the predictor always gets right (the same every call).
+                    if to_l2 {
+                        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(at).cast());
+                    } else {
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at).cast());
+                    }
                 }
-                l += 64;
+                o += 64;
             }
             let ga = lay.group_at(g);
             let mut isum = [[_mm512_setzero_si512(); C]; P];
@@ -654,7 +663,15 @@ unsafe fn drive512<const L: u8>(
 /// by 2 threads: 28-33 GB/s, the machine's read bandwidth; into L1 or non-temporal 19-22).
 const PF_HINT: i32 = _MM_HINT_T1;
 
-// The 512-bit tiles take theirs from `crate::Prefetch`, which depends on the CPU.
+/// How far ahead of its reads the 512-bit tiles prefetch each panel stream, in bytes (the
+/// cache level is [`crate::Prefetch`]'s). On an Intel Xeon (2026-12-07, 2 threads, `microllm
+/// bench -p 0 -n 128`, alternating): Gemma 3 decode, whose 180 MB Q8_0 output matrix streams
+/// from memory, 94 / 95 tok/s when the next tile was prefetched (spread over the current
+/// one, 5-11 KB ahead of the streams, the layout tuned on an AMD EPYC), 107 / 105 with each
+/// stream 4 KiB ahead, 102 / 107 at 6 KiB, 103 / 104 at 2.5 KiB; SmolLM2 (from the L3)
+/// 367 / 364 against 363 / 352 (noise), 1.5 KiB ahead cost it 10-15%. `examples/packed_stream
+/// Q8_0 640` (190 MB): 27 GB/s -> 29-30, the machine's read bandwidth.
+const PF_AHEAD: usize = 4096;
 
 /// Panels per decode tile (one column): independent float chains.
 const DECODE_PANELS: usize = 4;
