@@ -5,7 +5,9 @@
 //! released (they stay in the page cache), so resident memory holds the weights once. Results
 //! are bit-identical to the panel matmul on the original bytes, so a model is packed or not
 //! without changing any output but the llama.cpp-exact path's, which never uses packed
-//! weights.
+//! weights. The other matrices (formats with no packed layout, such as Gemma 3's Q6_K
+//! `ffn_down`) are copied into the same arena as they are, so that every matrix a decode step
+//! streams sits on huge pages (same bytes, same results on every path).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,6 +28,8 @@ pub struct PackStats {
     pub bytes: u64,
     /// Matrices of a packable format left unpacked (scales not exactly f16).
     pub refused: usize,
+    /// Matrices of a format with no packed layout copied into the arena as they are.
+    pub copied: usize,
 }
 
 /// The packed matrices' bytes, all in one arena: an anonymous mapping with transparent huge
@@ -151,18 +155,17 @@ pub(crate) fn pack_weights(
         ]);
     }
     mats.push(&mut weights.output);
-    // Each packable matrix's place in the arena: consecutive, each at a multiple of 64 bytes
-    // (a cache line; every packed length is a multiple of 32 already).
-    let mut places: Vec<(&mut QMatrix, usize, usize)> = Vec::new();
+    // Each matrix's place in the arena, packed or (no packed layout) copied: consecutive,
+    // each at a multiple of 64 bytes (a cache line; every packed length is a multiple of 32
+    // already).
+    let mut places: Vec<(&mut QMatrix, usize, usize, bool)> = Vec::new();
     let mut total = 0usize;
     for m in mats {
-        if !kernels.pack_supports(m.ty) {
-            continue;
-        }
-        let Some(len) = kernels.packed_len(m.ty, m.n_cols, m.n_rows) else {
-            continue;
+        let (len, pack) = match kernels.packed_len(m.ty, m.n_cols, m.n_rows) {
+            Some(len) if kernels.pack_supports(m.ty) => (len, true),
+            _ => (m.data(file).len(), false),
         };
-        places.push((m, total, len));
+        places.push((m, total, len, pack));
         total = (total + len).next_multiple_of(64);
     }
     if places.is_empty() {
@@ -173,14 +176,14 @@ pub(crate) fn pack_weights(
     let bytes = fresh.bytes();
     let base = (HUGE - bytes.as_ptr() as usize % HUGE) % HUGE;
     let mut ok = vec![false; places.len()];
-    for ((m, at, len), ok) in places.iter().zip(&mut ok) {
-        *ok = pack_matrix(
-            m,
-            file,
-            kernels,
-            pool,
-            &mut bytes[base + at..base + at + len],
-        );
+    for ((m, at, len, pack), ok) in places.iter().zip(&mut ok) {
+        let dst = &mut bytes[base + at..base + at + len];
+        *ok = if *pack {
+            pack_matrix(m, file, kernels, pool, dst)
+        } else {
+            dst.copy_from_slice(m.data(file));
+            true
+        };
         if *ok {
             // Released at once, so that the file's pages and the packed copy are not both
             // resident for the whole model at the end of packing (peak RSS). Released pages
@@ -190,21 +193,25 @@ pub(crate) fn pack_weights(
         }
     }
     let Some(buf) = fresh.seal().map(Arc::new) else {
-        stats.refused = places.len();
+        stats.refused = places.iter().filter(|p| p.3).count();
         return stats;
     };
-    for ((m, at, len), ok) in places.into_iter().zip(ok) {
-        if !ok {
-            stats.refused += 1;
-            continue;
-        }
-        stats.matrices += 1;
-        stats.bytes += len as u64;
-        m.packed = Some(PackedSlice {
+    for ((m, at, len, pack), ok) in places.into_iter().zip(ok) {
+        let slice = PackedSlice {
             buf: buf.clone(),
             start: base + at,
             len,
-        });
+        };
+        if !pack {
+            stats.copied += 1;
+            m.copy = Some(slice);
+        } else if !ok {
+            stats.refused += 1;
+        } else {
+            stats.matrices += 1;
+            stats.bytes += len as u64;
+            m.packed = Some(slice);
+        }
     }
     stats
 }

@@ -18,6 +18,9 @@ pub struct QMatrix {
     info: TensorInfo,
     /// The rows repacked at load for the packed matmul (`Kernels::pack`), if they were.
     pub(crate) packed: Option<crate::pack::PackedSlice>,
+    /// For a format with no packed layout: the file's bytes copied into the packing arena
+    /// (huge pages), if they were; [`QMatrix::data`] then reads them there.
+    pub(crate) copy: Option<crate::pack::PackedSlice>,
 }
 
 impl QMatrix {
@@ -35,13 +38,18 @@ impl QMatrix {
             row_bytes: self.row_bytes,
             info,
             packed: None,
+            copy: None,
         }
     }
 
-    /// The raw bytes (all rows) inside `file`.
+    /// The raw bytes (all rows): the copy in the packing arena if there is one, else inside
+    /// `file`.
     #[inline]
-    pub fn data<'f>(&self, file: &'f GgufFile) -> &'f [u8] {
-        file.tensor_data(&self.info)
+    pub fn data<'a>(&'a self, file: &'a GgufFile) -> &'a [u8] {
+        match &self.copy {
+            Some(c) => c,
+            None => file.tensor_data(&self.info),
+        }
     }
     pub fn name(&self) -> &str {
         &self.info.name
@@ -149,6 +157,7 @@ impl Loader<'_> {
             row_bytes,
             info: info.clone(),
             packed: None,
+            copy: None,
         })
     }
 

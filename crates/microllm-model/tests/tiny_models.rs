@@ -288,6 +288,40 @@ fn batched_sequences_equal_sequences_alone() {
     }
 }
 
+/// Matrices with no packed layout (here F16) are copied into the packing arena as they are:
+/// the same bytes, so every result is the same bits as the unpacked model's.
+#[test]
+fn copied_weights_give_the_same_bits() {
+    let mut spec = TinySpec::llama();
+    spec.weight_type = microllm_gguf::GgmlType::F16;
+    let bytes = microllm_testkit::tiny_model_bytes(&spec);
+    let load = |pack: bool| {
+        let file = GgufFile::from_bytes(bytes.clone()).expect("tiny model parses");
+        let opts = ModelOptions {
+            n_threads: 2,
+            kernels: Kernels::detect(),
+            pack,
+        };
+        Model::from_gguf(file, opts).expect("tiny model loads")
+    };
+    let (copied, plain) = (load(true), load(false));
+    // Every layer's 7 matrices and the output projection.
+    let n = copied.config.n_layer * 7 + 1;
+    assert_eq!(copied.pack_stats().copied, n);
+    assert_eq!(copied.pack_stats().matrices, 0);
+    assert_eq!(plain.pack_stats().copied, 0);
+    let toks = prompt(12, copied.config.n_vocab);
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    assert_eq!(
+        bits(batched(&copied, &toks, 64)),
+        bits(batched(&plain, &toks, 64))
+    );
+    assert_eq!(
+        bits(stepwise(&copied, &toks)),
+        bits(stepwise(&plain, &toks))
+    );
+}
+
 /// Packing the weights at load (the default) changes no batched result: the packed matmul is
 /// bit-identical to the panel matmul the unpacked model uses for prompts, for Q4_0, Q4_1 and
 /// Q8_0 weights (the formats that pack); single-token decode, which unpacked runs llama.cpp's
