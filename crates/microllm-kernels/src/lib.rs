@@ -768,6 +768,12 @@ impl Kernels {
         }
     }
 
+    /// The wrapping sum of `data`'s little-endian u64 words (whole words; trailing bytes
+    /// ignored), read as fast as this path can: what a memory read bandwidth probe times.
+    pub fn stream_sum(&self, data: &[u8]) -> u64 {
+        dispatch!(self, scalar => reference::stream_sum(data), avx2 => x86::avx2::stream_sum(data))
+    }
+
     /// `sum(a[i] * b[i])`.
     pub fn dot_f32(&self, a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len(), "dot_f32: lengths differ");

@@ -1048,3 +1048,20 @@ pub fn geglu(gate: &mut [f32], up: &[f32]) {
         };
     }
 }
+
+/// The wrapping sum of `data`'s little-endian u64 words (whole words only; trailing bytes
+/// are ignored), four running sums so the additions do not serialise: the memory read
+/// bandwidth probe's portable loop, and the specification of the SIMD one.
+pub fn stream_sum(data: &[u8]) -> u64 {
+    let mut acc = [0u64; 4];
+    let mut quads = data.chunks_exact(32);
+    for q in &mut quads {
+        for (a, w) in acc.iter_mut().zip(q.chunks_exact(8)) {
+            *a = a.wrapping_add(u64::from_le_bytes(w.try_into().expect("8 bytes")));
+        }
+    }
+    for w in quads.remainder().chunks_exact(8) {
+        acc[0] = acc[0].wrapping_add(u64::from_le_bytes(w.try_into().expect("8 bytes")));
+    }
+    acc.iter().fold(0u64, |s, v| s.wrapping_add(*v))
+}

@@ -292,3 +292,24 @@ fn the_prefetch_setting_is_parsed_and_bad_values_say_what_to_do() {
     let other = k.with_prefetch(Prefetch::L2);
     assert_eq!((other.path(), other.prefetch()), (k.path(), Prefetch::L2));
 }
+
+#[test]
+fn the_bandwidth_probe_sums_every_word_on_every_path() {
+    let mut rng = Rng::new(7);
+    // Lengths around the SIMD loop's 64-byte step, with a partial word at the end.
+    for len in [0usize, 7, 8, 63, 64, 65, 200, 4096 + 24, 10_000 + 3] {
+        let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        let want = data
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+            .fold(0u64, u64::wrapping_add);
+        for kern in all_paths() {
+            assert_eq!(
+                kern.stream_sum(&data),
+                want,
+                "{len} bytes {:?}",
+                kern.path()
+            );
+        }
+    }
+}

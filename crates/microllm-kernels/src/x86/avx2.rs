@@ -1417,3 +1417,35 @@ pub(crate) unsafe fn attention_f16(
         *o *= inv;
     }
 }
+
+/// How far ahead of its reads [`stream_sum`] prefetches (into L1), in bytes. Measured on an
+/// Intel Xeon (2026-12-07, 256 MiB, 2 threads): 2 KiB ahead 33.7-36.5 GB/s, none 32.3-35.8,
+/// 4 KiB 24.9-26.2.
+const STREAM_AHEAD: usize = 2048;
+
+/// The wrapping sum of `data`'s little-endian u64 words (whole words only), with 256-bit
+/// loads, 64 bytes a step, prefetching [`STREAM_AHEAD`] bytes ahead: the memory read
+/// bandwidth probe's SIMD loop.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn stream_sum(data: &[u8]) -> u64 {
+    let n = data.len() / 64 * 64;
+    let p = data.as_ptr();
+    let (mut a0, mut a1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    let mut i = 0;
+    while i < n {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i + STREAM_AHEAD).cast());
+        // SAFETY: i + 64 <= n <= data.len(); a prefetch never faults.
+        unsafe {
+            a0 = _mm256_add_epi64(a0, _mm256_loadu_si256(p.add(i).cast()));
+            a1 = _mm256_add_epi64(a1, _mm256_loadu_si256(p.add(i + 32).cast()));
+        }
+        i += 64;
+    }
+    let mut lanes = [0u64; 4];
+    // SAFETY: 32 writable bytes.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), _mm256_add_epi64(a0, a1)) };
+    lanes
+        .iter()
+        .chain(&[crate::reference::stream_sum(&data[n..])])
+        .fold(0u64, |s, v| s.wrapping_add(*v))
+}
