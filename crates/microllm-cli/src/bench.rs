@@ -298,8 +298,8 @@ fn prepare_depth(lm: &LoadedModel, state: &mut State, depth: &[u32]) -> Result<(
 /// buffer (far larger than most caches); the best of 5 passes of each of two loops after
 /// the buffer is touched: a portable one (four running u64 sums) and the kernels' SIMD one
 /// (`Kernels::stream_sum`: 256-bit loads with a software prefetch a little ahead), since
-/// which reads faster depends on the CPU (on an Intel Xeon the SIMD loop read 5-15% more;
-/// on an AMD EPYC the portable one was at the machine's figure). The reference figure for a
+/// which reads faster depends on the CPU (on an Intel Xeon the SIMD loop read 5-15% more
+/// than the portable one, which had been the whole probe). The reference figure for a
 /// generation speed: a decode step reads every weight once, so `bytes_per_token × tokens/s`
 /// cannot exceed it. The buffer gets transparent huge pages where the OS allows them, as
 /// the packed weights do: the probe measures what the machine can do, not what 4 KiB pages

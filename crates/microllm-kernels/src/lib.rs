@@ -357,7 +357,7 @@ impl Kernels {
 
     /// From `MICROLLM_KERNELS` = `scalar` | `avx2` | `avx2vnni` | `auto` (unset or empty = `auto`).
     /// Only binaries and tests should call this; libraries take a `Kernels` from their caller.
-    /// `MICROLLM_PREFETCH` = `l1` | `l2` | `auto` sets [`Prefetch`] (unset = by CPU).
+    /// `MICROLLM_PREFETCH` = `l1` | `l2` | `auto` sets [`Prefetch`] (unset or `auto` = L1).
     pub fn from_env() -> Result<Self, KernelError> {
         let k = match std::env::var("MICROLLM_KERNELS") {
             Ok(v) => Self::from_setting(&v)?,

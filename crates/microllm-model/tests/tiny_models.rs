@@ -288,6 +288,17 @@ fn batched_sequences_equal_sequences_alone() {
     }
 }
 
+/// A tiny model from `bytes` on 2 threads, its weights packed at load or not.
+fn load_packed(bytes: &[u8], pack: bool) -> Model {
+    let file = GgufFile::from_bytes(bytes.to_vec()).expect("tiny model parses");
+    let opts = ModelOptions {
+        n_threads: 2,
+        kernels: Kernels::detect(),
+        pack,
+    };
+    Model::from_gguf(file, opts).expect("tiny model loads")
+}
+
 /// Matrices with no packed layout (here F16) are copied into the packing arena as they are:
 /// the same bytes, so every result is the same bits as the unpacked model's.
 #[test]
@@ -295,16 +306,7 @@ fn copied_weights_give_the_same_bits() {
     let mut spec = TinySpec::llama();
     spec.weight_type = microllm_gguf::GgmlType::F16;
     let bytes = microllm_testkit::tiny_model_bytes(&spec);
-    let load = |pack: bool| {
-        let file = GgufFile::from_bytes(bytes.clone()).expect("tiny model parses");
-        let opts = ModelOptions {
-            n_threads: 2,
-            kernels: Kernels::detect(),
-            pack,
-        };
-        Model::from_gguf(file, opts).expect("tiny model loads")
-    };
-    let (copied, plain) = (load(true), load(false));
+    let (copied, plain) = (load_packed(&bytes, true), load_packed(&bytes, false));
     // Every layer's 7 matrices and the output projection.
     let n = copied.config.n_layer * 7 + 1;
     assert_eq!(copied.pack_stats().copied, n);
@@ -342,16 +344,7 @@ fn packed_weights_give_the_panel_results() {
             out
         };
         let bytes = microllm_testkit::tiny_model_bytes_with(&spec, &encode);
-        let load = |pack: bool| {
-            let file = GgufFile::from_bytes(bytes.clone()).expect("tiny model parses");
-            let opts = ModelOptions {
-                n_threads: 2,
-                kernels: Kernels::detect(),
-                pack,
-            };
-            Model::from_gguf(file, opts).expect("tiny model loads")
-        };
-        let (packed, plain) = (load(true), load(false));
+        let (packed, plain) = (load_packed(&bytes, true), load_packed(&bytes, false));
         assert!(packed.pack_stats().matrices > 0, "{ty:?}: nothing packed");
         assert_eq!(packed.pack_stats().refused, 0);
         assert_eq!(plain.pack_stats().matrices, 0);
