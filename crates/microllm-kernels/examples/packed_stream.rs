@@ -5,7 +5,7 @@
 //! memory at. `cargo run --release -p microllm-kernels --example packed_stream [TYPE [K [MB]]]`
 //! (default Q4_1 with K = 576 over 190 MB; formats without a packed layout run `gemm` only).
 //! A total that fits the L2 (`Q4_1 576 0.8`) measures the kernel's compute rate instead.
-//! `MICROLLM_PREFETCH` is not read here: the VNNI column uses the CPU's default.
+//! `MICROLLM_PREFETCH` is not read here: the VNNI column prefetches into L1, the default.
 use std::time::Instant;
 
 use microllm_gguf::GgmlType;

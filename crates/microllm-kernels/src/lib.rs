@@ -325,6 +325,11 @@ impl Kernels {
         } else {
             KernelPath::Scalar
         };
+        Kernels::of(path)
+    }
+
+    /// A table for `path` with the default [`Prefetch`]; callers check the CPU first.
+    fn of(path: KernelPath) -> Self {
         Kernels {
             path,
             prefetch: Prefetch::default(),
@@ -334,10 +339,7 @@ impl Kernels {
     /// A specific path; `Err` if this CPU cannot run it.
     pub fn with_path(p: KernelPath) -> Result<Self, KernelError> {
         match p {
-            KernelPath::Scalar => Ok(Kernels {
-                path: p,
-                prefetch: Prefetch::default(),
-            }),
+            KernelPath::Scalar => Ok(Kernels::of(p)),
             KernelPath::Avx2 | KernelPath::Avx2Vnni => {
                 let check = if p == KernelPath::Avx2 {
                     avx2_available()
@@ -345,10 +347,7 @@ impl Kernels {
                     vnni_available()
                 };
                 match check {
-                    Ok(()) => Ok(Kernels {
-                        path: p,
-                        prefetch: Prefetch::default(),
-                    }),
+                    Ok(()) => Ok(Kernels::of(p)),
                     Err(reason) => Err(KernelError::PathUnavailable { path: p, reason }),
                 }
             }
