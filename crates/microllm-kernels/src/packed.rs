@@ -26,6 +26,16 @@
 //!   plus fifth bits for Q5_K): 1184 bytes for 2048 weights as Q4_K (0.578 bytes per weight;
 //!   the file's 0.5625), 1440 as Q5_K (0.703; 0.6875). The kernels form the canonical scale
 //!   `d * sc` and offset `dmin * mn` in f32, where they are exact.
+//! - Q6_K: per 256-element super-block a 144-byte header — the 8 rows' `d` (8 x f16), then
+//!   for each of the 16 sixteen-element groups the rows' signed scales `sc` (8 x i8) — then
+//!   the 8 thirty-two-element groups' level vectors: the 4-bit vectors of the low 4 bits and
+//!   two vectors of the top 2 bits, vector `u` byte `4 * r + i` bits `4 * v .. 4 * v + 1` =
+//!   the top bits of `q[r][4t + i]` and bits `4 * v + 2 .. 4 * v + 3` those of
+//!   `q[r][16 + 4t + i]`, for `t = 2u + v`: 1680 bytes for 2048 weights (0.8203 bytes per
+//!   weight, the file's). A 32-element group holds two of the canonical 16-element groups
+//!   (elements `0..16`, the low nibbles, and `16..32`, the high ones): each gets its own
+//!   integer sum and epilogue, with the scale `d * sc` and offset `32 d sc` formed in f32,
+//!   exactly.
 //!
 //! Q4_0's and Q5_0's offsets are not stored: they are `8 s` and `16 s`, which the kernels
 //! compute in f32 (exactly, as the canonical form does).
@@ -43,7 +53,7 @@
 
 use half::f16;
 
-use crate::blocks::{cast_blocks, scale_min_k4, BlockQ4_K, BlockQ5_K, QK, QK_K};
+use crate::blocks::{cast_blocks, scale_min_k4, BlockQ4_K, BlockQ5_K, BlockQ6_K, QK, QK_K};
 use crate::format::Fmt;
 use crate::panel::{canon_row, dot_canon, PanelShape, PANEL_ROWS};
 
@@ -59,25 +69,33 @@ pub(crate) struct Layout {
     /// The offset as a multiple of the scale when it is not stored.
     pub sym: f32,
     /// K-quant super-blocks: a header with the rows' `d`, `dmin` and 6-bit group scales and
-    /// minimums, then 8 groups of levels only.
+    /// minimums (Q6_K: `d` and 16 signed scales), then 8 groups of levels only.
     pub kq: bool,
+    /// Q6_K: two vectors of top bits follow the 4-bit vectors, and each 32-element group is
+    /// two canonical groups of 16 (offsets `32 * s`).
+    pub six: bool,
 }
 
 /// Bytes of a K-quant super-block header: `d` and `dmin` of the 8 rows (8 x f16 each), then
 /// per group the 8 rows' scales (8 x u8) and minimums (8 x u8).
 pub(crate) const KQ_HEAD: usize = 32 + 2 * 8 * PANEL_ROWS;
 
+/// Bytes of a Q6_K super-block header: `d` of the 8 rows (8 x f16), then per 16-element group
+/// the 8 rows' scales (8 x i8).
+pub(crate) const Q6K_HEAD: usize = 16 + 16 * PANEL_ROWS;
+
 impl Layout {
     /// The layout of `f`, if it can be packed.
     pub(crate) const fn of(f: Fmt) -> Option<Layout> {
-        let (q8, five, offsets, sym, kq) = match f {
-            Fmt::Q8_0 => (true, false, false, 0.0, false),
-            Fmt::Q4_0 => (false, false, false, 8.0, false),
-            Fmt::Q4_1 => (false, false, true, 0.0, false),
-            Fmt::Q5_0 => (false, true, false, 16.0, false),
-            Fmt::Q5_1 => (false, true, true, 0.0, false),
-            Fmt::Q4_K => (false, false, false, 0.0, true),
-            Fmt::Q5_K => (false, true, false, 0.0, true),
+        let (q8, five, offsets, sym, kq, six) = match f {
+            Fmt::Q8_0 => (true, false, false, 0.0, false, false),
+            Fmt::Q4_0 => (false, false, false, 8.0, false, false),
+            Fmt::Q4_1 => (false, false, true, 0.0, false, false),
+            Fmt::Q5_0 => (false, true, false, 16.0, false, false),
+            Fmt::Q5_1 => (false, true, true, 0.0, false, false),
+            Fmt::Q4_K => (false, false, false, 0.0, true, false),
+            Fmt::Q5_K => (false, true, false, 0.0, true, false),
+            Fmt::Q6_K => (false, false, false, 32.0, true, true),
             _ => return None,
         };
         Some(Layout {
@@ -86,6 +104,7 @@ impl Layout {
             offsets,
             sym,
             kq,
+            six,
         })
     }
 
@@ -102,6 +121,8 @@ impl Layout {
     const fn levels_bytes(self) -> usize {
         if self.q8 {
             256
+        } else if self.six {
+            192
         } else if self.five {
             160
         } else {
@@ -122,6 +143,18 @@ impl Layout {
     /// Byte offset of the fifth-bit vector in a group (5-bit formats).
     pub(crate) const FIVE_AT: usize = 128;
 
+    /// Byte offset of the two top-bit vectors in a group (Q6_K).
+    pub(crate) const SIX_AT: usize = 128;
+
+    /// Bytes of a K-quant super-block header.
+    pub(crate) const fn head_bytes(self) -> usize {
+        if self.six {
+            Q6K_HEAD
+        } else {
+            KQ_HEAD
+        }
+    }
+
     /// Bytes of one packed 32-element group of a panel.
     pub(crate) const fn group_bytes(self) -> usize {
         if self.kq {
@@ -134,7 +167,7 @@ impl Layout {
     /// Bytes of one block of a panel: a group, or a K-quant header and its 8 groups.
     const fn block_bytes(self) -> usize {
         if self.kq {
-            KQ_HEAD + 8 * self.group_bytes()
+            self.head_bytes() + 8 * self.group_bytes()
         } else {
             self.group_bytes()
         }
@@ -149,7 +182,7 @@ impl Layout {
     #[inline(always)]
     pub(crate) const fn group_at(self, g: usize) -> usize {
         if self.kq {
-            (g / 8) * self.block_bytes() + KQ_HEAD + (g % 8) * self.group_bytes()
+            (g / 8) * self.block_bytes() + self.head_bytes() + (g % 8) * self.group_bytes()
         } else {
             g * self.group_bytes()
         }
@@ -163,7 +196,8 @@ impl Layout {
 }
 
 /// Writes the K-quant headers of one panel (`rows` rows of `w`, `w_row` bytes apart, `k`
-/// elements each) into `panel` (see [`KQ_HEAD`]); missing rows' entries are zero.
+/// elements each) into `panel` (see [`KQ_HEAD`], [`Q6K_HEAD`]); missing rows' entries are
+/// zero.
 pub(crate) fn put_kq_heads(
     f: Fmt,
     k: usize,
@@ -173,12 +207,22 @@ pub(crate) fn put_kq_heads(
     panel: &mut [u8],
 ) {
     let lay = layout(f);
+    let hb = lay.head_bytes();
     for sb in 0..k / QK_K {
-        panel[lay.head_at(8 * sb)..lay.head_at(8 * sb) + KQ_HEAD].fill(0);
+        panel[lay.head_at(8 * sb)..lay.head_at(8 * sb) + hb].fill(0);
     }
     for r in 0..rows {
         let row = &w[r * w_row..(r + 1) * w_row];
         for sb in 0..k / QK_K {
+            let h = &mut panel[lay.head_at(8 * sb)..lay.head_at(8 * sb) + hb];
+            if f == Fmt::Q6_K {
+                let b = &cast_blocks::<BlockQ6_K>(row).expect("whole blocks")[sb];
+                h[2 * r..2 * r + 2].copy_from_slice(&b.d.0);
+                for (j, sc) in b.scales.iter().enumerate() {
+                    h[16 + 8 * j + r] = *sc as u8;
+                }
+                continue;
+            }
             let (d, dmin, scales) = if f == Fmt::Q4_K {
                 let b = &cast_blocks::<BlockQ4_K>(row).expect("whole blocks")[sb];
                 (b.d, b.dmin, b.scales)
@@ -186,7 +230,6 @@ pub(crate) fn put_kq_heads(
                 let b = &cast_blocks::<BlockQ5_K>(row).expect("whole blocks")[sb];
                 (b.d, b.dmin, b.scales)
             };
-            let h = &mut panel[lay.head_at(8 * sb)..lay.head_at(8 * sb) + KQ_HEAD];
             h[2 * r..2 * r + 2].copy_from_slice(&d.0);
             h[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&dmin.0);
             for j in 0..8 {
@@ -237,6 +280,8 @@ pub(crate) fn pack_ref(
 ) -> bool {
     let lay = layout(f);
     let (ng, gb, pb) = (k / QK, lay.group_bytes(), lay.panel_bytes(k));
+    // Canonical groups: of 32 elements, or of 16 (Q6_K).
+    let ncg = k / PanelShape::of(f).expect("packed format").blk;
     out[..packed_len(f, k, n_rows)].fill(0);
     if lay.kq {
         for (pi, panel) in out[..packed_len(f, k, n_rows)]
@@ -248,7 +293,7 @@ pub(crate) fn pack_ref(
             put_kq_heads(f, k, &w[r0 * w_row..], w_row, rows, panel);
         }
     }
-    let (mut q, mut s, mut m) = (vec![0u8; k], vec![0f32; ng], vec![0f32; ng]);
+    let (mut q, mut s, mut m) = (vec![0u8; k], vec![0f32; ncg], vec![0f32; ncg]);
     for r in 0..n_rows {
         canon_row(f, &w[r * w_row..(r + 1) * w_row], &mut q, &mut s, &mut m);
         let (panel, lane) = (r / PANEL_ROWS, r % PANEL_ROWS);
@@ -266,6 +311,11 @@ pub(crate) fn pack_ref(
                     for i in 0..4 {
                         let (a, b) = (lv[4 * t + i], lv[16 + 4 * t + i]);
                         grp[32 * t + 4 * lane + i] = (a & 0xf) | (b & 0xf) << 4;
+                        if lay.six {
+                            let (u, v) = (t / 2, t % 2);
+                            grp[Layout::SIX_AT + 32 * u + 4 * lane + i] |=
+                                (a >> 4) << (4 * v) | (b >> 4) << (4 * v + 2);
+                        }
                         if lay.five {
                             grp[Layout::FIVE_AT + 4 * lane + i] |=
                                 (a >> 4) << t | (b >> 4) << (4 + t);
@@ -320,6 +370,13 @@ fn unpack_row(
             for t in 0..4 {
                 for i in 0..4 {
                     let b = grp[32 * t + 4 * lane + i];
+                    if lay.six {
+                        let (u, v) = (t / 2, t % 2);
+                        let hb = grp[Layout::SIX_AT + 32 * u + 4 * lane + i];
+                        lv[4 * t + i] = (b & 0xf) | ((hb >> (4 * v)) & 3) << 4;
+                        lv[16 + 4 * t + i] = (b >> 4) | ((hb >> (4 * v + 2)) & 3) << 4;
+                        continue;
+                    }
                     let hb = if lay.five {
                         grp[Layout::FIVE_AT + 4 * lane + i]
                     } else {
@@ -329,6 +386,16 @@ fn unpack_row(
                     lv[16 + 4 * t + i] = (b >> 4) | ((hb >> (4 + t)) & 1) << 4;
                 }
             }
+        }
+        if lay.six {
+            // The canonical d * sc and 32 * d * sc of the two 16-element groups (exact in f32:
+            // an f16 times 8 bits, times a power of two).
+            let hd = &packed[panel * pb + lay.head_at(g)..];
+            for j in [2 * g, 2 * g + 1] {
+                s[j] = h(hd, 0) * hd[16 + 8 * (j % 16) + lane] as i8 as f32;
+                m[j] = lay.sym * s[j];
+            }
+            continue;
         }
         if lay.kq {
             // The canonical d * sc and dmin * mn (exact in f32: an f16 times 6 bits).
@@ -358,8 +425,7 @@ pub(crate) fn gemm_ref(
     sink: &mut dyn FnMut(usize, usize, &[f32]),
 ) {
     let shape = PanelShape::of(f).expect("packed format");
-    let ng = k / QK;
-    debug_assert!(shape.blk == QK);
+    let ng = k / shape.blk;
     let a_row = crate::panel::act_row_bytes(k);
     let (mut q, mut s, mut m) = (vec![0u8; k], vec![0f32; ng], vec![0f32; ng]);
     for r in 0..n_rows {

@@ -8,7 +8,7 @@ mod common;
 use common::{all_paths, avx2, row_size, scalar, vnni, Rng};
 use microllm_kernels::{panel, GgmlType, Kernels, Prefetch};
 
-const PACKED_TYPES: [GgmlType; 7] = [
+const PACKED_TYPES: [GgmlType; 8] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_0,
@@ -16,6 +16,7 @@ const PACKED_TYPES: [GgmlType; 7] = [
     GgmlType::Q8_0,
     GgmlType::Q4_K,
     GgmlType::Q5_K,
+    GgmlType::Q6_K,
 ];
 
 /// Elements per block of a format and the packed bytes of one block of 8 rows (see
@@ -29,6 +30,7 @@ fn block(ty: GgmlType) -> (usize, usize) {
         GgmlType::Q8_0 => (32, 272),
         GgmlType::Q4_K => (256, 1184),
         GgmlType::Q5_K => (256, 1440),
+        GgmlType::Q6_K => (256, 1680),
         _ => unreachable!(),
     }
 }
@@ -269,8 +271,9 @@ fn offsets_beyond_f16_range_are_computed_not_stored() {
             );
         }
     }
-    assert!(!scalar().pack_supports(GgmlType::Q6_K));
-    assert_eq!(scalar().packed_len(GgmlType::Q6_K, 256, 8), None);
+    assert!(!scalar().pack_supports(GgmlType::Q3_K));
+    assert_eq!(scalar().packed_len(GgmlType::Q3_K, 256, 8), None);
+    assert_eq!(scalar().packed_len(GgmlType::Q6_K, 288, 8), None);
     assert_eq!(scalar().packed_len(GgmlType::Q4_K, 288, 8), None);
     assert_eq!(scalar().packed_len(GgmlType::Q4_1, 48, 8), None);
 }

@@ -94,7 +94,9 @@ pub(crate) unsafe fn pack(
                     }
                 } else {
                     let (low, bit4) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x10));
+                    let top = _mm256_set1_epi8(0x30);
                     let mut fifth = _mm256_setzero_si256();
+                    let mut six = [_mm256_setzero_si256(); 2];
                     for t in 0..4 {
                         let (a, b) = (lv(t), lv(t + 4));
                         let v = _mm256_or_si256(
@@ -102,6 +104,22 @@ pub(crate) unsafe fn pack(
                             _mm256_slli_epi16::<4>(_mm256_and_si256(b, low)),
                         );
                         _mm256_storeu_si256(gp.add(32 * t).cast(), v);
+                        if lay.six {
+                            // Bits 4-5 of a level to bits 4v..4v+1 (low half) or
+                            // 4v+2..4v+3 (high half) of vector t / 2, v = t % 2: 16-bit
+                            // shifts of masked bits stay inside the byte.
+                            let (ta, tb) = (_mm256_and_si256(a, top), _mm256_and_si256(b, top));
+                            let bits = if t % 2 == 0 {
+                                _mm256_or_si256(
+                                    _mm256_srli_epi16::<4>(ta),
+                                    _mm256_srli_epi16::<2>(tb),
+                                )
+                            } else {
+                                _mm256_or_si256(ta, _mm256_slli_epi16::<2>(tb))
+                            };
+                            six[t / 2] = _mm256_or_si256(six[t / 2], bits);
+                            continue;
+                        }
                         if !lay.five {
                             continue;
                         }
@@ -114,6 +132,11 @@ pub(crate) unsafe fn pack(
                     }
                     if lay.five {
                         _mm256_storeu_si256(gp.add(Layout::FIVE_AT).cast(), fifth);
+                    }
+                    if lay.six {
+                        for (u, v) in six.into_iter().enumerate() {
+                            _mm256_storeu_si256(gp.add(Layout::SIX_AT + 32 * u).cast(), v);
+                        }
                     }
                 }
                 if lay.kq {
@@ -156,6 +179,7 @@ const L_Q5_0: u8 = 3;
 const L_Q5_1: u8 = 4;
 const L_Q4_K: u8 = 5;
 const L_Q5_K: u8 = 6;
+const L_Q6_K: u8 = 7;
 
 /// The layout of tag `l`.
 const fn lay(l: u8) -> Layout {
@@ -166,7 +190,8 @@ const fn lay(l: u8) -> Layout {
         L_Q5_0 => Fmt::Q5_0,
         L_Q5_1 => Fmt::Q5_1,
         L_Q4_K => Fmt::Q4_K,
-        _ => Fmt::Q5_K,
+        L_Q5_K => Fmt::Q5_K,
+        _ => Fmt::Q6_K,
     };
     match Layout::of(f) {
         Some(x) => x,
@@ -189,6 +214,10 @@ unsafe fn tile<const L: u8, const R: usize, const C: usize, const VNNI: bool>(
     a: *const u8,
     a_row: usize,
 ) -> [[__m256; C]; R] {
+    if const { lay(L).six } {
+        // SAFETY: the same contract.
+        return unsafe { tile_six::<R, C, VNNI>(k, p, pb, a, a_row) };
+    }
     let ng = k / 32;
     let lay = const { lay(L) };
     // Bytes of the next tile prefetched per group: R panels spread over the ng groups.
@@ -339,6 +368,114 @@ unsafe fn tile<const L: u8, const R: usize, const C: usize, const VNNI: bool>(
     }
 }
 
+/// [`tile`] for Q6_K (a function of its own, as [`tile512_six`]): the 4-bit vectors with
+/// the top bits or-ed in at bit 4; two canonical groups of 16 per 32-element group, each with
+/// its own sums (AVX2: 16-bit partial sums widened every two steps, 2 * 2 * 63 * 127 <
+/// 32768) and epilogue (`s = d * sc`, `m = 32 s`, exact in f32).
+///
+/// # Safety
+/// As [`tile`].
+#[inline(always)]
+unsafe fn tile_six<const R: usize, const C: usize, const VNNI: bool>(
+    k: usize,
+    p: *const u8,
+    pb: usize,
+    a: *const u8,
+    a_row: usize,
+) -> [[__m256; C]; R] {
+    let ng = k / 32;
+    let lay = const { lay(L_Q6_K) };
+    let ahead = (R * pb).div_ceil(ng);
+    let (od, _, o16) = act_offsets(k);
+    // SAFETY: as in `tile`: every load is of panel r < R inside its group's vectors or its
+    // super-block's header, or of activation byte e < k or scale < k / 16 of column c < C;
+    // prefetches never fault.
+    unsafe {
+        let (ones, low, top) = (
+            _mm256_set1_epi16(1),
+            _mm256_set1_epi8(0x0f),
+            _mm256_set1_epi8(0x30),
+        );
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let bcast = |c: usize, e: usize| {
+            _mm256_set1_epi32(a.add(c * a_row + e).cast::<i32>().read_unaligned())
+        };
+        for g in 0..ng {
+            let e0 = g * 32;
+            let next = p.wrapping_add(R * pb + g * ahead);
+            let mut l = 0;
+            while l < ahead {
+                _mm_prefetch::<PF_HINT>(next.wrapping_add(l).cast());
+                l += 64;
+            }
+            let ga = lay.group_at(g);
+            // The group's first and second 16 elements' sums (32 and 16 bits).
+            let mut sums = [[[_mm256_setzero_si256(); C]; R]; 2];
+            let mut s16 = [[[_mm256_setzero_si256(); C]; R]; 2];
+            for t in 0..4 {
+                for r in 0..R {
+                    let gp = p.add(r * pb + ga);
+                    let v = _mm256_loadu_si256(gp.add(32 * t).cast());
+                    let h = _mm256_loadu_si256(gp.add(Layout::SIX_AT + 32 * (t / 2)).cast());
+                    let (hl, hh) = if t % 2 == 0 {
+                        (_mm256_slli_epi16::<4>(h), _mm256_slli_epi16::<2>(h))
+                    } else {
+                        (h, _mm256_srli_epi16::<2>(h))
+                    };
+                    let lo = _mm256_or_si256(_mm256_and_si256(v, low), _mm256_and_si256(hl, top));
+                    let hi = _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(v), low),
+                        _mm256_and_si256(hh, top),
+                    );
+                    for c in 0..C {
+                        let (al, ah) = (bcast(c, e0 + 4 * t), bcast(c, e0 + 16 + 4 * t));
+                        if VNNI {
+                            sums[0][r][c] = _mm256_dpbusd_epi32(sums[0][r][c], lo, al);
+                            sums[1][r][c] = _mm256_dpbusd_epi32(sums[1][r][c], hi, ah);
+                        } else {
+                            let x = _mm256_maddubs_epi16(lo, al);
+                            s16[0][r][c] = _mm256_add_epi16(s16[0][r][c], x);
+                            let y = _mm256_maddubs_epi16(hi, ah);
+                            s16[1][r][c] = _mm256_add_epi16(s16[1][r][c], y);
+                        }
+                    }
+                }
+                if !VNNI && t % 2 == 1 {
+                    for half in 0..2 {
+                        for r in 0..R {
+                            for c in 0..C {
+                                let w = _mm256_madd_epi16(s16[half][r][c], ones);
+                                sums[half][r][c] = _mm256_add_epi32(sums[half][r][c], w);
+                                s16[half][r][c] = _mm256_setzero_si256();
+                            }
+                        }
+                    }
+                }
+            }
+            for r in 0..R {
+                let h = p.add(r * pb + lay.head_at(g));
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(h.cast()));
+                for (half, sums) in sums.iter().enumerate() {
+                    let sc = _mm_loadl_epi64(h.add(16 + 8 * (2 * (g % 8) + half)).cast());
+                    let sw = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+                    let mw = _mm256_mul_ps(sw, _mm256_set1_ps(lay.sym));
+                    for c in 0..C {
+                        let ac = a.add(c * a_row);
+                        let da = _mm256_broadcast_ss(&*ac.add(od + 4 * g).cast::<f32>());
+                        let so = o16 + 4 * (2 * g + half);
+                        let sa = _mm256_broadcast_ss(&*ac.add(so).cast::<f32>());
+                        let scale = _mm256_mul_ps(sw, da);
+                        let isum = _mm256_cvtepi32_ps(sums[r][c]);
+                        acc[r][c] = _mm256_fmadd_ps(isum, scale, acc[r][c]);
+                        acc[r][c] = _mm256_fnmadd_ps(mw, sa, acc[r][c]);
+                    }
+                }
+            }
+        }
+        acc
+    }
+}
+
 /// Two panels' 32-byte vectors at byte `off` of panels `2j` and `2j + 1` (`pb` bytes apart,
 /// from `p`), as one 512-bit vector: panel `2j` in the low half.
 ///
@@ -386,6 +523,10 @@ unsafe fn tile512<const L: u8, const P: usize, const C: usize>(
     a_row: usize,
     to_l2: bool,
 ) -> [[__m512; C]; P] {
+    if const { lay(L).six } {
+        // SAFETY: the same contract.
+        return unsafe { tile512_six::<P, C>(k, p, pb, a, a_row, to_l2) };
+    }
     let ng = k / 32;
     let lay = const { lay(L) };
     let (od, o32, _) = act_offsets(k);
@@ -401,27 +542,7 @@ unsafe fn tile512<const L: u8, const P: usize, const C: usize>(
         };
         for g in 0..ng {
             let e0 = g * 32;
-            // Each of the tile's 2P panel streams is prefetched PF_AHEAD bytes ahead of where
-            // it reads (this group's share of the lines, each line once); past its panel's
-            // end, into the matching panel of the next tile.
-            let (o0, o1) = (g * pb / ng + PF_AHEAD, (g + 1) * pb / ng + PF_AHEAD);
-            let mut o = o0 & !63;
-            while o < o1 & !63 {
-                for s in 0..2 * P {
-                    let at = if o < pb {
-                        s * pb + o
-                    } else {
-                        (2 * P + s) * pb + o - pb
-                    };
-                    // A branch the predictor always gets right (the same every call).
-                    if to_l2 {
-                        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(at).cast());
-                    } else {
-                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at).cast());
-                    }
-                }
-                o += 64;
-            }
+            prefetch_streams::<P>(p, pb, g, ng, to_l2);
             let ga = lay.group_at(g);
             let mut isum = [[_mm512_setzero_si512(); C]; P];
             if lay.q8 {
@@ -497,6 +618,130 @@ unsafe fn tile512<const L: u8, const P: usize, const C: usize>(
                     let scale = _mm512_mul_ps(sw, da);
                     acc[j][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[j][c]), scale, acc[j][c]);
                     acc[j][c] = _mm512_fnmadd_ps(mw, sa, acc[j][c]);
+                }
+            }
+        }
+        acc
+    }
+}
+
+/// Group `g`'s share of the prefetches of a 512-bit tile of `P` panel pairs at `p` (`pb`
+/// bytes a panel, `ng` groups): each of the 2P panel streams PF_AHEAD bytes ahead of where it
+/// reads (each line once); past its panel's end, into the matching panel of the next tile.
+///
+/// # Safety
+/// Inlined only into the AVX-512 entry point (SSE is enough); prefetches never fault.
+#[inline(always)]
+unsafe fn prefetch_streams<const P: usize>(
+    p: *const u8,
+    pb: usize,
+    g: usize,
+    ng: usize,
+    to_l2: bool,
+) {
+    let (o0, o1) = (g * pb / ng + PF_AHEAD, (g + 1) * pb / ng + PF_AHEAD);
+    let mut o = o0 & !63;
+    while o < o1 & !63 {
+        for s in 0..2 * P {
+            let at = if o < pb {
+                s * pb + o
+            } else {
+                (2 * P + s) * pb + o - pb
+            };
+            // A branch the predictor always gets right (the same every call).
+            // SAFETY: a prefetch of any address is harmless.
+            unsafe {
+                if to_l2 {
+                    _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(at).cast());
+                } else {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at).cast());
+                }
+            }
+        }
+        o += 64;
+    }
+}
+
+/// [`tile512`] for Q6_K (a function of its own: folded into `tile512`, its extra
+/// accumulators halved the other formats' in-cache speed). Levels: the 4-bit vectors with
+/// the top bits of the two top-bit vectors or-ed in at bit 4; each 32-element group is two
+/// canonical groups of 16 with their own sums and epilogues (`s = d * sc`, `m = 32 s`, exact
+/// in f32), in the panel kernel's order.
+///
+/// # Safety
+/// As [`tile512`].
+#[inline(always)]
+unsafe fn tile512_six<const P: usize, const C: usize>(
+    k: usize,
+    p: *const u8,
+    pb: usize,
+    a: *const u8,
+    a_row: usize,
+    to_l2: bool,
+) -> [[__m512; C]; P] {
+    let ng = k / 32;
+    let lay = const { lay(L_Q6_K) };
+    let (od, _, o16) = act_offsets(k);
+    // SAFETY: the intrinsics need the entry point's features. Every load is of panel 2j or
+    // 2j + 1 < 2P inside its group's vectors or its super-block's header, or of activation
+    // byte e < k or scale < k / 16 of column c < C.
+    unsafe {
+        let (low, top) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
+        let mut acc = [[_mm512_setzero_ps(); C]; P];
+        let bcast = |c: usize, e: usize| {
+            _mm512_set1_epi32(a.add(c * a_row + e).cast::<i32>().read_unaligned())
+        };
+        for g in 0..ng {
+            let e0 = g * 32;
+            prefetch_streams::<P>(p, pb, g, ng, to_l2);
+            let ga = lay.group_at(g);
+            // The group's first and second 16 elements' sums.
+            let mut sums = [[[_mm512_setzero_si512(); C]; P]; 2];
+            let six: [[__m512i; 2]; P] = core::array::from_fn(|j| {
+                core::array::from_fn(|u| pair(p, pb, j, ga + Layout::SIX_AT + 32 * u))
+            });
+            for t in 0..4 {
+                for j in 0..P {
+                    let v = pair(p, pb, j, ga + 32 * t);
+                    // Top bits 4(t%2) and 4(t%2)+2 of vector t/2 to bits 4-5 (see `pack`).
+                    let h = six[j][t / 2];
+                    let (hl, hh) = if t % 2 == 0 {
+                        (_mm512_slli_epi16::<4>(h), _mm512_slli_epi16::<2>(h))
+                    } else {
+                        (h, _mm512_srli_epi16::<2>(h))
+                    };
+                    let lo = _mm512_or_si512(_mm512_and_si512(v, low), _mm512_and_si512(hl, top));
+                    let hi = _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(v), low),
+                        _mm512_and_si512(hh, top),
+                    );
+                    for c in 0..C {
+                        let (al, ah) = (bcast(c, e0 + 4 * t), bcast(c, e0 + 16 + 4 * t));
+                        sums[0][j][c] = _mm512_dpbusd_epi32(sums[0][j][c], lo, al);
+                        sums[1][j][c] = _mm512_dpbusd_epi32(sums[1][j][c], hi, ah);
+                    }
+                }
+            }
+            let ha = lay.head_at(g);
+            for j in 0..P {
+                let d = pair_f16(p, pb, j, ha);
+                let (h0, h1) = (p.add(2 * j * pb + ha), p.add((2 * j + 1) * pb + ha));
+                for (half, sums) in sums.iter().enumerate() {
+                    let o = 16 + 8 * (2 * (g % 8) + half);
+                    let b0 = _mm_loadl_epi64(h0.add(o).cast());
+                    let b = _mm_unpacklo_epi64(b0, _mm_loadl_epi64(h1.add(o).cast()));
+                    let sw = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)));
+                    let mw = _mm512_mul_ps(sw, _mm512_set1_ps(lay.sym));
+                    for c in 0..C {
+                        let ac = a.add(c * a_row);
+                        let da = _mm512_set1_ps(ac.add(od + 4 * g).cast::<f32>().read_unaligned());
+                        let so = o16 + 4 * (2 * g + half);
+                        let sa = _mm512_set1_ps(ac.add(so).cast::<f32>().read_unaligned());
+                        let scale = _mm512_mul_ps(sw, da);
+                        let isum = _mm512_cvtepi32_ps(sums[j][c]);
+                        acc[j][c] = _mm512_fmadd_ps(isum, scale, acc[j][c]);
+                        acc[j][c] = _mm512_fnmadd_ps(mw, sa, acc[j][c]);
+                    }
                 }
             }
         }
@@ -675,6 +920,8 @@ const PF_AHEAD: usize = 4096;
 
 /// Panels per decode tile (one column): independent float chains.
 const DECODE_PANELS: usize = 4;
+/// Panels per Q6_K decode tile (its two sums per group need twice the registers).
+const SIX_DECODE_PANELS: usize = 2;
 /// Columns per batch tile.
 const COLS: usize = 4;
 
@@ -724,7 +971,13 @@ unsafe fn drive<const L: u8>(
             // asserted ranges.
             unsafe {
                 let (p, a) = (pp.add(pi * pb), ap.add(c * a_row));
-                if pi + DECODE_PANELS <= np {
+                if const { lay(L).six } && pi + SIX_DECODE_PANELS <= np {
+                    let t = tile::<L, SIX_DECODE_PANELS, 1, false>(k, p, pb, a, a_row);
+                    for (r, v) in t.into_iter().enumerate() {
+                        put(c, pi + r, v[0]);
+                    }
+                    pi += SIX_DECODE_PANELS;
+                } else if pi + DECODE_PANELS <= np {
                     let t = tile::<L, DECODE_PANELS, 1, false>(k, p, pb, a, a_row);
                     for (r, v) in t.into_iter().enumerate() {
                         put(c, pi + r, v[0]);
@@ -813,6 +1066,7 @@ pub(crate) unsafe fn gemm(
         Fmt::Q5_1 => go!(L_Q5_1),
         Fmt::Q4_K => go!(L_Q4_K),
         Fmt::Q5_K => go!(L_Q5_K),
+        Fmt::Q6_K => go!(L_Q6_K),
         _ => unreachable!("checked by Kernels::gemm_packed_into: {f:?} is not packed"),
     }
 }
