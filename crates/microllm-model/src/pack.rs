@@ -1,12 +1,12 @@
 //! Packing the weights at load: every matrix whose format has a packed layout
-//! (`microllm_kernels::packed`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K) is repacked once
+//! (`microllm_kernels::packed`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) is repacked once
 //! into the panel kernels' interleaved layout, at its original size, so that decode and small
 //! batches stream it with no per-call unpacking; the file's pages of a packed matrix are then
 //! released (they stay in the page cache), so resident memory holds the weights once. Results
 //! are bit-identical to the panel matmul on the original bytes, so a model is packed or not
 //! without changing any output but the llama.cpp-exact path's, which never uses packed
-//! weights. The other matrices (formats with no packed layout, such as Gemma 3's Q6_K
-//! `ffn_down`) are copied into the same arena as they are, so that every matrix a decode step
+//! weights. The other matrices (formats with no packed layout, such as F16, Q2_K or Q3_K)
+//! are copied into the same arena as they are, so that every matrix a decode step
 //! streams sits on huge pages (same bytes, same results on every path).
 
 use std::sync::atomic::{AtomicBool, Ordering};

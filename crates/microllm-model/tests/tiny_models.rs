@@ -325,18 +325,23 @@ fn copied_weights_give_the_same_bits() {
 }
 
 /// Packing the weights at load (the default) changes no batched result: the packed matmul is
-/// bit-identical to the panel matmul the unpacked model uses for prompts, for Q4_0, Q4_1 and
-/// Q8_0 weights (the formats that pack); single-token decode, which unpacked runs llama.cpp's
-/// per-pair arithmetic, stays within the fast path's tolerance.
+/// bit-identical to the panel matmul the unpacked model uses for prompts, for Q4_0, Q4_1,
+/// Q8_0 and Q6_K weights (formats that pack; Q6_K's rows need 256 elements, so its model is
+/// wider); single-token decode, which unpacked runs llama.cpp's per-pair arithmetic, stays
+/// within the fast path's tolerance.
 #[test]
 fn packed_weights_give_the_panel_results() {
     for ty in [
         microllm_gguf::GgmlType::Q4_0,
         microllm_gguf::GgmlType::Q4_1,
         microllm_gguf::GgmlType::Q8_0,
+        microllm_gguf::GgmlType::Q6_K,
     ] {
         let mut spec = TinySpec::llama();
         spec.weight_type = ty;
+        if ty == microllm_gguf::GgmlType::Q6_K {
+            (spec.n_embd, spec.n_ff) = (256, 256);
+        }
         let encode = |ty: microllm_gguf::GgmlType, dims: &[u64], values: &[f32]| {
             let row = ty.row_size(dims[0]).expect("block-aligned row") as usize;
             let mut out = vec![0u8; row * (values.len() / dims[0] as usize)];
