@@ -6,6 +6,9 @@
 //! so they can go faster). Prefill (gemm, 64 columns) is compute-bound: throughput is
 //! reported in "elements"/s where one element = one FLOP (2 per multiply-add), i.e. GFLOP/s.
 //!
+//! `packed/...` runs the packed matmul (weights repacked once, as the model does at load),
+//! the path decode and small batches take for the formats that pack.
+//!
 //! Run: `cargo bench -p microllm-kernels -- --quick` (add a filter such as `decode`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -121,6 +124,66 @@ const SHAPES: [Shape; 12] = [
     },
 ];
 
+/// A shape's weights. Throughput does not depend on the values: at most 512 rows are
+/// quantized (the K-quant reference quantizers are slow) and repeated.
+fn weights(s: &Shape) -> Vec<u8> {
+    let base_rows = s.n_rows.min(512);
+    let base = quantize(s.ty, &data(base_rows * s.k, 1, 0.05));
+    base.iter()
+        .copied()
+        .cycle()
+        .take(base.len() / base_rows * s.n_rows)
+        .collect()
+}
+
+/// Decode in weight bytes read (`bytes`), batches in FLOPs.
+fn throughput(s: &Shape, n_cols: usize, bytes: usize) -> Throughput {
+    if n_cols == 1 {
+        Throughput::Bytes(bytes as u64)
+    } else {
+        Throughput::Elements((2 * s.n_rows * s.k * n_cols) as u64)
+    }
+}
+
+/// A matmul entry point of `Kernels` (`gemm`, `gemm_packed`: the same arguments).
+type Matmul = fn(&Kernels, GgmlType, usize, &[u8], usize, &[u8], usize, &mut [f32], usize);
+
+/// One benchmarked product: shape, weights (as the entry point wants them), activations.
+struct Run<'a> {
+    s: &'a Shape,
+    w: &'a [u8],
+    act: &'a [u8],
+    n_cols: usize,
+}
+
+impl Run<'_> {
+    fn bench(
+        &self,
+        g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+        k: &Kernels,
+        f: Matmul,
+        out: &mut [f32],
+    ) {
+        let s = self.s;
+        g.bench_function(BenchmarkId::from_parameter(k.path()), |b| {
+            b.iter(|| {
+                f(
+                    k,
+                    s.ty,
+                    s.k,
+                    black_box(self.w),
+                    s.n_rows,
+                    black_box(self.act),
+                    self.n_cols,
+                    out,
+                    s.n_rows,
+                );
+                black_box(&out);
+            })
+        });
+    }
+}
+
 fn paths() -> Vec<Kernels> {
     let mut v = Vec::new();
     if let Ok(k) = Kernels::with_path(KernelPath::Avx2) {
@@ -132,23 +195,10 @@ fn paths() -> Vec<Kernels> {
 
 fn bench_matmul(c: &mut Criterion) {
     for s in SHAPES {
-        // Throughput does not depend on the values: quantize at most 512 rows (the K-quant
-        // reference quantizers are slow) and repeat them.
-        let base_rows = s.n_rows.min(512);
-        let base = quantize(s.ty, &data(base_rows * s.k, 1, 0.05));
-        let w: Vec<u8> = base
-            .iter()
-            .copied()
-            .cycle()
-            .take(base.len() / base_rows * s.n_rows)
-            .collect();
+        let w = weights(&s);
         for (mode, n_cols) in [("decode", 1usize), ("prefill64", 64)] {
             let mut g = c.benchmark_group(format!("{mode}/{}", s.name));
-            if n_cols == 1 {
-                g.throughput(Throughput::Bytes(w.len() as u64));
-            } else {
-                g.throughput(Throughput::Elements((2 * s.n_rows * s.k * n_cols) as u64));
-            }
+            g.throughput(throughput(&s, n_cols, w.len()));
             for k in paths() {
                 // The scalar path on the big shapes takes seconds per iteration: skip it
                 // there (the AVX2 numbers are what matters; scalar is shown on attn_q).
@@ -158,21 +208,60 @@ fn bench_matmul(c: &mut Criterion) {
                 let a_ty = k.vec_dot_type(s.ty).unwrap();
                 let act = quantize(a_ty, &data(s.k * n_cols, 2, 1.0));
                 let mut out = vec![0f32; s.n_rows * n_cols];
-                g.bench_function(BenchmarkId::from_parameter(k.path()), |b| {
-                    b.iter(|| {
-                        k.gemm(
-                            s.ty,
-                            s.k,
-                            black_box(&w),
-                            s.n_rows,
-                            black_box(&act),
-                            n_cols,
-                            &mut out,
-                            s.n_rows,
-                        );
-                        black_box(&out);
-                    })
-                });
+                let run = Run {
+                    s: &s,
+                    w: &w,
+                    act: &act,
+                    n_cols,
+                };
+                run.bench(&mut g, &k, Kernels::gemm, &mut out);
+            }
+            g.finish();
+        }
+    }
+}
+
+/// The packed matmul (`Kernels::pack` at load, then `gemm_packed`), the kernel decode and small
+/// batches actually run, on the same shapes wherever the format packs: the AVX2 tiles and,
+/// where the CPU has it, the AVX-512 VNNI ones (`packed/...`).
+fn bench_packed(c: &mut Criterion) {
+    let mut kerns: Vec<Kernels> = Vec::new();
+    for path in [KernelPath::Avx2, KernelPath::Avx2Vnni] {
+        if let Ok(k) = Kernels::with_path(path) {
+            kerns.push(k);
+        }
+    }
+    for s in SHAPES {
+        let Some(kern0) = kerns.first() else { return };
+        if !kern0.pack_supports(s.ty) {
+            continue;
+        }
+        let w = weights(&s);
+        let plen = kern0
+            .packed_len(s.ty, s.k, s.n_rows)
+            .expect("packable shape");
+        let mut packed = vec![0u8; plen];
+        assert!(kern0.pack(s.ty, s.k, &w, s.n_rows, &mut packed));
+        for (mode, n_cols) in [("decode", 1usize), ("prefill64", 64)] {
+            let mut g = c.benchmark_group(format!("packed/{mode}/{}", s.name));
+            g.throughput(throughput(&s, n_cols, plen));
+            let a_row = microllm_kernels::panel::act_row_bytes(s.k);
+            let x = data(s.k * n_cols, 2, 1.0);
+            let mut act = vec![0u8; a_row * n_cols];
+            for (col, out) in act.chunks_exact_mut(a_row).enumerate() {
+                kern0
+                    .quantize_panel_act(&x[col * s.k..(col + 1) * s.k], out)
+                    .unwrap();
+            }
+            let mut out = vec![0f32; s.n_rows * n_cols];
+            for k in &kerns {
+                let run = Run {
+                    s: &s,
+                    w: &packed,
+                    act: &act,
+                    n_cols,
+                };
+                run.bench(&mut g, k, Kernels::gemm_packed, &mut out);
             }
             g.finish();
         }
@@ -252,5 +341,11 @@ fn bench_decode_attn(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_matmul, bench_small, bench_decode_attn);
+criterion_group!(
+    benches,
+    bench_matmul,
+    bench_packed,
+    bench_small,
+    bench_decode_attn
+);
 criterion_main!(benches);
