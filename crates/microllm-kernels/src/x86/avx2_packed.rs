@@ -7,9 +7,12 @@
 //! with 4-way sums leaves in lane `r` row `r`'s dot over those 4 elements. The 4-bit levels
 //! come out of one packed vector as two (`& 0x0f`, `>> 4 & 0x0f`), and for the 5-bit formats
 //! each gets its fifth bit from the group's fifth-bit vector (shifted to bit 4, masked, or-ed
-//! in). AVX2 does the multiply as `vpmaddubsw` and `vpmaddwd`, with the 16-bit partial sums
-//! widened once per group for 4-bit levels (8 * 2 * 15 * 127 < 32768) and once per two steps
-//! for 5-bit ones (4 * 2 * 31 * 127 < 32768); VNNI as one `vpdpbusd` into 32 bits. Both are
+//! in); Q6_K's levels get their top two bits the same way from two top-bit vectors, and its
+//! 32-element groups keep two sums, one per canonical 16-element group (`tile_six`,
+//! `tile512_six`). AVX2 does the multiply as `vpmaddubsw` and `vpmaddwd`, with the 16-bit
+//! partial sums widened once per group for 4-bit levels (8 * 2 * 15 * 127 < 32768) and once
+//! per two steps for 5-bit and 6-bit ones (4 * 2 * 31 * 127 and 2 * 2 * 63 * 127 < 32768);
+//! VNNI as one `vpdpbusd` into 32 bits. Both are
 //! exact, so both give the group sums the panel kernel gets, and the float epilogue is the
 //! panel kernel's, operation for operation (for the K-quants on the scales `d * sc` and
 //! `dmin * mn` formed in f32, where they are exact): bit-identical results.
