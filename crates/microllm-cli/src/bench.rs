@@ -87,8 +87,15 @@ struct Row {
     bytes_per_token: u64,
     /// Generation only: `bytes_per_token × avg_ts`, in GB/s.
     read_gbs: Option<f64>,
-    /// This machine's memory read bandwidth with `n_threads` threads (see [`read_bandwidth`]).
+    /// This machine's memory read bandwidth with `n_threads` threads (see [`Probe`]): the
+    /// median of the probe passes taken alternately with this test's repetitions (a prompt
+    /// test: of the passes taken before the tests).
     mem_read_gbs: f64,
+    /// The best of those passes.
+    mem_read_best_gbs: f64,
+    /// Generation only: `read_gbs / mem_read_gbs`, the share of the memory bandwidth the
+    /// decode reads weights at.
+    read_share: Option<f64>,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
@@ -120,10 +127,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         quant
     );
     let cpu_info = cpu_name();
-    let mem_gbs = read_bandwidth(lm.model.kernels(), lm.model.n_threads());
+    let probe = Probe::new(lm.model.kernels(), lm.model.n_threads());
+    let first_passes: Vec<f64> = (0..PROBE_FIRST_PASSES).map(|_| probe.pass()).collect();
+    let first_bw = median(&first_passes);
+    let first_best = first_passes.iter().copied().fold(0.0, f64::max);
     if !a.json {
         println!(
-            "memory read bandwidth: {mem_gbs:.1} GB/s ({} threads)\n",
+            "memory read bandwidth: {first_bw:.1} GB/s median, {first_best:.1} best of {} passes ({} threads)\n",
+            first_passes.len(),
             lm.model.n_threads()
         );
     }
@@ -172,7 +183,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             );
         for (np, ng, par) in tests {
             let mut samples = Vec::with_capacity(a.reps);
+            // Generation is bounded by the memory bandwidth: a probe pass before each timed
+            // repetition measures it in the same minute, on this shared and noisy machine.
+            let mut passes = Vec::with_capacity(a.reps);
             for rep in 0..=a.reps {
+                if rep > 0 && ng > 0 {
+                    passes.push(probe.pass());
+                }
                 if par > 0 {
                     let scratch = par_scratch.as_mut().expect("made when --parallel is set");
                     let states = &mut par_states[..par];
@@ -231,6 +248,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             // Generated token i (from 0) reads the keys and values of d + i + 1 positions: on
             // average d + (ng + 1) / 2.
             let bytes_per_token = weight_read + kv_per_pos * (2 * d + ng + 1) as u64 / 2;
+            // A batched step reads the weights once for all its sequences.
+            let read_gbs = (ng > 0).then(|| bytes_per_token as f64 * avg / par.max(1) as f64 / 1e9);
+            let (mem_read_gbs, mem_read_best_gbs) = if passes.is_empty() {
+                (first_bw, first_best)
+            } else {
+                (median(&passes), passes.iter().copied().fold(0.0, f64::max))
+            };
             rows.push(Row {
                 build_commit: env!("MICROLLM_COMMIT"),
                 model_filename: path.display().to_string(),
@@ -252,19 +276,20 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 stddev_ts: sd,
                 samples_ts: samples,
                 bytes_per_token,
-                // A batched step reads the weights once for all its sequences.
-                read_gbs: (ng > 0).then(|| bytes_per_token as f64 * avg / par.max(1) as f64 / 1e9),
-                mem_read_gbs: mem_gbs,
+                read_gbs,
+                mem_read_gbs,
+                mem_read_best_gbs,
+                read_share: read_gbs.map(|g| g / mem_read_gbs),
             });
             if !a.json {
                 let r = rows.last().expect("just pushed");
                 if rows.len() == 1 {
                     println!(
-                        "| model | size | params | kernels | threads | kv | test | t/s | GB/s |\n|---|---:|---:|---|---:|---|---:|---:|---:|"
+                        "| model | size | params | kernels | threads | kv | test | t/s | GB/s | of memory |\n|---|---:|---:|---|---:|---|---:|---:|---:|---:|"
                     );
                 }
                 println!(
-                    "| {} | {:.2} MiB | {} | {} | {} | {} | {} | {:.2} ± {:.2} | {} |",
+                    "| {} | {:.2} MiB | {} | {} | {} | {} | {} | {:.2} ± {:.2} | {} | {} |",
                     r.model_type,
                     r.model_size as f64 / (1024.0 * 1024.0),
                     microllm_store::human_params(r.model_n_params),
@@ -274,7 +299,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                     r.test,
                     r.avg_ts,
                     r.stddev_ts,
-                    r.read_gbs.map_or("-".to_string(), |g| format!("{g:.1}"))
+                    r.read_gbs.map_or("-".to_string(), |g| format!("{g:.1}")),
+                    r.read_share.map_or("-".to_string(), |f| format!(
+                        "{:.0}% of {:.1}",
+                        100.0 * f,
+                        r.mem_read_gbs
+                    ))
                 );
             }
         }
@@ -294,41 +324,68 @@ fn prepare_depth(lm: &LoadedModel, state: &mut State, depth: &[u32]) -> Result<(
     Ok(())
 }
 
-/// Read bandwidth of main memory in GB/s: `n_threads` threads sum disjoint parts of a 256 MiB
-/// buffer (far larger than most caches); the best of 5 passes of each of two loops after
-/// the buffer is touched: a portable one (four running u64 sums) and the kernels' SIMD one
-/// (`Kernels::stream_sum`: 256-bit loads with a software prefetch a little ahead), since
-/// which reads faster depends on the CPU (on an Intel Xeon the SIMD loop read 5-15% more
-/// than the portable one, which had been the whole probe). The reference figure for a
-/// generation speed: a decode step reads every weight once, so `bytes_per_token × tokens/s`
-/// cannot exceed it. The buffer gets transparent huge pages where the OS allows them, as
-/// the packed weights do: the probe measures what the machine can do, not what 4 KiB pages
-/// cost.
-fn read_bandwidth(kernels: &Kernels, n_threads: usize) -> f64 {
+/// Probe passes taken before the tests (their median is the prompt tests' figure and the one
+/// printed first).
+const PROBE_FIRST_PASSES: usize = 5;
+
+/// The bandwidth probe: main memory's read bandwidth in GB/s, `n_threads` threads summing
+/// disjoint parts of a 256 MiB buffer (far larger than most caches, touched once at
+/// creation). Each pass runs two loops and keeps the faster: a portable one (four running
+/// u64 sums) and the kernels' SIMD one (`Kernels::stream_sum`: 256-bit loads with a
+/// software prefetch a little ahead), since which reads faster depends on the CPU (on an
+/// Intel Xeon the SIMD loop read 5-15% more than the portable one). The reference figure
+/// for a generation speed: a decode step reads every weight once, so `bytes_per_token ×
+/// tokens/s` cannot durably exceed it. On a shared machine the bandwidth moves by 10-15%
+/// from minute to minute, so `microllm bench` takes a pass before each timed repetition of
+/// a generation test and reports the median (and the best) of those passes. The buffer gets
+/// transparent huge pages where the OS allows them, as the packed weights do: the probe
+/// measures what the machine can do, not what 4 KiB pages cost.
+struct Probe<'k> {
+    map: Option<memmap2::MmapMut>,
+    heap: Vec<u8>,
+    kernels: &'k Kernels,
+    scalar: Kernels,
+    n_threads: usize,
+}
+
+impl<'k> Probe<'k> {
     const BYTES: usize = 256 << 20;
-    let mut heap: Vec<u8>;
-    let mut map = memmap2::MmapMut::map_anon(BYTES).ok();
-    let buf: &mut [u8] = match map.as_mut() {
-        Some(m) => {
-            #[cfg(target_os = "linux")]
-            let _ = m.advise(memmap2::Advice::HugePage);
-            m
+
+    fn new(kernels: &'k Kernels, n_threads: usize) -> Self {
+        let mut map = memmap2::MmapMut::map_anon(Self::BYTES).ok();
+        let mut heap = Vec::new();
+        let buf: &mut [u8] = match map.as_mut() {
+            Some(m) => {
+                #[cfg(target_os = "linux")]
+                let _ = m.advise(memmap2::Advice::HugePage);
+                m
+            }
+            None => {
+                heap = vec![0u8; Self::BYTES];
+                &mut heap
+            }
+        };
+        for (i, c) in buf.chunks_exact_mut(8).enumerate() {
+            c.copy_from_slice(&(i as u64).to_ne_bytes());
         }
-        None => {
-            heap = vec![0u8; BYTES];
-            &mut heap
+        Self {
+            map,
+            heap,
+            kernels,
+            scalar: Kernels::with_path(KernelPath::Scalar).unwrap_or(*kernels),
+            n_threads: n_threads.max(1),
         }
-    };
-    for (i, c) in buf.chunks_exact_mut(8).enumerate() {
-        c.copy_from_slice(&(i as u64).to_ne_bytes());
     }
-    let buf: &[u8] = buf;
-    let n_threads = n_threads.max(1);
-    let part = buf.len().div_ceil(n_threads);
-    let scalar = Kernels::with_path(KernelPath::Scalar).unwrap_or(*kernels);
-    let mut best = 0.0f64;
-    for _ in 0..5 {
-        for k in [&scalar, kernels] {
+
+    /// One pass of each loop over the whole buffer: the faster one's GB/s.
+    fn pass(&self) -> f64 {
+        let buf: &[u8] = match &self.map {
+            Some(m) => m,
+            None => &self.heap,
+        };
+        let part = buf.len().div_ceil(self.n_threads);
+        let mut best = 0.0f64;
+        for k in [&self.scalar, self.kernels] {
             let t0 = Instant::now();
             let total: u64 = std::thread::scope(|s| {
                 let handles: Vec<_> = buf
@@ -342,10 +399,21 @@ fn read_bandwidth(kernels: &Kernels, n_threads: usize) -> f64 {
             });
             let secs = t0.elapsed().as_secs_f64();
             std::hint::black_box(total);
-            best = best.max(BYTES as f64 / secs / 1e9);
+            best = best.max(buf.len() as f64 / secs / 1e9);
         }
+        best
     }
-    best
+}
+
+/// The median of `v` (0 if empty).
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
 }
 
 pub(crate) fn pseudo_random_tokens(n: usize, n_vocab: usize) -> Vec<u32> {

@@ -142,7 +142,21 @@ fn inspect_and_bench_describe_the_model() {
     for r in rows {
         assert!(r["avg_ts"].as_f64().unwrap() > 0.0);
         assert!(r["model_n_params"].as_u64().unwrap() > 100_000_000);
+        // The bandwidth probe: the median of its passes, never above their best.
+        let (mem, best) = (
+            r["mem_read_gbs"].as_f64().unwrap(),
+            r["mem_read_best_gbs"].as_f64().unwrap(),
+        );
+        assert!(mem > 0.0 && mem <= best, "{r}");
     }
+    // Generation reports the share of that bandwidth it reads weights at; prompts do not.
+    assert!(rows[0]["read_share"].is_null());
+    let (read, mem) = (
+        rows[1]["read_gbs"].as_f64().unwrap(),
+        rows[1]["mem_read_gbs"].as_f64().unwrap(),
+    );
+    let share = rows[1]["read_share"].as_f64().unwrap();
+    assert!((share - read / mem).abs() < 1e-9 && share > 0.0, "{}", rows[1]);
 }
 
 #[test]
