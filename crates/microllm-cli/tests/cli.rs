@@ -156,7 +156,11 @@ fn inspect_and_bench_describe_the_model() {
         rows[1]["mem_read_gbs"].as_f64().unwrap(),
     );
     let share = rows[1]["read_share"].as_f64().unwrap();
-    assert!((share - read / mem).abs() < 1e-9 && share > 0.0, "{}", rows[1]);
+    assert!(
+        (share - read / mem).abs() < 1e-9 && share > 0.0,
+        "{}",
+        rows[1]
+    );
 }
 
 #[test]

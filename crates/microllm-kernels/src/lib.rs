@@ -682,7 +682,8 @@ impl Kernels {
     }
 
     /// The packed matmul: [`Kernels::gemm_panel`]'s results, bit for bit, from weights packed
-    /// by [`Kernels::pack`] (`packed` starts at a row that is a multiple of 8 and holds
+    /// by [`Kernels::pack`] (`packed` starts at a row that is a multiple of 16 — Q8_0 pairs
+    /// its 8-row panels, so a call must not start between the two of a pair — and holds
     /// `n_rows` rows). `act` as for `gemm_panel`.
     ///
     /// # Panics

@@ -18,7 +18,13 @@
 //!   `q[r][16 + 4t + i]`, then the scales and, for Q5_1, the offsets: 176 bytes as Q5_0
 //!   (0.6875 bytes per weight, the file's), 192 as Q5_1 (0.75);
 //! - Q8_0: 8 vectors of 32 bytes, vector `t` byte `4 * r + i` = `q[r][4t + i]` (signed), then
-//!   the 8 scales (8 x f16): 272 bytes, 1.0625 bytes per weight as Q8_0.
+//!   the 8 scales (8 x f16): 272 bytes, 1.0625 bytes per weight as Q8_0. **Panels are
+//!   paired** (panels `2i` and `2i + 1`; an odd last panel stays alone, as above): a pair's
+//!   group is 544 bytes, panel `2i`'s vector `t` then panel `2i + 1`'s for `t = 0..8`, then
+//!   the two panels' scales, so one 64-byte read holds both panels' vector `t` and a decode
+//!   reads each pair as one stream (the two panels a panel apart were two, which read this
+//!   machine's memory 6-8% slower: see `docs/performance.md`). A call on part of a packed
+//!   Q8_0 matrix must therefore start at an even panel ([`q8_panel`]).
 //!
 //! - K-quants (Q4_K, Q5_K): per 256-element super-block a 160-byte header — the 8 rows' `d`
 //!   and `dmin` (8 x f16 each), then for each of the 8 groups the rows' 6-bit scales `sc`
@@ -195,6 +201,40 @@ impl Layout {
     }
 }
 
+/// Where panel `pi` of a packed Q8_0 matrix of `np` panels (`pb` bytes each) keeps its
+/// bytes (see the module documentation): vector `t` of group `g` at `vec0 + gmul *
+/// group_at(g) + vstep * t`, the group's 8 scales at `sc0 + gmul * group_at(g)`. Panel
+/// `pi` is paired when its partner exists (`pi | 1 < np`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Q8Panel {
+    pub vec0: usize,
+    pub vstep: usize,
+    pub gmul: usize,
+    pub sc0: usize,
+}
+
+/// See [`Q8Panel`].
+#[inline(always)]
+pub(crate) const fn q8_panel(pi: usize, np: usize, pb: usize) -> Q8Panel {
+    let levels = 256;
+    if pi | 1 < np {
+        let (base, which) = ((pi & !1) * pb, pi & 1);
+        Q8Panel {
+            vec0: base + 32 * which,
+            vstep: 64,
+            gmul: 2,
+            sc0: base + 2 * levels + 2 * PANEL_ROWS * which,
+        }
+    } else {
+        Q8Panel {
+            vec0: pi * pb,
+            vstep: 32,
+            gmul: 1,
+            sc0: pi * pb + levels,
+        }
+    }
+}
+
 /// Writes the K-quant headers of one panel (`rows` rows of `w`, `w_row` bytes apart, `k`
 /// elements each) into `panel` (see [`KQ_HEAD`], [`Q6K_HEAD`]); missing rows' entries are
 /// zero.
@@ -294,19 +334,31 @@ pub(crate) fn pack_ref(
         }
     }
     let (mut q, mut s, mut m) = (vec![0u8; k], vec![0f32; ncg], vec![0f32; ncg]);
+    let np = n_rows.div_ceil(PANEL_ROWS);
     for r in 0..n_rows {
         canon_row(f, &w[r * w_row..(r + 1) * w_row], &mut q, &mut s, &mut m);
         let (panel, lane) = (r / PANEL_ROWS, r % PANEL_ROWS);
+        if lay.q8 {
+            let at = q8_panel(panel, np, pb);
+            for g in 0..ng {
+                let ga = at.gmul * lay.group_at(g);
+                for t in 0..8 {
+                    let o = at.vec0 + ga + at.vstep * t + 4 * lane;
+                    out[o..o + 4].copy_from_slice(&q[g * QK + 4 * t..g * QK + 4 * t + 4]);
+                }
+                let Some(h) = exact_f16(s[g]) else {
+                    return false;
+                };
+                let o = at.sc0 + ga + 2 * lane;
+                out[o..o + 2].copy_from_slice(&h.to_le_bytes());
+            }
+            continue;
+        }
         for g in 0..ng {
             let o = panel * pb + lay.group_at(g);
             let grp = &mut out[o..o + gb];
             let lv = &q[g * QK..(g + 1) * QK];
-            if lay.q8 {
-                for t in 0..8 {
-                    grp[32 * t + 4 * lane..32 * t + 4 * lane + 4]
-                        .copy_from_slice(&lv[4 * t..4 * t + 4]);
-                }
-            } else {
+            {
                 for t in 0..4 {
                     for i in 0..4 {
                         let (a, b) = (lv[4 * t + i], lv[16 + 4 * t + i]);
@@ -342,10 +394,12 @@ pub(crate) fn pack_ref(
 }
 
 /// Row `lane` of panel `panel` of a packed matrix back in canonical form.
+#[allow(clippy::too_many_arguments)]
 fn unpack_row(
     f: Fmt,
     k: usize,
     packed: &[u8],
+    np: usize,
     panel: usize,
     lane: usize,
     q: &mut [u8],
@@ -357,16 +411,24 @@ fn unpack_row(
     let h = |b: &[u8], at: usize| {
         f16::from_bits(u16::from_le_bytes([b[at + 2 * lane], b[at + 2 * lane + 1]])).to_f32()
     };
+    if lay.q8 {
+        let at = q8_panel(panel, np, pb);
+        for g in 0..k / QK {
+            let ga = at.gmul * lay.group_at(g);
+            for t in 0..8 {
+                let o = at.vec0 + ga + at.vstep * t + 4 * lane;
+                q[g * QK + 4 * t..g * QK + 4 * t + 4].copy_from_slice(&packed[o..o + 4]);
+            }
+            s[g] = h(packed, at.sc0 + ga);
+            m[g] = lay.sym * s[g];
+        }
+        return;
+    }
     for g in 0..k / QK {
         let o = panel * pb + lay.group_at(g);
         let grp = &packed[o..o + gb];
         let lv = &mut q[g * QK..(g + 1) * QK];
-        if lay.q8 {
-            for t in 0..8 {
-                lv[4 * t..4 * t + 4]
-                    .copy_from_slice(&grp[32 * t + 4 * lane..32 * t + 4 * lane + 4]);
-            }
-        } else {
+        {
             for t in 0..4 {
                 for i in 0..4 {
                     let b = grp[32 * t + 4 * lane + i];
@@ -433,6 +495,7 @@ pub(crate) fn gemm_ref(
             f,
             k,
             packed,
+            n_rows.div_ceil(PANEL_ROWS),
             r / PANEL_ROWS,
             r % PANEL_ROWS,
             &mut q,

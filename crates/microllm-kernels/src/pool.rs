@@ -299,8 +299,16 @@ impl ThreadPool {
             }
             return;
         }
+        // Runs start at even items (see `claim`).
+        let cut = |t: usize| {
+            if t == n {
+                n_items
+            } else {
+                (t * n_items / n) & !1
+            }
+        };
         let slots: [RunSlot; MAX_RUNS] = std::array::from_fn(|t| {
-            let (a, b) = (t * n_items / n, (t + 1) * n_items / n);
+            let (a, b) = (cut(t), cut(t + 1));
             RunSlot(AtomicU64::new(if t < n {
                 (a as u64) | ((b as u64) << 32)
             } else {
@@ -330,8 +338,11 @@ const MAX_RUNS: usize = 16;
 #[repr(align(64))]
 struct RunSlot(AtomicU64);
 
-/// Claims up to `n` items of a run from its front (`front`) or its back; `None` when it is
-/// used up.
+/// Claims about `n` items of a run from its front (`front`) or its back; `None` when it is
+/// used up. Pieces start at even items (runs do, and a claim rounds its cut to even, taking
+/// one item more or less than `n`), so they never split an even-odd pair of items: packed
+/// Q8_0 panels come in such pairs (`packed::q8_panel`), which a matmul call must not start
+/// inside.
 fn claim(slot: &RunSlot, n: usize, front: bool) -> Option<(usize, usize)> {
     let mut cur = slot.0.load(Ordering::Acquire);
     loop {
@@ -339,11 +350,12 @@ fn claim(slot: &RunSlot, n: usize, front: bool) -> Option<(usize, usize)> {
         if a >= b {
             return None;
         }
-        let take = n.min(b - a);
         let (na, nb, got) = if front {
-            (a + take, b, (a, a + take))
+            let e = if b - a <= n { b } else { (a + n + 1) & !1 }.min(b);
+            (e, b, (a, e))
         } else {
-            (a, b - take, (b - take, b))
+            let s = if b - a <= n { a } else { (b - n) & !1 }.max(a);
+            (a, s, (s, b))
         };
         let new = (na as u64) | ((nb as u64) << 32);
         match slot
@@ -534,6 +546,7 @@ mod tests {
                     steal,
                     |a, b, part| {
                         assert_eq!(part.len(), offs[b] - offs[a]);
+                        assert_eq!(a % 2, 0, "a piece starts inside a pair");
                         let mut k = 0;
                         for i in a..b {
                             for _ in 0..i % 3 {
@@ -571,9 +584,10 @@ mod tests {
             },
         );
         assert!(v.iter().all(|&x| x == 1));
-        // Thread 0's run is items 0..32: with it asleep on 0..4, the rest of it was stolen in
-        // pieces of one from the back.
-        assert_eq!(who[31].load(Ordering::Relaxed), 32);
+        // Thread 0's run is items 0..32: with it asleep on 0..4, the rest of it was stolen
+        // from the back, one item at a time rounded to a pair.
+        assert_eq!(who[31].load(Ordering::Relaxed), 31);
+        assert_eq!(who[30].load(Ordering::Relaxed), 31);
     }
 
     #[test]

@@ -124,6 +124,51 @@ fn packing_gives_the_same_bytes_on_every_path() {
 }
 
 #[test]
+fn q8_0_panels_are_paired_into_one_stream() {
+    // 24 rows of 64: panels 0 and 1 paired, panel 2 alone. A Q8_0 row block is an f16 scale
+    // then 32 signed levels; packed group g of a pair is panel 0's vector t then panel 1's
+    // (32 bytes each: 4 levels of each of 8 rows) for t = 0..8, then both panels' 8 scales.
+    let ty = GgmlType::Q8_0;
+    let (k, n_rows) = (64, 24);
+    let c = case(ty, k, n_rows, 1, 11);
+    let rb = row_size(ty, k);
+    let level = |r: usize, e: usize| c.w[r * rb + (e / 32) * 34 + 2 + e % 32];
+    let scale = |r: usize, g: usize| &c.w[r * rb + g * 34..r * rb + g * 34 + 2];
+    for kern in all_paths() {
+        let packed = pack(&kern, ty, &c);
+        let (pair_group, lone_group) = (544, 272);
+        for g in 0..2 {
+            for t in 0..8 {
+                for r in 0..16 {
+                    for i in 0..4 {
+                        let at = g * pair_group + 64 * t + 32 * (r / 8) + 4 * (r % 8) + i;
+                        assert_eq!(packed[at], level(r, 32 * g + 4 * t + i), "{at}");
+                    }
+                }
+            }
+            for r in 0..16 {
+                let at = g * pair_group + 512 + 2 * r;
+                assert_eq!(&packed[at..at + 2], scale(r, g));
+            }
+            let lone = (k / 32) * pair_group + g * lone_group;
+            for r in 16..24 {
+                for t in 0..8 {
+                    let at = lone + 32 * t + 4 * (r - 16);
+                    assert_eq!(
+                        &packed[at..at + 4],
+                        (0..4)
+                            .map(|i| level(r, 32 * g + 4 * t + i))
+                            .collect::<Vec<_>>()
+                    );
+                }
+                let at = lone + 256 + 2 * (r - 16);
+                assert_eq!(&packed[at..at + 2], scale(r, g), "{:?}", kern.path());
+            }
+        }
+    }
+}
+
+#[test]
 fn packed_matmul_is_bit_identical_to_the_panel_matmul() {
     // On each path, against that path's panel kernel: every column count through the
     // decode tiles (one column, 4 panels at a time) and the batch tiles (8, 4, 2 and 1

@@ -297,10 +297,15 @@ pub(crate) fn matmul_group<const N: usize>(
 ) {
     let k = ws[0].n_cols;
     let plan = Plan::of(ctx, ws[0], n_tok);
+    // The pool's pieces start at even panels of the concatenation, which are even panels of
+    // each matrix only if the ones before have even panel counts (packed Q8_0 pairs panels).
     let fused = n_tok == 1
         && ws
             .iter()
             .all(|w| w.n_cols == k && Plan::of(ctx, w, n_tok) == plan)
+        && ws[..N - 1]
+            .iter()
+            .all(|w| w.n_rows.div_ceil(PANEL_ROWS) % 2 == 0)
         && ws.iter().map(|w| w.n_rows).sum::<usize>() <= scratch.len();
     if !fused {
         // The side prefetch rides on the first (largest) matrix.

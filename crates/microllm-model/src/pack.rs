@@ -119,8 +119,9 @@ fn pack_matrix(
         return false;
     };
     let n_panels = m.n_rows.div_ceil(PANEL_ROWS);
-    // A few chunks per thread: whole panels each.
-    let per_chunk = n_panels.div_ceil(pool.n_threads() * 4).max(1);
+    // A few chunks per thread: whole pairs of panels each (packed Q8_0 pairs its panels
+    // from each call's first, so chunks start at even panels).
+    let per_chunk = n_panels.div_ceil(pool.n_threads() * 4).next_multiple_of(2);
     let ok = AtomicBool::new(true);
     pool.for_each_chunk_mut(dst, per_chunk * panel, |ci, dst| {
         let r0 = ci * per_chunk * PANEL_ROWS;

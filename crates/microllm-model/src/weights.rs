@@ -65,7 +65,8 @@ impl QMatrix {
     pub(crate) fn packed_from(&self, r0: usize) -> Option<&[u8]> {
         use microllm_kernels::panel::PANEL_ROWS;
         let p = self.packed()?;
-        debug_assert_eq!(r0 % PANEL_ROWS, 0);
+        // Packed Q8_0 panels are paired: a call starts at an even one (the pool's pieces do).
+        debug_assert_eq!(r0 % (2 * PANEL_ROWS), 0);
         Some(&p[r0 / PANEL_ROWS * (p.len() / self.n_rows.div_ceil(PANEL_ROWS))..])
     }
     pub(crate) fn info(&self) -> &TensorInfo {
