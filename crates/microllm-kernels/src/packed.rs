@@ -18,13 +18,14 @@
 //!   `q[r][16 + 4t + i]`, then the scales and, for Q5_1, the offsets: 176 bytes as Q5_0
 //!   (0.6875 bytes per weight, the file's), 192 as Q5_1 (0.75);
 //! - Q8_0: 8 vectors of 32 bytes, vector `t` byte `4 * r + i` = `q[r][4t + i]` (signed), then
-//!   the 8 scales (8 x f16): 272 bytes, 1.0625 bytes per weight as Q8_0. **Panels are
-//!   paired** (panels `2i` and `2i + 1`; an odd last panel stays alone, as above): a pair's
-//!   group is 544 bytes, panel `2i`'s vector `t` then panel `2i + 1`'s for `t = 0..8`, then
-//!   the two panels' scales, so one 64-byte read holds both panels' vector `t` and a decode
-//!   reads each pair as one stream (the two panels a panel apart were two, which read this
-//!   machine's memory 6-8% slower: see `docs/performance.md`). A call on part of a packed
-//!   Q8_0 matrix must therefore start at an even panel ([`q8_panel`]).
+//!   the 8 scales (8 x f16): 272 bytes, 1.0625 bytes per weight as Q8_0.
+//! - **Panels are paired** in these non-K formats (panels `2i` and `2i + 1`; an odd last
+//!   panel stays alone, as above): a pair's group holds panel `2i`'s vector `t` then panel
+//!   `2i + 1`'s for every vector (the fifth-bit vector included), then the two panels' scales,
+//!   then their offsets, so one 64-byte read holds both panels' vector and a decode reads each
+//!   pair as one stream (two panels a panel apart were two streams, which read this machine's
+//!   memory 6-8% slower for Q8_0: see `docs/performance.md`). A call on part of a packed
+//!   matrix must therefore start at an even panel ([`pair_panel`]).
 //!
 //! - K-quants (Q4_K, Q5_K): per 256-element super-block a 160-byte header — the 8 rows' `d`
 //!   and `dmin` (8 x f16 each), then for each of the 8 groups the rows' 6-bit scales `sc`
@@ -123,8 +124,14 @@ impl Layout {
         }
     }
 
+    /// Whether panels are stored in pairs (see the module documentation): every format but
+    /// the K-quants.
+    pub(crate) const fn paired(self) -> bool {
+        !self.kq
+    }
+
     /// Bytes of the level vectors of a group.
-    const fn levels_bytes(self) -> usize {
+    pub(crate) const fn levels_bytes(self) -> usize {
         if self.q8 {
             256
         } else if self.six {
@@ -201,36 +208,60 @@ impl Layout {
     }
 }
 
-/// Where panel `pi` of a packed Q8_0 matrix of `np` panels (`pb` bytes each) keeps its
-/// bytes (see the module documentation): vector `t` of group `g` at `vec0 + gmul *
-/// group_at(g) + vstep * t`, the group's 8 scales at `sc0 + gmul * group_at(g)`. Panel
-/// `pi` is paired when its partner exists (`pi | 1 < np`).
+/// Where panel `pi` of a packed matrix of `np` panels (`pb` bytes each) keeps its bytes
+/// (see the module documentation): byte `x` of group `g`'s level vectors at
+/// [`PairPanel::vec`]`(ga, x)`, byte `y` of its scales and offsets at
+/// [`PairPanel::tail`]`(ga, y)`, with `ga = group_at(g)`. A panel is paired when the layout
+/// is ([`Layout::paired`]) and its partner exists (`pi | 1 < np`); a K-quant panel is never
+/// (its headers and groups are read as two streams).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct Q8Panel {
+pub(crate) struct PairPanel {
+    /// Vector 0 of group 0.
     pub vec0: usize,
+    /// From one 32-byte vector to the next.
     pub vstep: usize,
+    /// Group offsets scale by this (2: a pair's groups hold both panels').
     pub gmul: usize,
-    pub sc0: usize,
+    /// The scales of group 0.
+    pub tail0: usize,
+    /// From the scales to the offsets (16-byte units).
+    pub tstep: usize,
 }
 
-/// See [`Q8Panel`].
+impl PairPanel {
+    /// Byte `x` of the level vectors of the group at `ga`.
+    #[inline(always)]
+    pub(crate) const fn vec(self, ga: usize, x: usize) -> usize {
+        self.vec0 + self.gmul * ga + self.vstep * (x / 32) + x % 32
+    }
+
+    /// Byte `y` of the scales (and offsets, from 16) of the group at `ga`.
+    #[inline(always)]
+    pub(crate) const fn tail(self, ga: usize, y: usize) -> usize {
+        self.tail0 + self.gmul * ga + self.tstep * (y / 16) + y % 16
+    }
+}
+
+/// See [`PairPanel`].
 #[inline(always)]
-pub(crate) const fn q8_panel(pi: usize, np: usize, pb: usize) -> Q8Panel {
-    let levels = 256;
-    if pi | 1 < np {
+pub(crate) const fn pair_panel(lay: Layout, pi: usize, np: usize, pb: usize) -> PairPanel {
+    let levels = lay.levels_bytes();
+    if lay.paired() && pi | 1 < np {
         let (base, which) = ((pi & !1) * pb, pi & 1);
-        Q8Panel {
+        PairPanel {
             vec0: base + 32 * which,
             vstep: 64,
             gmul: 2,
-            sc0: base + 2 * levels + 2 * PANEL_ROWS * which,
+            tail0: base + 2 * levels + 16 * which,
+            tstep: 32,
         }
     } else {
-        Q8Panel {
+        PairPanel {
             vec0: pi * pb,
             vstep: 32,
             gmul: 1,
-            sc0: pi * pb + levels,
+            tail0: pi * pb + levels,
+            tstep: 16,
         }
     }
 }
@@ -338,19 +369,37 @@ pub(crate) fn pack_ref(
     for r in 0..n_rows {
         canon_row(f, &w[r * w_row..(r + 1) * w_row], &mut q, &mut s, &mut m);
         let (panel, lane) = (r / PANEL_ROWS, r % PANEL_ROWS);
-        if lay.q8 {
-            let at = q8_panel(panel, np, pb);
+        if lay.paired() {
+            let at = pair_panel(lay, panel, np, pb);
             for g in 0..ng {
-                let ga = at.gmul * lay.group_at(g);
-                for t in 0..8 {
-                    let o = at.vec0 + ga + at.vstep * t + 4 * lane;
-                    out[o..o + 4].copy_from_slice(&q[g * QK + 4 * t..g * QK + 4 * t + 4]);
+                let ga = lay.group_at(g);
+                let lv = &q[g * QK..(g + 1) * QK];
+                if lay.q8 {
+                    for t in 0..8 {
+                        let o = at.vec(ga, 32 * t + 4 * lane);
+                        out[o..o + 4].copy_from_slice(&lv[4 * t..4 * t + 4]);
+                    }
+                } else {
+                    for t in 0..4 {
+                        for i in 0..4 {
+                            let (a, b) = (lv[4 * t + i], lv[16 + 4 * t + i]);
+                            out[at.vec(ga, 32 * t + 4 * lane + i)] = (a & 0xf) | (b & 0xf) << 4;
+                            if lay.five {
+                                out[at.vec(ga, Layout::FIVE_AT + 4 * lane + i)] |=
+                                    (a >> 4) << t | (b >> 4) << (4 + t);
+                            }
+                        }
+                    }
                 }
-                let Some(h) = exact_f16(s[g]) else {
-                    return false;
+                let mut put = |y: usize, v: f32| {
+                    let h = exact_f16(v)?;
+                    let o = at.tail(ga, y + 2 * lane);
+                    out[o..o + 2].copy_from_slice(&h.to_le_bytes());
+                    Some(())
                 };
-                let o = at.sc0 + ga + 2 * lane;
-                out[o..o + 2].copy_from_slice(&h.to_le_bytes());
+                if put(0, s[g]).is_none() || (lay.offsets && put(16, m[g]).is_none()) {
+                    return false;
+                }
             }
             continue;
         }
@@ -411,16 +460,36 @@ fn unpack_row(
     let h = |b: &[u8], at: usize| {
         f16::from_bits(u16::from_le_bytes([b[at + 2 * lane], b[at + 2 * lane + 1]])).to_f32()
     };
-    if lay.q8 {
-        let at = q8_panel(panel, np, pb);
+    if lay.paired() {
+        let at = pair_panel(lay, panel, np, pb);
         for g in 0..k / QK {
-            let ga = at.gmul * lay.group_at(g);
-            for t in 0..8 {
-                let o = at.vec0 + ga + at.vstep * t + 4 * lane;
-                q[g * QK + 4 * t..g * QK + 4 * t + 4].copy_from_slice(&packed[o..o + 4]);
+            let ga = lay.group_at(g);
+            let lv = &mut q[g * QK..(g + 1) * QK];
+            if lay.q8 {
+                for t in 0..8 {
+                    let o = at.vec(ga, 32 * t + 4 * lane);
+                    lv[4 * t..4 * t + 4].copy_from_slice(&packed[o..o + 4]);
+                }
+            } else {
+                for t in 0..4 {
+                    for i in 0..4 {
+                        let b = packed[at.vec(ga, 32 * t + 4 * lane + i)];
+                        let hb = if lay.five {
+                            packed[at.vec(ga, Layout::FIVE_AT + 4 * lane + i)]
+                        } else {
+                            0
+                        };
+                        lv[4 * t + i] = (b & 0xf) | ((hb >> t) & 1) << 4;
+                        lv[16 + 4 * t + i] = (b >> 4) | ((hb >> (4 + t)) & 1) << 4;
+                    }
+                }
             }
-            s[g] = h(packed, at.sc0 + ga);
-            m[g] = lay.sym * s[g];
+            s[g] = h(packed, at.tail(ga, 0));
+            m[g] = if lay.offsets {
+                h(packed, at.tail(ga, 16))
+            } else {
+                lay.sym * s[g]
+            };
         }
         return;
     }

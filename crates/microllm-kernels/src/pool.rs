@@ -341,7 +341,7 @@ struct RunSlot(AtomicU64);
 /// Claims about `n` items of a run from its front (`front`) or its back; `None` when it is
 /// used up. Pieces start at even items (runs do, and a claim rounds its cut to even, taking
 /// one item more or less than `n`), so they never split an even-odd pair of items: packed
-/// Q8_0 panels come in such pairs (`packed::q8_panel`), which a matmul call must not start
+/// panels come in such pairs (`packed::pair_panel`), which a matmul call must not start
 /// inside.
 fn claim(slot: &RunSlot, n: usize, front: bool) -> Option<(usize, usize)> {
     let mut cur = slot.0.load(Ordering::Acquire);

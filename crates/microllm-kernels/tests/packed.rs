@@ -169,6 +169,33 @@ fn q8_0_panels_are_paired_into_one_stream() {
 }
 
 #[test]
+fn q4_1_panels_are_paired_too() {
+    // 16 rows of 32: one pair, one group of 320 bytes: vector t (t = 0..4) of panel 0 then
+    // of panel 1 (byte 4r + i = the file's level byte 4t + i, two levels per byte, as the
+    // file has them), then the 16 rows' scales, then their offsets. A Q4_1 row block is d,
+    // m (f16 each), then 16 level bytes.
+    let ty = GgmlType::Q4_1;
+    let c = case(ty, 32, 16, 1, 12);
+    for kern in all_paths() {
+        let packed = pack(&kern, ty, &c);
+        for r in 0..16 {
+            for t in 0..4 {
+                for i in 0..4 {
+                    let at = 64 * t + 32 * (r / 8) + 4 * (r % 8) + i;
+                    assert_eq!(
+                        packed[at],
+                        c.w[r * 20 + 4 + 4 * t + i],
+                        "{at} {:?}",
+                        kern.path()
+                    );
+                }
+            }
+            assert_eq!(&packed[256 + 2 * r..258 + 2 * r], &c.w[r * 20..r * 20 + 2]);
+        }
+    }
+}
+
+#[test]
 fn packed_matmul_is_bit_identical_to_the_panel_matmul() {
     // On each path, against that path's panel kernel: every column count through the
     // decode tiles (one column, 4 panels at a time) and the batch tiles (8, 4, 2 and 1

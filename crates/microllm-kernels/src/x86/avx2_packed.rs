@@ -23,9 +23,10 @@
 //! consecutive panels per vector (each lane does what the 256-bit VNNI tile's lane does, so
 //! the results are the same bits): decode 1 pair x 1 column, batches 1 pair x 8 columns
 //! (the rest of the columns in one narrower tile); a last odd panel takes the 256-bit tile.
-//! Q8_0's panels are stored in pairs (`packed::q8_panel`), so its 512-bit tiles read both
-//! panels' vector in one 64-byte load and each pair as one stream, prefetched a line per
-//! read (`q8_sums512`).
+//! The non-K formats' panels are stored in pairs (`packed::pair_panel`), so their 512-bit
+//! tiles read both panels' vector in one 64-byte load and each pair as one stream,
+//! prefetched a line per read (`q8_sums512`, `nib_sums512`); the K-quants' pairs of panels
+//! are two streams (`prefetch_streams`).
 //!
 //! Safety: `tile`, `tile512`, `drive` and `drive512` are `#[inline(always)]` helpers of the
 //! two `#[target_feature]` entry points ([`gemm`] picks one); their `unsafe` intrinsic calls
@@ -87,29 +88,20 @@ pub(crate) unsafe fn pack(
             crate::packed::put_kq_heads(f, k, &w[r0 * w_row..], w_row, n, dst);
         }
         let (qp, sp, mp) = (p.q.as_ptr(), p.s.as_ptr(), p.m.as_ptr());
-        let at = crate::packed::q8_panel(pi, np, pb);
+        let at = crate::packed::pair_panel(lay, pi, np, pb);
         for g in 0..ng {
-            // SAFETY: group g of panel pi: inside the asserted packed_len bytes.
-            let gp = unsafe { base.add(pi * pb + lay.group_at(g)) };
-            // Where the group's scales go: Q8_0 at its pair's place.
-            let sc = if lay.q8 {
-                at.sc0 + at.gmul * lay.group_at(g)
-            } else {
-                pi * pb + lay.group_at(g) + lay.scales_at()
-            };
+            let ga = lay.group_at(g);
+            let put = |x: usize| base.wrapping_add(at.vec(ga, x));
             // SAFETY: g < ng, so the 8 level vectors of group g, (8g .. 8g + 8) * 32 bytes,
-            // are inside p.q (k * 8 bytes, asserted) and its 8 scales/offsets inside p.s/p.m;
-            // the stores stay inside this group's `group_bytes` (the layout's vectors, then
-            // its 16-byte scales and offsets), or for Q8_0 inside the group's bytes of its
-            // panel pair (`q8_panel`: panels pi & !1 ..= pi | 1, all < np when paired), so
-            // inside the asserted packed_len bytes.
+            // are inside p.q (k * 8 bytes, asserted) and its 8 scales/offsets inside
+            // p.s/p.m; the stores go to the group's bytes of panel pi or of its pair
+            // (`pair_panel`: panels pi & !1 ..= pi | 1, all < np when paired), inside the
+            // asserted packed_len bytes.
             unsafe {
                 let lv = |j: usize| _mm256_loadu_si256(qp.add((8 * g + j) * 32).cast());
                 if lay.q8 {
-                    let ga = at.gmul * lay.group_at(g);
                     for j in 0..8 {
-                        let o = at.vec0 + ga + at.vstep * j;
-                        _mm256_storeu_si256(base.add(o).cast(), lv(j));
+                        _mm256_storeu_si256(put(32 * j).cast(), lv(j));
                     }
                 } else {
                     let (low, bit4) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x10));
@@ -122,7 +114,7 @@ pub(crate) unsafe fn pack(
                             _mm256_and_si256(a, low),
                             _mm256_slli_epi16::<4>(_mm256_and_si256(b, low)),
                         );
-                        _mm256_storeu_si256(gp.add(32 * t).cast(), v);
+                        _mm256_storeu_si256(put(32 * t).cast(), v);
                         if lay.six {
                             // Bits 4-5 of a level to bits 4v..4v+1 (low half) or
                             // 4v+2..4v+3 (high half) of vector t / 2, v = t % 2: 16-bit
@@ -150,11 +142,11 @@ pub(crate) unsafe fn pack(
                         fifth = _mm256_or_si256(fifth, _mm256_or_si256(ha, hb));
                     }
                     if lay.five {
-                        _mm256_storeu_si256(gp.add(Layout::FIVE_AT).cast(), fifth);
+                        _mm256_storeu_si256(put(Layout::FIVE_AT).cast(), fifth);
                     }
                     if lay.six {
                         for (u, v) in six.into_iter().enumerate() {
-                            _mm256_storeu_si256(gp.add(Layout::SIX_AT + 32 * u).cast(), v);
+                            _mm256_storeu_si256(put(Layout::SIX_AT + 32 * u).cast(), v);
                         }
                     }
                 }
@@ -170,12 +162,12 @@ pub(crate) unsafe fn pack(
                 let Some(sh) = halves(sp.add(g * PANEL_ROWS)) else {
                     return false;
                 };
-                _mm_storeu_si128(base.add(sc).cast(), sh);
+                _mm_storeu_si128(base.add(at.tail(ga, 0)).cast(), sh);
                 if lay.offsets {
                     let Some(mh) = halves(mp.add(g * PANEL_ROWS)) else {
                         return false;
                     };
-                    _mm_storeu_si128(gp.add(lay.offsets_at()).cast(), mh);
+                    _mm_storeu_si128(base.add(at.tail(ga, 16)).cast(), mh);
                 }
             }
         }
@@ -235,8 +227,8 @@ fn prefetch_next_tile<const R: usize>(p: *const u8, pb: usize, g: usize, ahead: 
 
 /// Outputs of `R` consecutive panels (at `p`, `pb` bytes apart) for `C` activation columns
 /// (at `a`, `a_row` bytes apart): `[r][c]` holds the 8 rows of panel `r` for column `c`.
-/// `(pi, np)`: the first panel's index in the call's `np` panels (Q8_0's panels are paired:
-/// `packed::q8_panel`).
+/// `(pi, np)`: the first panel's index in the call's `np` panels (panels are paired:
+/// `packed::pair_panel`).
 ///
 /// # Safety
 /// Inlined only into the entry points below (CPU features: see the module documentation);
@@ -271,23 +263,23 @@ unsafe fn tile<const L: u8, const R: usize, const C: usize, const VNNI: bool>(
         let (ones, low) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0f));
         let bit4 = _mm256_set1_epi8(0x10);
         let mut acc = [[_mm256_setzero_ps(); C]; R];
-        // Q8_0: where each panel's vectors and scales are (its pair's place, or its own).
-        let q8: [crate::packed::Q8Panel; R] =
-            core::array::from_fn(|r| crate::packed::q8_panel(pi + r, np, pb));
+        // Where each panel's vectors and scales are (its pair's place, or its own).
+        let at: [crate::packed::PairPanel; R] =
+            core::array::from_fn(|r| crate::packed::pair_panel(lay, pi + r, np, pb));
         let base = p.sub(pi * pb);
         let bcast = |c: usize, e: usize| {
             _mm256_set1_epi32(a.add(c * a_row + e).cast::<i32>().read_unaligned())
         };
         for g in 0..ng {
             let e0 = g * 32;
+            let ga = lay.group_at(g);
             prefetch_next_tile::<R>(p, pb, g, ahead);
             let mut isum = [[_mm256_setzero_si256(); C]; R];
             if lay.q8 {
                 for t in 0..8 {
                     let av: [__m256i; C] = core::array::from_fn(|c| bcast(c, e0 + 4 * t));
                     for r in 0..R {
-                        let at = q8[r].vec0 + q8[r].gmul * lay.group_at(g) + q8[r].vstep * t;
-                        let v = _mm256_loadu_si256(base.add(at).cast());
+                        let v = _mm256_loadu_si256(base.add(at[r].vec(ga, 32 * t)).cast());
                         let wabs = _mm256_sign_epi8(v, v);
                         for c in 0..C {
                             let sa = _mm256_sign_epi8(av[c], v);
@@ -304,7 +296,7 @@ unsafe fn tile<const L: u8, const R: usize, const C: usize, const VNNI: bool>(
                 let mut s16 = [[_mm256_setzero_si256(); C]; R];
                 let fifth: [__m256i; R] = core::array::from_fn(|r| {
                     if lay.five {
-                        _mm256_loadu_si256(p.add(r * pb + lay.group_at(g) + Layout::FIVE_AT).cast())
+                        _mm256_loadu_si256(base.add(at[r].vec(ga, Layout::FIVE_AT)).cast())
                     } else {
                         _mm256_setzero_si256()
                     }
@@ -328,7 +320,7 @@ unsafe fn tile<const L: u8, const R: usize, const C: usize, const VNNI: bool>(
                         }
                     });
                     for r in 0..R {
-                        let v = _mm256_loadu_si256(p.add(r * pb + lay.group_at(g) + 32 * t).cast());
+                        let v = _mm256_loadu_si256(base.add(at[r].vec(ga, 32 * t)).cast());
                         let mut lo = _mm256_and_si256(v, low);
                         let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
                         if lay.five {
@@ -367,7 +359,6 @@ unsafe fn tile<const L: u8, const R: usize, const C: usize, const VNNI: bool>(
             }
             // The panel kernel's epilogue: acc = fma(f32(isum), s * d_a, acc) - m * s_a.
             for r in 0..R {
-                let gp = p.add(r * pb + lay.group_at(g));
                 let (sw, mw) = if lay.kq {
                     // d * sc and dmin * mn, exact in f32 (the canonical values).
                     let h = p.add(r * pb + lay.head_at(g));
@@ -379,14 +370,10 @@ unsafe fn tile<const L: u8, const R: usize, const C: usize, const VNNI: bool>(
                     let dmin = _mm256_cvtph_ps(_mm_loadu_si128(h.add(16).cast()));
                     (_mm256_mul_ps(d, six(32)), _mm256_mul_ps(dmin, six(96)))
                 } else {
-                    let sc = if lay.q8 {
-                        base.add(q8[r].sc0 + q8[r].gmul * lay.group_at(g))
-                    } else {
-                        gp.add(lay.scales_at())
-                    };
+                    let sc = base.add(at[r].tail(ga, 0));
                     let sw = _mm256_cvtph_ps(_mm_loadu_si128(sc.cast()));
                     let mw = if lay.offsets {
-                        _mm256_cvtph_ps(_mm_loadu_si128(gp.add(lay.offsets_at()).cast()))
+                        _mm256_cvtph_ps(_mm_loadu_si128(base.add(at[r].tail(ga, 16)).cast()))
                     } else {
                         // sym * s, exact in f32 (a power of two; 0 for Q8_0).
                         _mm256_mul_ps(sw, _mm256_set1_ps(lay.sym))
@@ -589,22 +576,22 @@ unsafe fn tile512<const L: u8, const P: usize, const C: usize>(
         };
         for g in 0..ng {
             let e0 = g * 32;
-            if !lay.q8 {
+            if !lay.paired() {
                 prefetch_streams::<P>(p, pb, g, ng, to_l2);
             }
             let ga = lay.group_at(g);
             let mut isum = [[_mm512_setzero_si512(); C]; P];
-            if lay.q8 {
-                // Q8_0's panels are paired (`packed::q8_panel`): vector t of both panels of
-                // pair j in one 64-byte read, each pair one stream, prefetched a line per
-                // read, PF_AHEAD bytes ahead (past the tile, into the next).
+            if lay.paired() {
+                // Paired panels (`packed::pair_panel`): vector t of both panels of pair j in
+                // one 64-byte read, each pair one stream, prefetched a line per read; the
+                // cache level chosen once per group (a branch inside the reads cost this
+                // stream 10%: `examples/packed_stream Q8_0 640`, 32 -> 28.5 GB/s).
                 let gp: [*const u8; P] = core::array::from_fn(|j| p.add(2 * j * pb + 2 * ga));
-                // The cache level chosen once per group: a branch inside the 8 steps cost
-                // this stream 10% (`examples/packed_stream Q8_0 640`, 32 -> 28.5 GB/s).
-                isum = if to_l2 {
-                    q8_sums512::<P, C, _MM_HINT_T1>(gp, a, a_row, e0)
-                } else {
-                    q8_sums512::<P, C, _MM_HINT_T0>(gp, a, a_row, e0)
+                isum = match (lay.q8, to_l2) {
+                    (true, true) => q8_sums512::<P, C, _MM_HINT_T1>(gp, a, a_row, e0),
+                    (true, false) => q8_sums512::<P, C, _MM_HINT_T0>(gp, a, a_row, e0),
+                    (false, true) => nib_sums512::<L, P, C, _MM_HINT_T1>(gp, a, a_row, e0),
+                    (false, false) => nib_sums512::<L, P, C, _MM_HINT_T0>(gp, a, a_row, e0),
                 };
             } else {
                 let fifth: [__m512i; P] = core::array::from_fn(|j| {
@@ -635,12 +622,17 @@ unsafe fn tile512<const L: u8, const P: usize, const C: usize>(
                 }
             }
             for j in 0..P {
-                let (sw, mw) = if lay.q8 {
-                    // The pair's 16 scales after its 8 double vectors; the offsets are 0.
+                let (sw, mw) = if lay.paired() {
+                    // The pair's 16 scales after its double vectors, then its offsets.
                     let at = p.add(2 * j * pb + 2 * (ga + lay.scales_at()));
                     prefetch_line(at.wrapping_add(PF_AHEAD), to_l2);
                     let sw = _mm512_cvtph_ps(_mm256_loadu_si256(at.cast()));
-                    (sw, _mm512_mul_ps(sw, _mm512_set1_ps(lay.sym)))
+                    let mw = if lay.offsets {
+                        _mm512_cvtph_ps(_mm256_loadu_si256(at.add(32).cast()))
+                    } else {
+                        _mm512_mul_ps(sw, _mm512_set1_ps(lay.sym))
+                    };
+                    (sw, mw)
                 } else if lay.kq {
                     let ha = lay.head_at(g);
                     let six = |at: usize| {
@@ -702,17 +694,78 @@ unsafe fn prefetch_streams<const P: usize>(
     }
 }
 
-/// How far ahead the paired Q8_0 stream is also prefetched into L2, a line per read. One
-/// stream per thread has one hardware streamer where two had two: without this second
-/// prefetch the pairing was 5-15% slower than two streams when the matrix sits partly in a
-/// large L3 (`examples/packed_stream Q8_0 576 96`; SmolLM2's decode 2-4% slower), with it
-/// as fast (SmolLM2, 5 alternating rounds, medians: two streams 345.9, paired 338.1, paired
-/// with this 358.8 tok/s), and the gain from memory kept (Gemma 3: 109.2 / 112.0 / 112.2).
-const PF_FAR_Q8: usize = 3 * PF_AHEAD;
+/// How far ahead a paired stream is also prefetched into L2, a line per read. One stream per
+/// thread has one hardware streamer where two had two: without this second prefetch the
+/// pairing was 5-15% slower than two streams when the matrix sits partly in a large L3
+/// (`examples/packed_stream Q8_0 576 96`; SmolLM2's decode 2-4% slower), with it as fast
+/// (SmolLM2, 5 alternating rounds, medians: two streams 345.9, paired Q8_0 338.1, paired
+/// Q8_0 with this 358.8 tok/s), and the gain from memory kept (Gemma 3: 109.2 / 112.0 /
+/// 112.2).
+const PF_FAR: usize = 3 * PF_AHEAD;
+
+/// The integer sums of one group of a 512-bit tile of a paired 4- or 5-bit format (Q4_0,
+/// Q4_1, Q5_0, Q5_1; see [`tile512`]): pair `j`'s group at `gp[j]` (its 4 double vectors,
+/// then for 5 bits the double fifth-bit vector, `packed::pair_panel`), read as one stream and
+/// prefetched a line per read as [`q8_sums512`] does.
+///
+/// # Safety
+/// As [`tile512`]: the group's vectors at each `gp[j]` are readable, and activation bytes
+/// `e0 .. e0 + 32` of `C` rows at `a`.
+#[inline(always)]
+unsafe fn nib_sums512<const L: u8, const P: usize, const C: usize, const HINT: i32>(
+    gp: [*const u8; P],
+    a: *const u8,
+    a_row: usize,
+    e0: usize,
+) -> [[__m512i; C]; P] {
+    let lay = const { lay(L) };
+    // SAFETY: the caller's contract (AVX-512 F/BW/VNNI; the loads in range); prefetches
+    // never fault.
+    unsafe {
+        let (low, bit4) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x10));
+        let bcast = |c: usize, e: usize| {
+            _mm512_set1_epi32(a.add(c * a_row + e).cast::<i32>().read_unaligned())
+        };
+        let mut isum = [[_mm512_setzero_si512(); C]; P];
+        let fifth: [__m512i; P] = core::array::from_fn(|j| {
+            if lay.five {
+                let at = gp[j].add(2 * Layout::FIVE_AT);
+                _mm_prefetch::<HINT>(at.wrapping_add(PF_AHEAD).cast());
+                _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PF_FAR).cast());
+                _mm512_loadu_si512(at.cast())
+            } else {
+                _mm512_setzero_si512()
+            }
+        });
+        for t in 0..4 {
+            for j in 0..P {
+                _mm_prefetch::<HINT>(gp[j].wrapping_add(64 * t + PF_AHEAD).cast());
+                _mm_prefetch::<_MM_HINT_T1>(gp[j].wrapping_add(64 * t + PF_FAR).cast());
+                let v = _mm512_loadu_si512(gp[j].add(64 * t).cast());
+                let mut lo = _mm512_and_si512(v, low);
+                let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                if lay.five {
+                    // Bits t and 4 + t of each byte to bit 4 (see `pack`).
+                    let h = fifth[j];
+                    let hl = _mm512_sll_epi16(h, count(4 - t));
+                    let hh = _mm512_srl_epi16(h, count(t));
+                    lo = _mm512_or_si512(lo, _mm512_and_si512(hl, bit4));
+                    hi = _mm512_or_si512(hi, _mm512_and_si512(hh, bit4));
+                }
+                for (c, s) in isum[j].iter_mut().enumerate() {
+                    let (al, ah) = (bcast(c, e0 + 4 * t), bcast(c, e0 + 16 + 4 * t));
+                    *s = _mm512_dpbusd_epi32(*s, lo, al);
+                    *s = _mm512_dpbusd_epi32(*s, hi, ah);
+                }
+            }
+        }
+        isum
+    }
+}
 
 /// The integer sums of one Q8_0 group of a 512-bit tile (see [`tile512`]): pair `j`'s
-/// group at `gp[j]` (its 8 double vectors, `packed::q8_panel`), read as one stream and
-/// prefetched a line per read `PF_AHEAD` bytes ahead with `HINT` (and `PF_FAR_Q8` ahead
+/// group at `gp[j]` (its 8 double vectors, `packed::pair_panel`), read as one stream and
+/// prefetched a line per read `PF_AHEAD` bytes ahead with `HINT` (and `PF_FAR` ahead
 /// into L2).
 ///
 /// # Safety
@@ -732,7 +785,7 @@ unsafe fn q8_sums512<const P: usize, const C: usize, const HINT: i32>(
         for t in 0..8 {
             for j in 0..P {
                 _mm_prefetch::<HINT>(gp[j].wrapping_add(64 * t + PF_AHEAD).cast());
-                _mm_prefetch::<_MM_HINT_T1>(gp[j].wrapping_add(64 * t + PF_FAR_Q8).cast());
+                _mm_prefetch::<_MM_HINT_T1>(gp[j].wrapping_add(64 * t + PF_FAR).cast());
                 let v = _mm512_loadu_si512(gp[j].add(64 * t).cast());
                 // |w| as u8 and the activation negated where w < 0: the products of
                 // `sign_epi8` (where w = 0 both give 0).
