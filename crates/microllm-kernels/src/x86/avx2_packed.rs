@@ -568,8 +568,6 @@ unsafe fn tile512<const L: u8, const P: usize, const C: usize>(
     // panel 2j or 2j + 1 < 2P at an offset inside a panel (as in `tile`), or of activation
     // byte e < k or scale g < ng of column c < C; prefetches never fault.
     unsafe {
-        let low = _mm512_set1_epi8(0x0f);
-        let bit4 = _mm512_set1_epi8(0x10);
         let mut acc = [[_mm512_setzero_ps(); C]; P];
         let bcast = |c: usize, e: usize| {
             _mm512_set1_epi32(a.add(c * a_row + e).cast::<i32>().read_unaligned())
@@ -604,15 +602,7 @@ unsafe fn tile512<const L: u8, const P: usize, const C: usize>(
                 for t in 0..4 {
                     for j in 0..P {
                         let v = pair(p, pb, j, ga + 32 * t);
-                        let mut lo = _mm512_and_si512(v, low);
-                        let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
-                        if lay.five {
-                            let h = fifth[j];
-                            let hl = _mm512_sll_epi16(h, count(4 - t));
-                            let hh = _mm512_srl_epi16(h, count(t));
-                            lo = _mm512_or_si512(lo, _mm512_and_si512(hl, bit4));
-                            hi = _mm512_or_si512(hi, _mm512_and_si512(hh, bit4));
-                        }
+                        let (lo, hi) = nibbles512(v, lay.five.then_some(fifth[j]), t);
                         for c in 0..C {
                             let (al, ah) = (bcast(c, e0 + 4 * t), bcast(c, e0 + 16 + 4 * t));
                             isum[j][c] = _mm512_dpbusd_epi32(isum[j][c], lo, al);
@@ -703,6 +693,31 @@ unsafe fn prefetch_streams<const P: usize>(
 /// 112.2).
 const PF_FAR: usize = 3 * PF_AHEAD;
 
+/// The levels of vector `t` of a 4-bit group, `v`, as two vectors of bytes (the low and high
+/// nibbles), for 5-bit formats with bit 4 from the fifth-bit vector `h` (bits `t` and `4 + t`
+/// of each byte; see `pack`).
+///
+/// # Safety
+/// Inlined only into the AVX-512 entry point (AVX-512 F/BW).
+#[inline(always)]
+unsafe fn nibbles512(v: __m512i, h: Option<__m512i>, t: usize) -> (__m512i, __m512i) {
+    // SAFETY: register operations of the entry point's features.
+    unsafe {
+        let (low, bit4) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x10));
+        let lo = _mm512_and_si512(v, low);
+        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+        let Some(h) = h else {
+            return (lo, hi);
+        };
+        let hl = _mm512_sll_epi16(h, count(4 - t));
+        let hh = _mm512_srl_epi16(h, count(t));
+        (
+            _mm512_or_si512(lo, _mm512_and_si512(hl, bit4)),
+            _mm512_or_si512(hi, _mm512_and_si512(hh, bit4)),
+        )
+    }
+}
+
 /// The integer sums of one group of a 512-bit tile of a paired 4- or 5-bit format (Q4_0,
 /// Q4_1, Q5_0, Q5_1; see [`tile512`]): pair `j`'s group at `gp[j]` (its 4 double vectors,
 /// then for 5 bits the double fifth-bit vector, `packed::pair_panel`), read as one stream and
@@ -722,7 +737,6 @@ unsafe fn nib_sums512<const L: u8, const P: usize, const C: usize, const HINT: i
     // SAFETY: the caller's contract (AVX-512 F/BW/VNNI; the loads in range); prefetches
     // never fault.
     unsafe {
-        let (low, bit4) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x10));
         let bcast = |c: usize, e: usize| {
             _mm512_set1_epi32(a.add(c * a_row + e).cast::<i32>().read_unaligned())
         };
@@ -742,16 +756,7 @@ unsafe fn nib_sums512<const L: u8, const P: usize, const C: usize, const HINT: i
                 _mm_prefetch::<HINT>(gp[j].wrapping_add(64 * t + PF_AHEAD).cast());
                 _mm_prefetch::<_MM_HINT_T1>(gp[j].wrapping_add(64 * t + PF_FAR).cast());
                 let v = _mm512_loadu_si512(gp[j].add(64 * t).cast());
-                let mut lo = _mm512_and_si512(v, low);
-                let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
-                if lay.five {
-                    // Bits t and 4 + t of each byte to bit 4 (see `pack`).
-                    let h = fifth[j];
-                    let hl = _mm512_sll_epi16(h, count(4 - t));
-                    let hh = _mm512_srl_epi16(h, count(t));
-                    lo = _mm512_or_si512(lo, _mm512_and_si512(hl, bit4));
-                    hi = _mm512_or_si512(hi, _mm512_and_si512(hh, bit4));
-                }
+                let (lo, hi) = nibbles512(v, lay.five.then_some(fifth[j]), t);
                 for (c, s) in isum[j].iter_mut().enumerate() {
                     let (al, ah) = (bcast(c, e0 + 4 * t), bcast(c, e0 + 16 + 4 * t));
                     *s = _mm512_dpbusd_epi32(*s, lo, al);
