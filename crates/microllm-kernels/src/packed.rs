@@ -350,7 +350,7 @@ pub(crate) fn pack_ref(
     out: &mut [u8],
 ) -> bool {
     let lay = layout(f);
-    let (ng, gb, pb) = (k / QK, lay.group_bytes(), lay.panel_bytes(k));
+    let (ng, pb) = (k / QK, lay.panel_bytes(k));
     // Canonical groups: of 32 elements, or of 16 (Q6_K).
     let ncg = k / PanelShape::of(f).expect("packed format").blk;
     out[..packed_len(f, k, n_rows)].fill(0);
@@ -369,56 +369,28 @@ pub(crate) fn pack_ref(
     for r in 0..n_rows {
         canon_row(f, &w[r * w_row..(r + 1) * w_row], &mut q, &mut s, &mut m);
         let (panel, lane) = (r / PANEL_ROWS, r % PANEL_ROWS);
-        if lay.paired() {
-            let at = pair_panel(lay, panel, np, pb);
-            for g in 0..ng {
-                let ga = lay.group_at(g);
-                let lv = &q[g * QK..(g + 1) * QK];
-                if lay.q8 {
-                    for t in 0..8 {
-                        let o = at.vec(ga, 32 * t + 4 * lane);
-                        out[o..o + 4].copy_from_slice(&lv[4 * t..4 * t + 4]);
-                    }
-                } else {
-                    for t in 0..4 {
-                        for i in 0..4 {
-                            let (a, b) = (lv[4 * t + i], lv[16 + 4 * t + i]);
-                            out[at.vec(ga, 32 * t + 4 * lane + i)] = (a & 0xf) | (b & 0xf) << 4;
-                            if lay.five {
-                                out[at.vec(ga, Layout::FIVE_AT + 4 * lane + i)] |=
-                                    (a >> 4) << t | (b >> 4) << (4 + t);
-                            }
-                        }
-                    }
-                }
-                let mut put = |y: usize, v: f32| {
-                    let h = exact_f16(v)?;
-                    let o = at.tail(ga, y + 2 * lane);
-                    out[o..o + 2].copy_from_slice(&h.to_le_bytes());
-                    Some(())
-                };
-                if put(0, s[g]).is_none() || (lay.offsets && put(16, m[g]).is_none()) {
-                    return false;
-                }
-            }
-            continue;
-        }
+        // Paired or not, the panel's bytes are where `pair_panel` says (K-quants: alone).
+        let at = pair_panel(lay, panel, np, pb);
         for g in 0..ng {
-            let o = panel * pb + lay.group_at(g);
-            let grp = &mut out[o..o + gb];
+            let ga = lay.group_at(g);
             let lv = &q[g * QK..(g + 1) * QK];
-            {
+            if lay.q8 {
+                for t in 0..8 {
+                    let o = at.vec(ga, 32 * t + 4 * lane);
+                    out[o..o + 4].copy_from_slice(&lv[4 * t..4 * t + 4]);
+                }
+            } else {
                 for t in 0..4 {
                     for i in 0..4 {
                         let (a, b) = (lv[4 * t + i], lv[16 + 4 * t + i]);
-                        grp[32 * t + 4 * lane + i] = (a & 0xf) | (b & 0xf) << 4;
+                        out[at.vec(ga, 32 * t + 4 * lane + i)] = (a & 0xf) | (b & 0xf) << 4;
                         if lay.six {
                             let (u, v) = (t / 2, t % 2);
-                            grp[Layout::SIX_AT + 32 * u + 4 * lane + i] |=
+                            out[at.vec(ga, Layout::SIX_AT + 32 * u + 4 * lane + i)] |=
                                 (a >> 4) << (4 * v) | (b >> 4) << (4 * v + 2);
                         }
                         if lay.five {
-                            grp[Layout::FIVE_AT + 4 * lane + i] |=
+                            out[at.vec(ga, Layout::FIVE_AT + 4 * lane + i)] |=
                                 (a >> 4) << t | (b >> 4) << (4 + t);
                         }
                     }
@@ -427,14 +399,13 @@ pub(crate) fn pack_ref(
             if lay.kq {
                 continue;
             }
-            let mut put = |at: usize, v: f32| {
+            let mut put = |y: usize, v: f32| {
                 let h = exact_f16(v)?;
-                grp[at + 2 * lane..at + 2 * lane + 2].copy_from_slice(&h.to_le_bytes());
+                let o = at.tail(ga, y + 2 * lane);
+                out[o..o + 2].copy_from_slice(&h.to_le_bytes());
                 Some(())
             };
-            if put(lay.scales_at(), s[g]).is_none()
-                || (lay.offsets && put(lay.offsets_at(), m[g]).is_none())
-            {
+            if put(0, s[g]).is_none() || (lay.offsets && put(16, m[g]).is_none()) {
                 return false;
             }
         }
@@ -456,60 +427,32 @@ fn unpack_row(
     m: &mut [f32],
 ) {
     let lay = layout(f);
-    let (gb, pb) = (lay.group_bytes(), lay.panel_bytes(k));
+    let pb = lay.panel_bytes(k);
     let h = |b: &[u8], at: usize| {
         f16::from_bits(u16::from_le_bytes([b[at + 2 * lane], b[at + 2 * lane + 1]])).to_f32()
     };
-    if lay.paired() {
-        let at = pair_panel(lay, panel, np, pb);
-        for g in 0..k / QK {
-            let ga = lay.group_at(g);
-            let lv = &mut q[g * QK..(g + 1) * QK];
-            if lay.q8 {
-                for t in 0..8 {
-                    let o = at.vec(ga, 32 * t + 4 * lane);
-                    lv[4 * t..4 * t + 4].copy_from_slice(&packed[o..o + 4]);
-                }
-            } else {
-                for t in 0..4 {
-                    for i in 0..4 {
-                        let b = packed[at.vec(ga, 32 * t + 4 * lane + i)];
-                        let hb = if lay.five {
-                            packed[at.vec(ga, Layout::FIVE_AT + 4 * lane + i)]
-                        } else {
-                            0
-                        };
-                        lv[4 * t + i] = (b & 0xf) | ((hb >> t) & 1) << 4;
-                        lv[16 + 4 * t + i] = (b >> 4) | ((hb >> (4 + t)) & 1) << 4;
-                    }
-                }
-            }
-            s[g] = h(packed, at.tail(ga, 0));
-            m[g] = if lay.offsets {
-                h(packed, at.tail(ga, 16))
-            } else {
-                lay.sym * s[g]
-            };
-        }
-        return;
-    }
+    let at = pair_panel(lay, panel, np, pb);
     for g in 0..k / QK {
-        let o = panel * pb + lay.group_at(g);
-        let grp = &packed[o..o + gb];
+        let ga = lay.group_at(g);
         let lv = &mut q[g * QK..(g + 1) * QK];
-        {
+        if lay.q8 {
+            for t in 0..8 {
+                let o = at.vec(ga, 32 * t + 4 * lane);
+                lv[4 * t..4 * t + 4].copy_from_slice(&packed[o..o + 4]);
+            }
+        } else {
             for t in 0..4 {
                 for i in 0..4 {
-                    let b = grp[32 * t + 4 * lane + i];
+                    let b = packed[at.vec(ga, 32 * t + 4 * lane + i)];
                     if lay.six {
                         let (u, v) = (t / 2, t % 2);
-                        let hb = grp[Layout::SIX_AT + 32 * u + 4 * lane + i];
+                        let hb = packed[at.vec(ga, Layout::SIX_AT + 32 * u + 4 * lane + i)];
                         lv[4 * t + i] = (b & 0xf) | ((hb >> (4 * v)) & 3) << 4;
                         lv[16 + 4 * t + i] = (b >> 4) | ((hb >> (4 * v + 2)) & 3) << 4;
                         continue;
                     }
                     let hb = if lay.five {
-                        grp[Layout::FIVE_AT + 4 * lane + i]
+                        packed[at.vec(ga, Layout::FIVE_AT + 4 * lane + i)]
                     } else {
                         0
                     };
@@ -535,9 +478,9 @@ fn unpack_row(
             m[g] = h(hd, 16) * hd[96 + 8 * (g % 8) + lane] as f32;
             continue;
         }
-        s[g] = h(grp, lay.scales_at());
+        s[g] = h(packed, at.tail(ga, 0));
         m[g] = if lay.offsets {
-            h(grp, lay.offsets_at())
+            h(packed, at.tail(ga, 16))
         } else {
             lay.sym * s[g]
         };

@@ -584,7 +584,9 @@ unsafe fn tile512<const L: u8, const P: usize, const C: usize>(
                 // one 64-byte read, each pair one stream, prefetched a line per read; the
                 // cache level chosen once per group (a branch inside the reads cost this
                 // stream 10%: `examples/packed_stream Q8_0 640`, 32 -> 28.5 GB/s).
-                let gp: [*const u8; P] = core::array::from_fn(|j| p.add(2 * j * pb + 2 * ga));
+                // Every panel of the tile has its partner (pi + 2P <= np).
+                let at = |j: usize| crate::packed::pair_panel(lay, 2 * j, 2 * P, pb);
+                let gp: [*const u8; P] = core::array::from_fn(|j| p.add(at(j).vec(ga, 0)));
                 isum = match (lay.q8, to_l2) {
                     (true, true) => q8_sums512::<P, C, _MM_HINT_T1>(gp, a, a_row, e0),
                     (true, false) => q8_sums512::<P, C, _MM_HINT_T0>(gp, a, a_row, e0),
@@ -614,11 +616,12 @@ unsafe fn tile512<const L: u8, const P: usize, const C: usize>(
             for j in 0..P {
                 let (sw, mw) = if lay.paired() {
                     // The pair's 16 scales after its double vectors, then its offsets.
-                    let at = p.add(2 * j * pb + 2 * (ga + lay.scales_at()));
-                    prefetch_line(at.wrapping_add(PF_AHEAD), to_l2);
-                    let sw = _mm512_cvtph_ps(_mm256_loadu_si256(at.cast()));
+                    let at = crate::packed::pair_panel(lay, 2 * j, 2 * P, pb);
+                    let sc = p.add(at.tail(ga, 0));
+                    prefetch_line(sc.wrapping_add(PF_AHEAD), to_l2);
+                    let sw = _mm512_cvtph_ps(_mm256_loadu_si256(sc.cast()));
                     let mw = if lay.offsets {
-                        _mm512_cvtph_ps(_mm256_loadu_si256(at.add(32).cast()))
+                        _mm512_cvtph_ps(_mm256_loadu_si256(p.add(at.tail(ga, 16)).cast()))
                     } else {
                         _mm512_mul_ps(sw, _mm512_set1_ps(lay.sym))
                     };
@@ -693,6 +696,17 @@ unsafe fn prefetch_streams<const P: usize>(
 /// 112.2).
 const PF_FAR: usize = 3 * PF_AHEAD;
 
+/// The prefetches of a paired stream read at `at`: `PF_AHEAD` ahead with `HINT`, `PF_FAR`
+/// ahead into L2.
+#[inline(always)]
+fn prefetch_paired<const HINT: i32>(at: *const u8) {
+    // SAFETY: a prefetch of any address is harmless (SSE, part of x86_64).
+    unsafe {
+        _mm_prefetch::<HINT>(at.wrapping_add(PF_AHEAD).cast());
+        _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PF_FAR).cast());
+    }
+}
+
 /// The levels of vector `t` of a 4-bit group, `v`, as two vectors of bytes (the low and high
 /// nibbles), for 5-bit formats with bit 4 from the fifth-bit vector `h` (bits `t` and `4 + t`
 /// of each byte; see `pack`).
@@ -744,8 +758,7 @@ unsafe fn nib_sums512<const L: u8, const P: usize, const C: usize, const HINT: i
         let fifth: [__m512i; P] = core::array::from_fn(|j| {
             if lay.five {
                 let at = gp[j].add(2 * Layout::FIVE_AT);
-                _mm_prefetch::<HINT>(at.wrapping_add(PF_AHEAD).cast());
-                _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(PF_FAR).cast());
+                prefetch_paired::<HINT>(at);
                 _mm512_loadu_si512(at.cast())
             } else {
                 _mm512_setzero_si512()
@@ -753,8 +766,7 @@ unsafe fn nib_sums512<const L: u8, const P: usize, const C: usize, const HINT: i
         });
         for t in 0..4 {
             for j in 0..P {
-                _mm_prefetch::<HINT>(gp[j].wrapping_add(64 * t + PF_AHEAD).cast());
-                _mm_prefetch::<_MM_HINT_T1>(gp[j].wrapping_add(64 * t + PF_FAR).cast());
+                prefetch_paired::<HINT>(gp[j].wrapping_add(64 * t));
                 let v = _mm512_loadu_si512(gp[j].add(64 * t).cast());
                 let (lo, hi) = nibbles512(v, lay.five.then_some(fifth[j]), t);
                 for (c, s) in isum[j].iter_mut().enumerate() {
@@ -789,8 +801,7 @@ unsafe fn q8_sums512<const P: usize, const C: usize, const HINT: i32>(
         let mut isum = [[_mm512_setzero_si512(); C]; P];
         for t in 0..8 {
             for j in 0..P {
-                _mm_prefetch::<HINT>(gp[j].wrapping_add(64 * t + PF_AHEAD).cast());
-                _mm_prefetch::<_MM_HINT_T1>(gp[j].wrapping_add(64 * t + PF_FAR).cast());
+                prefetch_paired::<HINT>(gp[j].wrapping_add(64 * t));
                 let v = _mm512_loadu_si512(gp[j].add(64 * t).cast());
                 // |w| as u8 and the activation negated where w < 0: the products of
                 // `sign_epi8` (where w = 0 both give 0).
